@@ -1,0 +1,18 @@
+"""Broker port and adapters; :func:`connect_broker` picks the adapter from the URL scheme."""
+
+from __future__ import annotations
+
+from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage, OutgoingMessage, QueueInfo
+
+__all__ = ["Broker", "Consumer", "Handler", "IncomingMessage", "OutgoingMessage", "QueueInfo", "make_broker"]
+
+
+def make_broker(url: str) -> Broker:
+    """An unconnected adapter for ``url``: aio-pika for amqp(s)://, kombu for anything else."""
+    if url.startswith(("amqp://", "amqps://")):
+        from middleware.broker.amqp import AmqpBroker
+
+        return AmqpBroker(url)
+    from middleware.broker.kombu_broker import KombuBroker
+
+    return KombuBroker(url)

@@ -1,0 +1,120 @@
+"""The broker port: what the engine needs from a message broker, whatever the adapter.
+
+Two adapters implement it: :mod:`middleware.broker.amqp` (aio-pika, RabbitMQ) and
+:mod:`middleware.broker.kombu_broker` (kombu: ``memory://`` for tests, a file-backed transport as
+the embedded default). One contract test suite (tests/contract/) runs against both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A message to publish. ``headers`` values are str, int, float or bool."""
+
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=dict)
+    correlation_id: str | None = None
+    message_id: str | None = None
+    content_type: str = "application/octet-stream"
+
+
+class IncomingMessage:
+    """A consumed message; exactly one of :meth:`ack` or :meth:`reject` must be awaited."""
+
+    body: bytes
+    headers: dict[str, Any]
+    correlation_id: str | None
+    message_id: str | None
+    content_type: str | None
+    redelivered: bool
+    delivery_count: int  # 0 on first delivery; from x-delivery-count (quorum queues) when known
+
+    async def ack(self) -> None:
+        """Remove the message from the queue."""
+        raise NotImplementedError
+
+    async def reject(self, requeue: bool = True) -> None:
+        """Give the message back (``requeue=True``) or drop it."""
+        raise NotImplementedError
+
+
+Handler = Callable[[IncomingMessage], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """Depth and consumer count of a queue, as the broker reports them."""
+
+    name: str
+    messages: int
+    consumers: int
+
+
+class Consumer:
+    """A running subscription; :meth:`cancel` stops new deliveries (in-flight ones finish)."""
+
+    async def cancel(self) -> None:
+        raise NotImplementedError
+
+
+class Broker:
+    """The port. Every publish returns only once the broker has confirmed the message."""
+
+    url: str
+
+    async def connect(self) -> None:
+        """Open the connection; raises :class:`middleware.errors.BrokerError` if unreachable."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close the connection; unacked messages go back to their queues."""
+        raise NotImplementedError
+
+    async def declare_queue(self, name: str, *, kind: str = "work", dead_letter_to: str | None = None,
+                            delivery_limit: int = 10) -> None:
+        """Declare a durable queue. ``kind`` is ``work`` (quorum on RabbitMQ, with a delivery
+        limit that dead-letters poison messages to ``dead_letter_to``) or ``dead-letter``
+        (classic durable, so it can be browsed without counting deliveries)."""
+        raise NotImplementedError
+
+    async def declare_exchange(self, name: str) -> None:
+        """Declare a durable topic exchange."""
+        raise NotImplementedError
+
+    async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        """Route messages published to ``exchange`` with a matching key into ``queue``."""
+        raise NotImplementedError
+
+    async def publish(self, message: OutgoingMessage, *, queue: str | None = None,
+                      exchange: str | None = None, routing_key: str = "") -> None:
+        """Publish persistently to a queue (default exchange) or to an exchange; wait for the confirm."""
+        raise NotImplementedError
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 10) -> Consumer:
+        """Call ``handler`` for each message, at most ``prefetch`` unacked at once."""
+        raise NotImplementedError
+
+    async def get(self, queue: str) -> IncomingMessage | None:
+        """Fetch one message without a subscription (None if empty); ack or reject it."""
+        raise NotImplementedError
+
+    async def queue_info(self, queue: str) -> QueueInfo:
+        """Depth and consumers; raises :class:`middleware.errors.BrokerError` if it does not exist."""
+        raise NotImplementedError
+
+    async def purge(self, queue: str) -> int:
+        """Delete every ready message of ``queue``; returns how many."""
+        raise NotImplementedError
+
+    async def delete_queue(self, queue: str) -> None:
+        """Delete ``queue`` (tests clean up what they declared)."""
+        raise NotImplementedError
+
+    async def delete_exchange(self, name: str) -> None:
+        """Delete exchange ``name``."""
+        raise NotImplementedError

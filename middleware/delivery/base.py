@@ -1,0 +1,111 @@
+"""What every connector type provides, and the registry keyed by the ``type`` used in YAML."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a delivery is retried (tenacity: exponential backoff with full jitter, bounded).
+
+    Parameters:
+        attempts: total tries including the first (1 = no retry).
+        initial: first backoff in seconds; ``multiplier`` grows it up to ``max``.
+        jitter: add up to this many seconds of random jitter to each wait.
+        retry_on: outcomes that are retried: ``connection``, ``timeout``, ``429``, ``5xx``.
+    """
+
+    attempts: int = 5
+    initial: float = 0.5
+    max: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+    retry_on: frozenset[str] = frozenset({"connection", "timeout", "429", "5xx"})
+
+
+@dataclass(frozen=True)
+class ConnectorSpec:
+    """A connector as declared in connectors/<name>.yaml, ``${VAR}`` already interpolated.
+
+    ``options`` holds the type-specific keys (http: url, method, headers, timeout; file: path).
+    """
+
+    name: str
+    type: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event to send: the CloudEvent JSON bytes plus the ids sinks need."""
+
+    body: bytes
+    event_id: str
+    correlation_id: str
+    route: str
+    event_type: str
+
+
+class Connector:
+    """Sends events to one downstream system.
+
+    :meth:`send` returns when the sink accepted the event (2xx, fsync, broker confirm) and raises
+    :class:`middleware.errors.DeliveryError` otherwise, with ``retryable`` set per the
+    connector's :class:`RetryPolicy` outcomes. Retrying is the caller's job (:mod:`.retry`).
+    """
+
+    def __init__(self, spec: ConnectorSpec) -> None:
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    async def start(self) -> None:
+        """Open pools, files or connections."""
+
+    async def send(self, delivery: Delivery) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what :meth:`start` opened."""
+
+    def describe(self) -> str:
+        """Where events go, for humans (``POST http://...``, a file path)."""
+        return self.spec.type
+
+
+ConnectorFactory = Callable[[ConnectorSpec], Connector]
+_REGISTRY: dict[str, ConnectorFactory] = {}
+
+
+def register(type_name: str) -> Callable[[ConnectorFactory], ConnectorFactory]:
+    """Decorator: make a connector class available as ``type: <type_name>`` in YAML."""
+
+    def add(factory: ConnectorFactory) -> ConnectorFactory:
+        _REGISTRY[type_name] = factory
+        return factory
+
+    return add
+
+
+def connector_types() -> list[str]:
+    """Every registered connector type."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def make_connector(spec: ConnectorSpec) -> Connector:
+    """Build the connector for ``spec.type``; raises ``KeyError`` for an unknown type."""
+    _load_builtin()
+    return _REGISTRY[spec.type](spec)
+
+
+def _load_builtin() -> None:
+    from middleware.delivery import file, http  # noqa: F401  (registration side effect)

@@ -1,0 +1,76 @@
+"""Input formats: bytes -> a document whose values are read through compiled path expressions.
+
+Each format is one module that registers itself under the name used in route YAML
+(``source.format``). The pure core only talks to the :class:`Format` protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class Document(Protocol):
+    """A parsed input message."""
+
+    @property
+    def message_type(self) -> str | None:
+        """Type used by ``when: {message_type: ...}``, e.g. ``ADT^A01`` or ``Patient``."""
+
+    @property
+    def message_id(self) -> str | None:
+        """The source system's id for this message (MSH-10, resource id), if any."""
+
+    def occurred_at(self) -> str | None:
+        """When the business event occurred, ISO 8601 (offset kept when the source has one)."""
+
+
+class PathAccessor(Protocol):
+    """A compiled source expression; compile once, read many documents."""
+
+    expr: str
+    multiple: bool  # True when the expression selects every repetition/segment (``[*]``)
+
+    def read(self, doc: Any) -> list[Any]:
+        """Every value the expression selects in ``doc``, absent/empty values left out."""
+
+
+class Format(Protocol):
+    """What every input format provides."""
+
+    name: str
+
+    def parse(self, raw: bytes) -> Any:
+        """Parse ``raw`` into a :class:`Document`; raises :class:`middleware.errors.ParseError`."""
+
+    def compile_path(self, expr: str) -> PathAccessor:
+        """Compile a source expression; raises ``ValueError`` saying what is wrong with it."""
+
+
+_REGISTRY: dict[str, Callable[[], Format]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[], Format]], Callable[[], Format]]:
+    """Class/factory decorator: make a format available under ``name`` in route YAML."""
+
+    def add(factory: Callable[[], Format]) -> Callable[[], Format]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def get_format(name: str) -> Format:
+    """The format registered as ``name``; raises ``KeyError`` for an unknown one."""
+    _load_builtin()
+    return _REGISTRY[name]()
+
+
+def format_names() -> list[str]:
+    """Names usable as ``source.format``."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    from middleware.formats import hl7v2, json_format  # noqa: F401  (registration side effect)
