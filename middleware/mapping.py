@@ -1,0 +1,303 @@
+"""The YAML mapping language: conditions (``filter``/``when``) and field rules (``map``).
+
+A field rule maps one target path in the event data (``patient.mrn``) from a source:
+
+- a string: a source expression of the route's format (``PID-3.1``);
+- ``{path: EXPR}`` or ``{path: [EXPR, EXPR]}`` (the first that yields a value wins);
+- ``{value: CONSTANT}``; ``{template: "{PID-5.2} {PID-5.1}"}``;
+
+with options ``as`` (string, date, datetime, int, decimal, bool), ``lookup`` (a table in
+config/lookups/), ``default`` and ``required``. An expression that selects repetitions
+(``OBX[*]-5``) yields a list. Rules are compiled once; :func:`apply_rules` runs per message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from middleware.errors import MappingError
+from middleware.formats import Format, PathAccessor
+from middleware.formats.hl7v2 import hl7_date_to_iso, hl7_timestamp_to_iso
+
+FIELD_KEYS = frozenset({"path", "value", "template", "as", "lookup", "default", "required"})
+CONDITION_KEYS = frozenset({"message_type", "equals", "exists", "missing"})
+_TEMPLATE_PART = re.compile(r"\{([^{}]+)\}")
+_HL7_DTM = re.compile(r"\d{4,14}(\.\d{1,4})?([+-]\d{4})?")
+
+
+class SpecError(ValueError):
+    """A mapping or condition in YAML is invalid; ``key`` names the offending key when known."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class LookupTable:
+    """A code table from config/lookups/<name>.yaml: ``values`` plus an optional ``default``."""
+
+    name: str
+    values: Mapping[str, Any]
+    default: Any = None
+
+    def translate(self, code: Any) -> Any:
+        """The value for ``code``; raises ``KeyError`` when absent and there is no default."""
+        key = str(code)
+        if key in self.values:
+            return self.values[key]
+        if self.default is not None:
+            return self.default
+        raise KeyError(key)
+
+
+# -- conversions ------------------------------------------------------------------------------
+
+
+def _to_date(value: Any) -> str:
+    text = str(value)
+    if _HL7_DTM.fullmatch(text):
+        return hl7_date_to_iso(text)
+    return dt.date.fromisoformat(text[:10]).isoformat()
+
+
+def _to_datetime(value: Any) -> str:
+    text = str(value)
+    if _HL7_DTM.fullmatch(text):
+        return hl7_timestamp_to_iso(text)
+    return dt.datetime.fromisoformat(text).isoformat()
+
+
+def _to_decimal(value: Any) -> int | float:
+    number = Decimal(str(value).strip())
+    if not number.is_finite():
+        raise ValueError("not a finite number")
+    return int(number) if number == number.to_integral_value() and "." not in str(value) else float(number)
+
+
+_BOOLS = {"y": True, "yes": True, "true": True, "t": True, "1": True,
+          "n": False, "no": False, "false": False, "f": False, "0": False}
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return _BOOLS[str(value).strip().lower()]
+
+
+CONVERSIONS: dict[str, Callable[[Any], Any]] = {
+    "string": str,
+    "date": _to_date,
+    "datetime": _to_datetime,
+    "int": lambda v: int(str(v).strip()),
+    "decimal": _to_decimal,
+    "bool": _to_bool,
+}
+
+
+# -- conditions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Condition:
+    """All of: message type in ``message_types``; each ``equals`` path has one of its values;
+    each ``exists`` path has a value; each ``missing`` path has none."""
+
+    message_types: frozenset[str] | None
+    equals: tuple[tuple[PathAccessor, frozenset[str]], ...]
+    exists: tuple[PathAccessor, ...]
+    missing: tuple[PathAccessor, ...]
+
+    def matches(self, doc: Any) -> bool:
+        if self.message_types is not None and doc.message_type not in self.message_types:
+            return False
+        for accessor, allowed in self.equals:
+            if not any(str(v) in allowed for v in accessor.read(doc)):
+                return False
+        return all(accessor.read(doc) for accessor in self.exists) and not any(
+            accessor.read(doc) for accessor in self.missing
+        )
+
+
+def _strings(spec: Any, key: str) -> list[str]:
+    items = spec if isinstance(spec, list) else [spec]
+    if not items or not all(isinstance(i, str | int | float) and not isinstance(i, bool) for i in items):
+        raise SpecError(f"{key} takes a string or a list of strings", key)
+    return [str(i) for i in items]
+
+
+def _compile_expr(fmt: Format, expr: Any, key: str) -> PathAccessor:
+    if not isinstance(expr, str):
+        raise SpecError(f"source expression must be a string, got {type(expr).__name__}", key)
+    try:
+        return fmt.compile_path(expr)
+    except ValueError as exc:
+        raise SpecError(str(exc), key) from None
+
+
+def compile_condition(spec: Any, fmt: Format) -> Condition:
+    """Compile a ``filter``/``when`` mapping; raises :class:`SpecError`."""
+    if not isinstance(spec, dict) or not spec:
+        raise SpecError("a condition is a mapping with message_type, equals, exists or missing")
+    for key in spec:
+        if key not in CONDITION_KEYS:
+            raise SpecError(f"unknown condition {key!r} (use {', '.join(sorted(CONDITION_KEYS))})", key)
+    types = frozenset(_strings(spec["message_type"], "message_type")) if "message_type" in spec else None
+    equals_spec = spec.get("equals", {})
+    if not isinstance(equals_spec, dict):
+        raise SpecError("equals maps a source expression to a value or list of values", "equals")
+    equals = tuple(
+        (_compile_expr(fmt, expr, "equals"), frozenset(_strings(values, "equals")))
+        for expr, values in equals_spec.items()
+    )
+    exists, missing = (
+        tuple(_compile_expr(fmt, e, key) for e in _strings(spec[key], key)) if key in spec else ()
+        for key in ("exists", "missing")
+    )
+    return Condition(types, equals, exists, missing)
+
+
+# -- field rules ------------------------------------------------------------------------------
+
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class Template:
+    """``"{PID-5.2} {PID-5.1}"``: each ``{expr}`` replaced by its first value ("" if absent)."""
+
+    text: str
+    parts: tuple[tuple[str, PathAccessor], ...]
+
+    def render(self, doc: Any) -> str | None:
+        values = {expr: (acc.read(doc) or [""])[0] for expr, acc in self.parts}
+        out = _TEMPLATE_PART.sub(lambda m: str(values[m.group(1)]), self.text).strip()
+        return out or None
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """One compiled ``target: source`` entry of a ``map``."""
+
+    target: str
+    source: str  # the expression as written, for error messages
+    paths: tuple[PathAccessor, ...] = ()
+    constant: Any = _UNSET
+    template: Template | None = None
+    convert: str = "string"
+    lookup: LookupTable | None = None
+    default: Any = _UNSET
+    required: bool = False
+
+    def evaluate(self, doc: Any) -> Any:
+        """The target's value for ``doc`` (``_UNSET`` when there is none); raises MappingError."""
+        raw = self._raw(doc)
+        if raw is _UNSET:
+            if self.default is not _UNSET:
+                return self.default
+            if self.required:
+                raise MappingError(f"{self.target}: required value missing ({self.source} is empty)",
+                                   hint="fix the source message or make the field optional")
+            return _UNSET
+        if isinstance(raw, list):
+            return [self._finish(item) for item in raw]
+        return self._finish(raw)
+
+    def _raw(self, doc: Any) -> Any:
+        if self.constant is not _UNSET:
+            return self.constant
+        if self.template is not None:
+            rendered = self.template.render(doc)
+            return _UNSET if rendered is None else rendered
+        for accessor in self.paths:
+            values = accessor.read(doc)
+            if values:
+                return values if accessor.multiple else values[0]
+        return _UNSET
+
+    def _finish(self, value: Any) -> Any:
+        try:
+            converted = CONVERSIONS[self.convert](value) if self.constant is _UNSET else value
+        except (ValueError, KeyError, InvalidOperation, ArithmeticError) as exc:
+            detail = f": {exc}" if isinstance(exc, ValueError) and str(exc) else ""
+            raise MappingError(f"{self.target}: {self.source} is not a valid {self.convert}{detail}",
+                               hint="fix the source value or change `as:`") from None
+        if self.lookup is None:
+            return converted
+        try:
+            return self.lookup.translate(converted)
+        except KeyError:
+            raise MappingError(
+                f"{self.target}: code from {self.source} is not in lookup table {self.lookup.name!r}",
+                hint=f"add the code to config/lookups/{self.lookup.name}.yaml or give the table a default",
+            ) from None
+
+
+def compile_field(target: str, spec: Any, fmt: Format, lookups: Mapping[str, LookupTable]) -> FieldRule:
+    """Compile one ``map`` entry; raises :class:`SpecError` saying what is wrong."""
+    if isinstance(spec, str):
+        return FieldRule(target, spec, paths=(_compile_expr(fmt, spec, "path"),))
+    if not isinstance(spec, dict):
+        raise SpecError(f"{target}: expected a source expression or a mapping with path/value/template")
+    for key in spec:
+        if key not in FIELD_KEYS:
+            raise SpecError(f"{target}: unknown key {key!r} (use {', '.join(sorted(FIELD_KEYS))})", key)
+    sources = [k for k in ("path", "value", "template") if k in spec]
+    if len(sources) != 1:
+        raise SpecError(f"{target}: give exactly one of path, value, template")
+    convert = spec.get("as", "string")
+    if convert not in CONVERSIONS:
+        raise SpecError(f"{target}: unknown type {convert!r} for as: (use {', '.join(CONVERSIONS)})", "as")
+    lookup = None
+    if "lookup" in spec:
+        if spec["lookup"] not in lookups:
+            known = ", ".join(sorted(lookups)) or "none"
+            raise SpecError(f"{target}: no lookup table {spec['lookup']!r} in config/lookups/ (known: {known})",
+                            "lookup")
+        lookup = lookups[spec["lookup"]]
+    common: dict[str, Any] = {"convert": convert, "lookup": lookup,
+                              "default": spec.get("default", _UNSET), "required": bool(spec.get("required"))}
+    if "value" in spec:
+        return FieldRule(target, repr(spec["value"]), constant=spec["value"], **common)
+    if "template" in spec:
+        text = spec["template"]
+        if not isinstance(text, str):
+            raise SpecError(f"{target}: template must be a string", "template")
+        parts = tuple((e, _compile_expr(fmt, e, "template")) for e in dict.fromkeys(_TEMPLATE_PART.findall(text)))
+        return FieldRule(target, text, template=Template(text, parts), **common)
+    exprs = spec["path"] if isinstance(spec["path"], list) else [spec["path"]]
+    if not exprs:
+        raise SpecError(f"{target}: path list is empty", "path")
+    paths = tuple(_compile_expr(fmt, e, "path") for e in exprs)
+    return FieldRule(target, " | ".join(str(e) for e in exprs), paths=paths, **common)
+
+
+def apply_rules(rules: tuple[FieldRule, ...], doc: Any) -> dict[str, Any]:
+    """Build the event data: nested dicts from the dotted targets; absent values left out."""
+    data: dict[str, Any] = {}
+    for rule in rules:
+        value = rule.evaluate(doc)
+        if value is _UNSET:
+            continue
+        node = data
+        *parents, leaf = rule.target.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return data
+
+
+def data_get(data: Mapping[str, Any], dotted: str) -> Any:
+    """Read ``a.b.c`` from nested event data (None if absent)."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node

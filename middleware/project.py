@@ -1,0 +1,340 @@
+"""Load config/, routes/, connectors/, schemas/ and config/lookups/ into one validated Project.
+
+Every problem is collected (not only the first) as ``file:line: message``. The result is frozen
+data: the hot path never re-reads YAML or rebuilds a validator.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError as JsonSchemaError
+
+from middleware import project_schema
+from middleware.delivery.base import ConnectorSpec, RetryPolicy, connector_types
+from middleware.errors import ConfigError, Problem
+from middleware.formats import format_names, get_format
+from middleware.mapping import LookupTable, SpecError, compile_condition, compile_field
+from middleware.route import DeliveryRule, EventRule, Route, subject_placeholders
+from middleware.schemas import SchemaRegistry
+from middleware.yamlfile import PathKey, YamlDoc, interpolate, load_yaml
+
+DEFAULT_BROKER_URL = "filesystem://var/broker"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Engine settings from config/middleware.yaml, after environment overrides."""
+
+    broker_url: str = DEFAULT_BROKER_URL
+    queue_prefix: str = ""
+    prefetch: int = 20
+    delivery_limit: int = 10
+    timezone: str = "UTC"
+    drain_timeout: float = 30.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class Project:
+    """Everything a project declares, validated and compiled."""
+
+    root: Path
+    settings: Settings
+    routes: Mapping[str, Route]
+    connectors: Mapping[str, ConnectorSpec]
+    schemas: SchemaRegistry
+    lookups: Mapping[str, LookupTable] = field(default_factory=dict)
+
+    def route(self, name_or_file: str) -> Route:
+        """A route by name, or by the path of its YAML file; raises ``KeyError``."""
+        if name_or_file in self.routes:
+            return self.routes[name_or_file]
+        wanted = Path(name_or_file).resolve()
+        for route in self.routes.values():
+            if Path(route.file).resolve() == wanted or (self.root / route.file).resolve() == wanted:
+                return route
+        raise KeyError(name_or_file)
+
+
+def load_project(root: Path | str = ".", env: Mapping[str, str] | None = None) -> Project:
+    """Load and validate the project in ``root``; raises :class:`ConfigError` with every problem."""
+    project, problems = check_project(root, env)
+    if problems or project is None:
+        raise ConfigError(problems)
+    return project
+
+
+def check_project(root: Path | str = ".", env: Mapping[str, str] | None = None) -> tuple[Project | None, list[Problem]]:
+    """Load the project and return it with every problem found (project is None if any)."""
+    return _Loader(Path(root), os.environ if env is None else env).load()
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Loader:
+    """One load of one project; collects problems as it goes."""
+
+    def __init__(self, root: Path, env: Mapping[str, str]) -> None:
+        self.root = root
+        self.env = env
+        self.problems: list[Problem] = []
+        self.broken_connectors: set[str] = set()  # declared, but their file has problems
+
+    def load(self) -> tuple[Project | None, list[Problem]]:
+        if not self.root.is_dir():
+            return None, [Problem(str(self.root), 1, "project folder does not exist")]
+        settings = self._settings()
+        schemas = SchemaRegistry.load(self.root / "schemas", self.root)
+        self.problems += schemas.problems
+        lookups = self._lookups()
+        connectors = self._connectors()
+        routes = self._routes(schemas, lookups, connectors)
+        if not routes and not any(p.file.startswith("routes") for p in self.problems):
+            self.problems.append(Problem("routes/", 1, "no routes: add a routes/<name>.yaml"))
+        if self.problems or settings is None:
+            return None, self.problems
+        return Project(self.root, settings, routes, connectors, schemas, lookups), []
+
+    # -- files -----------------------------------------------------------------------------
+
+    def _rel(self, path: Path) -> str:
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+    def _read(self, path: Path, schema: dict[str, Any], *, with_env: bool = False) -> YamlDoc:
+        """Load a YAML file (``${VAR}`` interpolated when ``with_env``) and check it against ``schema``."""
+        doc = load_yaml(path, self._rel(path))
+        if doc.data is None and not doc.problems:
+            doc.problem((), "file is empty")
+        if not doc.problems and with_env:
+            doc.data = interpolate(doc, self.env)
+        if not doc.problems:
+            self._check_schema(doc, schema)
+        return doc
+
+    def _check_schema(self, doc: YamlDoc, schema: dict[str, Any]) -> None:
+        for error in Draft202012Validator(schema).iter_errors(doc.data):
+            self._report_schema_error(doc, error)
+
+    def _report_schema_error(self, doc: YamlDoc, error: JsonSchemaError) -> None:
+        path: PathKey = tuple(error.absolute_path)
+        where = ".".join(str(p) for p in path)
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            allowed = sorted(error.schema.get("properties", {}))
+            for key in sorted(set(error.instance) - set(allowed)):
+                doc.problem((*path, key), f"unknown key {key!r}{_did_you_mean(key, allowed)}"
+                            + (f" in {where}" if where else ""))
+        elif error.validator == "required":
+            doc.problem(path, f"missing key: {error.message.split(' is a ')[0]}" + (f" in {where}" if where else ""))
+        elif error.validator in ("allOf", "if"):
+            return  # the failing branch is reported by its own error
+        elif error.validator == "enum":
+            options = ", ".join(str(o) for o in error.validator_value)
+            doc.problem(path, f"{where}: {error.instance!r} is not one of: {options}"
+                        + (_did_you_mean(str(error.instance), [str(o) for o in error.validator_value])))
+        elif error.validator == "type":
+            types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+            doc.problem(path, f"{where or 'document'}: expected {' or '.join(types)}, "
+                              f"got {type(error.instance).__name__}")
+        else:
+            doc.problem(path, f"{where or 'document'}: {error.message}")
+
+    def _settings(self) -> Settings | None:
+        path = self.root / "config" / "middleware.yaml"
+        values: dict[str, Any] = {}
+        if path.exists():
+            doc = self._read(path, project_schema.CONFIG, with_env=True)
+            data = doc.data if not doc.problems else {}
+            self.problems += doc.problems
+            broker, engine, metrics = (data.get(k) or {} for k in ("broker", "engine", "metrics"))
+            values = {
+                "broker_url": broker.get("url"),
+                "queue_prefix": broker.get("queue_prefix"),
+                "prefetch": engine.get("prefetch"),
+                "delivery_limit": engine.get("delivery_limit"),
+                "timezone": engine.get("timezone"),
+                "drain_timeout": engine.get("drain_timeout"),
+                "metrics_host": metrics.get("host"),
+                "metrics_port": metrics.get("port"),
+            }
+            if values["timezone"]:
+                try:
+                    ZoneInfo(values["timezone"])
+                except (ZoneInfoNotFoundError, ValueError):
+                    doc.problem(("engine", "timezone"), f"unknown time zone {values['timezone']!r}")
+                    self.problems += doc.problems[-1:]
+        values["broker_url"] = self.env.get("MIDDLEWARE_BROKER_URL") or values.get("broker_url")
+        values["queue_prefix"] = self.env.get("MIDDLEWARE_QUEUE_PREFIX", values.get("queue_prefix"))
+        settings = Settings(**{k: v for k, v in values.items() if v is not None})
+        return _anchor_embedded_broker(settings, self.root)
+
+    def _lookups(self) -> dict[str, LookupTable]:
+        tables: dict[str, LookupTable] = {}
+        for path in sorted((self.root / "config" / "lookups").glob("*.yaml")):
+            doc = self._read(path, project_schema.LOOKUP)
+            self.problems += doc.problems
+            if not doc.problems:
+                data = doc.data
+                tables[path.stem] = LookupTable(path.stem, {str(k): v for k, v in data["values"].items()},
+                                                data.get("default"))
+        return tables
+
+    def _connectors(self) -> dict[str, ConnectorSpec]:
+        connectors: dict[str, ConnectorSpec] = {}
+        schema = project_schema.connector_schema(connector_types())
+        for path in sorted((self.root / "connectors").glob("*.yaml")):
+            doc = self._read(path, schema, with_env=True)
+            data = doc.data if not doc.problems else None
+            if data is not None and data["connector"] in connectors:
+                other = connectors[data["connector"]]
+                doc.problem(("connector",), f"duplicate connector name {data['connector']!r} "
+                                            f"(also in {other.file}:{other.line})")
+            self.problems += doc.problems
+            if doc.problems or data is None:
+                if isinstance(doc.data, dict) and isinstance(doc.data.get("connector"), str):
+                    self.broken_connectors.add(doc.data["connector"])  # reported once, in its own file
+                continue
+            options = {k: v for k, v in data.items() if k not in ("connector", "type", "description", "retry")}
+            connectors[data["connector"]] = ConnectorSpec(
+                name=data["connector"], type=data["type"], options=options,
+                retry=_retry_policy(data.get("retry"), RetryPolicy()), file=doc.file, line=doc.line(("connector",)))
+        return connectors
+
+    def _routes(self, schemas: SchemaRegistry, lookups: Mapping[str, LookupTable],
+                connectors: Mapping[str, ConnectorSpec]) -> dict[str, Route]:
+        routes: dict[str, Route] = {}
+        queues: dict[str, Route] = {}
+        schema = project_schema.route_schema(format_names())
+        for path in sorted((self.root / "routes").glob("*.yaml")):
+            doc = self._read(path, schema)
+            if not doc.problems:
+                route = _RouteCompiler(doc, schemas, lookups, connectors, self.broken_connectors).compile()
+                for name, seen, what in ((route.name, routes, "route name"),
+                                         (route.source_queue, queues, "source queue")):
+                    if name in seen:
+                        other = seen[name]
+                        key: PathKey = ("route",) if what == "route name" else ("source", "queue")
+                        doc.problem(key, f"duplicate {what} {name!r} (also in {other.file}:{other.line})")
+                if not doc.problems:
+                    routes[route.name] = route
+                    queues[route.source_queue] = route
+            self.problems += doc.problems
+        return routes
+
+
+def _anchor_embedded_broker(settings: Settings, root: Path) -> Settings:
+    """Resolve a relative ``filesystem://`` broker folder against the project folder."""
+    prefix = "filesystem://"
+    url = settings.broker_url
+    if url.startswith(prefix) and not url[len(prefix):].startswith("/"):
+        folder = (root / url[len(prefix):]).resolve()
+        return Settings(**{**settings.__dict__, "broker_url": f"{prefix}{folder}"})
+    return settings
+
+
+def _retry_policy(spec: Mapping[str, Any] | None, base: RetryPolicy) -> RetryPolicy:
+    """``base`` with the keys of a YAML ``retry:`` block applied."""
+    if not spec:
+        return base
+    backoff = spec.get("backoff", {})
+    return RetryPolicy(
+        attempts=spec.get("attempts", base.attempts),
+        initial=backoff.get("initial", base.initial),
+        max=backoff.get("max", base.max),
+        multiplier=backoff.get("multiplier", base.multiplier),
+        jitter=backoff.get("jitter", base.jitter),
+        retry_on=frozenset(spec["retry_on"]) if "retry_on" in spec else base.retry_on,
+    )
+
+
+class _RouteCompiler:
+    """Compiles one schema-valid route document, recording problems on it."""
+
+    def __init__(self, doc: YamlDoc, schemas: SchemaRegistry, lookups: Mapping[str, LookupTable],
+                 connectors: Mapping[str, ConnectorSpec], broken_connectors: set[str]) -> None:
+        self.doc = doc
+        self.broken_connectors = broken_connectors
+        self.data: dict[str, Any] = doc.data
+        self.schemas = schemas
+        self.lookups = lookups
+        self.connectors = connectors
+        self.format = get_format(self.data["source"]["format"])
+
+    def compile(self) -> Route:
+        data = self.data
+        events = tuple(r for i, spec in enumerate(data["events"]) if (r := self._event(i, spec)) is not None)
+        return Route(
+            name=data["route"],
+            source_queue=data["source"]["queue"],
+            format=self.format,
+            events=events,
+            deliver=tuple(self._delivery(i, spec) for i, spec in enumerate(data.get("deliver", []))),
+            filter=self._condition(("filter",), data.get("filter")),
+            match=data.get("match", "first"),
+            description=data.get("description", ""),
+            file=self.doc.file,
+            line=self.doc.line(("route",)),
+        )
+
+    def _condition(self, path: PathKey, spec: Any) -> Any:
+        if spec is None:
+            return None
+        try:
+            return compile_condition(spec, self.format)
+        except SpecError as exc:
+            self.doc.problem((*path, exc.key) if exc.key else path, str(exc))
+            return None
+
+    def _event(self, index: int, spec: dict[str, Any]) -> EventRule | None:
+        at: PathKey = ("events", index)
+        schema = self.schemas.get(spec["type"], spec["version"])
+        if schema is None:
+            self.doc.problem((*at, "type"), f"no schema for {spec['type']} v{spec['version']}: "
+                                            f"add schemas/{spec['type']}/{spec['version']}.json")
+        fields = []
+        for target, source in spec["map"].items():
+            try:
+                fields.append(compile_field(target, source, self.format, self.lookups))
+            except SpecError as exc:
+                key: PathKey = (*at, "map", target)
+                self.doc.problem((*key, exc.key) if exc.key and isinstance(source, dict) else key, str(exc))
+        targets = sorted(spec["map"])
+        for a, b in itertools.pairwise(targets):
+            if b.startswith(a + "."):
+                self.doc.problem((*at, "map", b), f"target {b!r} is inside target {a!r}: map one or the other")
+        subject = spec.get("subject")
+        if subject:
+            for placeholder in subject_placeholders(subject):
+                if placeholder not in spec["map"]:
+                    self.doc.problem((*at, "subject"), f"subject uses {{{placeholder}}}, which the map does not set")
+        when = self._condition((*at, "when"), spec.get("when"))
+        if schema is None:
+            return None
+        return EventRule(spec["type"], spec["version"], schema, tuple(fields), when, subject, self.doc.line(at))
+
+    def _delivery(self, index: int, spec: dict[str, Any]) -> DeliveryRule:
+        name = spec["to"]
+        connector = self.connectors.get(name)
+        if connector is None and name not in self.broken_connectors:
+            self.doc.problem(("deliver", index, "to"), f"no connector {name!r} in connectors/"
+                                                       f"{_did_you_mean(name, sorted(self.connectors))}")
+        retry = _retry_policy(spec["retry"], connector.retry) if connector and "retry" in spec else None
+        return DeliveryRule(name, retry)
+
+

@@ -1,0 +1,156 @@
+"""JSON Schemas of our own YAML files: config/middleware.yaml, routes/, connectors/, lookups/.
+
+One source of truth for which keys exist; docs/ and `middleware validate` follow these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"}
+_CONDITION = {"type": "object"}  # keys are checked by middleware.mapping.compile_condition
+
+RETRY: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "attempts": {"type": "integer", "minimum": 1, "maximum": 100},
+        "backoff": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "initial": {"type": "number", "minimum": 0},
+                "max": {"type": "number", "minimum": 0},
+                "multiplier": {"type": "number", "minimum": 1},
+                "jitter": {"type": "number", "minimum": 0},
+            },
+        },
+        "retry_on": {
+            "type": "array",
+            "items": {"enum": ["connection", "timeout", "429", "5xx"]},
+            "uniqueItems": True,
+        },
+    },
+}
+
+CONFIG: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "broker": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "url": {"type": "string", "minLength": 1},
+                "queue_prefix": {"type": "string"},
+            },
+        },
+        "engine": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "prefetch": {"type": "integer", "minimum": 1, "maximum": 10000},
+                "delivery_limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+                "timezone": {"type": "string"},
+                "drain_timeout": {"type": "number", "minimum": 0},
+            },
+        },
+        "metrics": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "host": {"type": "string"},
+                "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+            },
+        },
+    },
+}
+
+
+def route_schema(formats: list[str]) -> dict[str, Any]:
+    """Schema of routes/<name>.yaml; ``formats`` are the registered input formats."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["route", "source", "events"],
+        "properties": {
+            "route": _NAME,
+            "description": {"type": "string"},
+            "source": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["queue", "format"],
+                "properties": {
+                    "queue": {"type": "string", "minLength": 1},
+                    "format": {"enum": formats},
+                },
+            },
+            "filter": _CONDITION,
+            "match": {"enum": ["first", "all"]},
+            "events": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["type", "version", "map"],
+                    "properties": {
+                        "when": _CONDITION,
+                        "type": {"type": "string", "pattern": "^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)+$"},
+                        "version": {"type": "integer", "minimum": 1},
+                        "subject": {"type": "string"},
+                        "map": {
+                            "type": "object",
+                            "minProperties": 1,
+                            "additionalProperties": {"type": ["string", "object"]},
+                        },
+                    },
+                },
+            },
+            "deliver": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["to"],
+                    "properties": {"to": _NAME, "retry": RETRY},
+                },
+            },
+        },
+    }
+
+
+def connector_schema(types: list[str]) -> dict[str, Any]:
+    """Schema of connectors/<name>.yaml; ``types`` are the registered connector types."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["connector", "type"],
+        "properties": {
+            "connector": _NAME,
+            "type": {"enum": types},
+            "description": {"type": "string"},
+            "url": {"type": "string", "pattern": "^https?://"},
+            "method": {"enum": ["POST", "PUT", "PATCH"]},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "timeout": {"type": "number", "exclusiveMinimum": 0},
+            "path": {"type": "string", "minLength": 1},
+            "retry": RETRY,
+        },
+        "allOf": [
+            {"if": {"properties": {"type": {"const": "http"}}}, "then": {"required": ["url"]}},
+            {"if": {"properties": {"type": {"const": "file"}}}, "then": {"required": ["path"]}},
+        ],
+    }
+
+
+LOOKUP: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["values"],
+    "properties": {
+        "description": {"type": "string"},
+        "values": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
+        "default": {"type": ["string", "number", "boolean"]},
+    },
+}

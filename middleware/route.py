@@ -1,0 +1,170 @@
+"""The pure route pipeline: (route, raw bytes) -> canonical events, or a typed error.
+
+parse -> filter -> pick event rules -> map -> validate -> envelope. No I/O: the same function
+serves ``middleware transform``, ``middleware test`` and the route worker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from middleware.delivery.base import RetryPolicy
+from middleware.envelope import build_event, resolve_correlation_id, rfc3339
+from middleware.errors import (
+    FilterError,
+    MappingError,
+    ParseError,
+    PipelineError,
+    SchemaValidationError,
+)
+from middleware.formats import Format
+from middleware.mapping import Condition, FieldRule, Template, apply_rules, data_get
+from middleware.schemas import EventSchema
+
+_DATA_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+_STAGE_ERRORS: dict[str, type[PipelineError]] = {
+    "parse": ParseError, "filter": FilterError, "map": MappingError, "validate": SchemaValidationError,
+}
+
+
+@dataclass(frozen=True)
+class EventRule:
+    """``events[i]`` of a route: when it applies and how its data is mapped."""
+
+    type: str
+    version: int
+    schema: EventSchema
+    fields: tuple[FieldRule, ...]
+    when: Condition | None = None
+    subject: str | None = None  # template over data paths, e.g. "Patient/{patient.mrn}"
+    line: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.type}.v{self.version}"
+
+    def render_subject(self, data: dict[str, Any]) -> str | None:
+        if self.subject is None:
+            return None
+        missing = False
+
+        def fill(path: str) -> str:
+            nonlocal missing
+            value = data_get(data, path)
+            missing = missing or value is None
+            return "" if value is None else str(value)
+
+        rendered = _render_data_template(self.subject, fill)
+        return None if missing else rendered
+
+
+def _render_data_template(text: str, fill: Any) -> str:
+    return _DATA_PLACEHOLDER.sub(lambda m: fill(m.group(1)), text)
+
+
+def subject_placeholders(template: str) -> list[str]:
+    """The data paths a ``subject`` template refers to."""
+    return _DATA_PLACEHOLDER.findall(template)
+
+
+@dataclass(frozen=True)
+class DeliveryRule:
+    """``deliver[i]``: a connector name and an optional retry policy override."""
+
+    connector: str
+    retry: RetryPolicy | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """A compiled route; built once by :mod:`middleware.project`."""
+
+    name: str
+    source_queue: str
+    format: Format
+    events: tuple[EventRule, ...]
+    deliver: tuple[DeliveryRule, ...] = ()
+    filter: Condition | None = None
+    match: str = "first"  # "first" matching event rule, or "all" of them
+    description: str = ""
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    """What the transport knows about a message besides its bytes."""
+
+    correlation_id: str | None = None  # AMQP correlation_id
+    header_correlation_id: str | None = None  # X-Correlation-ID header
+    message_id: str | None = None  # AMQP message_id
+    received_at: dt.datetime | None = None
+
+
+@dataclass
+class Outcome:
+    """Result of running a route on one message."""
+
+    correlation_id: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    filtered: bool = False
+    message_type: str | None = None
+
+
+def transform(route: Route, raw: bytes, context: MessageContext | None = None,
+              tz: ZoneInfo | None = None) -> Outcome:
+    """Run ``route`` on ``raw``. Raises a :class:`PipelineError` carrying route, stage and
+    correlation id; any other exception is a bug and is wrapped as such by the caller."""
+    context = context or MessageContext()
+    tz = tz or ZoneInfo("UTC")
+    correlation_id = context.correlation_id or context.header_correlation_id or ""
+    stage = "parse"
+    try:
+        doc = route.format.parse(raw)
+        correlation_id = resolve_correlation_id(context.correlation_id, doc.message_id,
+                                                context.header_correlation_id)
+        outcome = Outcome(correlation_id, message_type=doc.message_type)
+        stage = "filter"
+        if route.filter is not None and not route.filter.matches(doc):
+            outcome.filtered = True
+            return outcome
+        stage = "map"
+        rules = [r for r in route.events if r.when is None or r.when.matches(doc)]
+        if not rules:
+            raise MappingError(f"no event rule matches message type {doc.message_type or '(none)'}",
+                               hint="add an events rule for it, or exclude it with the route's filter")
+        if route.match == "first":
+            rules = rules[:1]
+        source_id = doc.message_id or context.message_id or hashlib.sha256(raw).hexdigest()
+        received = (context.received_at or dt.datetime.now(dt.UTC)).isoformat().replace("+00:00", "Z")
+        time = rfc3339(doc.occurred_at(), tz) or received
+        for index, rule in enumerate(rules):
+            try:
+                data = apply_rules(rule.fields, doc)
+            except MappingError as exc:
+                exc.message = f"rule {rule.name}: {exc.message}"
+                raise
+            stage = "validate"
+            rule.schema.validate(data)
+            stage = "map"
+            outcome.events.append(build_event(
+                route=route.name, event_type=rule.type, major=rule.version, index=index,
+                source_message_id=source_id, data=data, subject=rule.render_subject(data),
+                time=time, correlation_id=correlation_id))
+        return outcome
+    except PipelineError as exc:
+        raise exc.with_context(route=route.name, correlation_id=correlation_id or None) from None
+    except Exception as exc:  # a bug must not crash the worker: the message dead-letters instead
+        raise _STAGE_ERRORS[stage](
+            f"internal error {type(exc).__name__} while processing (stage {stage})",
+            route=route.name, correlation_id=correlation_id or None,
+            hint="this is a middleware bug: report it with the dead letter's correlation id",
+        ) from exc
+
+
+__all__ = ["DeliveryRule", "EventRule", "MessageContext", "Outcome", "Route", "Template", "transform"]

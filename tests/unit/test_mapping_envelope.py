@@ -1,0 +1,159 @@
+"""The mapping language, conditions, conversions and the CloudEvents envelope."""
+
+from __future__ import annotations
+
+import uuid
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from middleware.envelope import build_event, event_id, resolve_correlation_id, rfc3339
+from middleware.errors import MappingError
+from middleware.formats import get_format
+from middleware.mapping import LookupTable, SpecError, apply_rules, compile_condition, compile_field
+
+JSON = get_format("json")
+HL7 = get_format("hl7v2")
+SEX = LookupTable("sex", {"F": "female", "M": "male"}, "unknown")
+CLASS = LookupTable("patient_class", {"I": "inpatient"})
+
+
+def doc(data: dict) -> object:
+    import orjson
+
+    return JSON.parse(orjson.dumps(data))
+
+
+def field(target: str, spec: object, fmt: object = JSON) -> object:
+    return compile_field(target, spec, fmt, {"sex": SEX, "patient_class": CLASS})  # type: ignore[arg-type]
+
+
+def test_string_path_and_nested_targets() -> None:
+    rules = (field("patient.mrn", "p.id"), field("patient.name.family", "p.name[0].family"))
+    assert apply_rules(rules, doc({"p": {"id": "1", "name": [{"family": "X"}]}})) == {
+        "patient": {"mrn": "1", "name": {"family": "X"}}}
+
+
+def test_absent_values_are_left_out_and_defaults_apply() -> None:
+    rules = (field("a", "missing"), field("b", {"path": "missing", "default": "d"}))
+    assert apply_rules(rules, doc({})) == {"b": "d"}
+
+
+def test_path_list_takes_the_first_with_a_value() -> None:
+    rule = field("x", {"path": ["a", "b", "c"]})
+    assert apply_rules((rule,), doc({"b": "2", "c": "3"})) == {"x": "2"}
+
+
+def test_required_missing_names_target_and_source() -> None:
+    with pytest.raises(MappingError, match=r"patient.mrn: required value missing \(p.id is empty\)"):
+        apply_rules((field("patient.mrn", {"path": "p.id", "required": True}),), doc({}))
+
+
+def test_constants_templates_and_lists() -> None:
+    rules = (
+        field("kind", {"value": "adt"}),
+        field("label", {"template": "{n.family}, {n.given}"}),
+        field("codes", "items[*].code"),
+    )
+    out = apply_rules(rules, doc({"n": {"family": "Doe", "given": "J"}, "items": [{"code": "a"}, {"code": "b"}]}))
+    assert out == {"kind": "adt", "label": "Doe, J", "codes": ["a", "b"]}
+
+
+@pytest.mark.parametrize(("kind", "value", "expected"), [
+    ("date", "19840312", "1984-03-12"),
+    ("date", "198403121200+0100", "1984-03-12"),
+    ("date", "1984-03-12", "1984-03-12"),
+    ("datetime", "20261124082500+0100", "2026-11-24T08:25:00+01:00"),
+    ("datetime", "20261124082500", "2026-11-24T08:25:00"),
+    ("datetime", "2026-11-24T08:25:00Z", "2026-11-24T08:25:00+00:00"),
+    ("int", " 42", 42),
+    ("decimal", "7.25", 7.25),
+    ("decimal", "7", 7),
+    ("bool", "Y", True),
+    ("bool", "false", False),
+])
+def test_conversions(kind: str, value: str, expected: object) -> None:
+    assert apply_rules((field("v", {"path": "v", "as": kind}),), doc({"v": value})) == {"v": expected}
+
+
+@pytest.mark.parametrize(("kind", "value"), [("date", "19841312"), ("date", "1984"), ("int", "4x"),
+                                              ("decimal", "NaN"), ("bool", "maybe"), ("datetime", "2026-13-01")])
+def test_bad_conversions_are_mapping_errors(kind: str, value: str) -> None:
+    with pytest.raises(MappingError, match=f"v: v is not a valid {kind}"):
+        apply_rules((field("v", {"path": "v", "as": kind}),), doc({"v": value}))
+
+
+def test_lookup_with_and_without_default() -> None:
+    assert apply_rules((field("s", {"path": "s", "lookup": "sex"}),), doc({"s": "Q"})) == {"s": "unknown"}
+    with pytest.raises(MappingError, match="not in lookup table 'patient_class'"):
+        apply_rules((field("c", {"path": "c", "lookup": "patient_class"}),), doc({"c": "Q"}))
+
+
+@pytest.mark.parametrize("spec", [
+    {"path": "a", "value": 1},
+    {"as": "date"},
+    {"path": "a", "as": "when"},
+    {"path": "a", "lookup": "nope"},
+    {"path": "a", "colour": "red"},
+    {"path": []},
+    42,
+])
+def test_invalid_field_specs_are_rejected(spec: object) -> None:
+    with pytest.raises(SpecError):
+        field("t", spec)
+
+
+def test_invalid_source_expression_is_rejected_with_the_format_reason() -> None:
+    with pytest.raises(SpecError, match="PID3"):
+        field("t", "PID3.1", HL7)
+
+
+def test_conditions() -> None:
+    adt = HL7.parse(b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|X1|P|2.5\rPID|1||42^^^H^MR||Doe^J||19800101|F\r")
+    assert compile_condition({"message_type": ["ADT^A01", "ADT^A04"]}, HL7).matches(adt)
+    assert not compile_condition({"message_type": "ADT^A03"}, HL7).matches(adt)
+    assert compile_condition({"equals": {"PID-8": ["F", "M"]}, "exists": ["PID-3.1"]}, HL7).matches(adt)
+    assert not compile_condition({"missing": "PID-3.1"}, HL7).matches(adt)
+    assert compile_condition({"missing": ["PV1-2"]}, HL7).matches(adt)
+    with pytest.raises(SpecError, match="unknown condition 'type'"):
+        compile_condition({"type": "x"}, HL7)
+
+
+def test_event_id_is_uuid5_of_route_message_and_index() -> None:
+    first = event_id("r", "m1", 0)
+    assert uuid.UUID(first).version == 5
+    assert first == event_id("r", "m1", 0)
+    assert len({first, event_id("r", "m1", 1), event_id("r", "m2", 0), event_id("s", "m1", 0)}) == 4
+
+
+@given(st.text(min_size=1), st.text(min_size=1), st.integers(min_value=0, max_value=50))
+def test_event_id_is_deterministic(route: str, message: str, index: int) -> None:
+    assert event_id(route, message, index) == event_id(route, message, index)
+
+
+def test_correlation_id_rules() -> None:
+    assert resolve_correlation_id("amqp", "msh10", "hdr") == "amqp"
+    assert resolve_correlation_id(None, "msh10", "hdr") == "msh10"
+    assert resolve_correlation_id(None, None, "hdr") == "hdr"
+    assert uuid.UUID(resolve_correlation_id(None, None, None)).version == 4
+
+
+def test_rfc3339_times() -> None:
+    utc, paris = ZoneInfo("UTC"), ZoneInfo("Europe/Paris")
+    assert rfc3339("2026-11-24T08:25:00+01:00", utc) == "2026-11-24T08:25:00+01:00"
+    assert rfc3339("2026-11-24T08:25:00", utc) == "2026-11-24T08:25:00Z"
+    assert rfc3339("2026-07-01T08:25:00", paris) == "2026-07-01T08:25:00+02:00"
+    assert rfc3339("2026-11-24", utc) == "2026-11-24T00:00:00Z"
+    assert rfc3339("2026-11", utc) is None
+    assert rfc3339(None, utc) is None
+
+
+def test_build_event_shape() -> None:
+    event = build_event(route="r", event_type="patient.updated", major=1, index=0, source_message_id="m",
+                        data={"patient": {}}, subject=None, time="2026-01-01T00:00:00Z", correlation_id="c")
+    assert set(event) == {"specversion", "id", "type", "source", "time", "datacontenttype", "dataschema",
+                          "correlationid", "data"}
+    assert event["type"] == "patient.updated.v1"
+    assert event["dataschema"] == "urn:middleware:schema:patient.updated:1"
