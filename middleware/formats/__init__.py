@@ -28,8 +28,13 @@ class Document(Protocol):
 class PathAccessor(Protocol):
     """A compiled source expression; compile once, read many documents."""
 
-    expr: str
-    multiple: bool  # True when the expression selects every repetition/segment (``[*]``)
+    @property
+    def expr(self) -> str:
+        """The expression as written in YAML."""
+
+    @property
+    def multiple(self) -> bool:
+        """True when the expression selects every repetition/segment (``[*]``): it maps to a list."""
 
     def read(self, doc: Any) -> list[Any]:
         """Every value the expression selects in ``doc``, absent/empty values left out."""

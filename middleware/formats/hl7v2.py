@@ -1,0 +1,473 @@
+"""HL7 v2 (ER7 encoding): a lazy tokenizer and compiled Terser-style path expressions.
+
+Parsing decodes the bytes once (character set from MSH-18), splits segments and indexes them by
+id; a segment is split into fields only when a path first reads it, and a field into repetitions,
+components and subcomponents only while it is being read. Nothing builds an object model, which
+is what makes this fast enough for the hot path (see bench/hl7_parse.py).
+
+Expression grammar (docs/routes.md): ``SEG[sel]-FIELD[sel].COMPONENT.SUBCOMPONENT`` where ``sel``
+is a 1-based index ``[2]``, every occurrence ``[*]`` or a filter ``[5=MR]`` (segments: field 5,
+fields: component 5; ``[3.1=X]`` reads a subcomponent / component).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from middleware.errors import ParseError
+from middleware.formats import register
+
+_SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
+_PATH = re.compile(
+    r"(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<segsel>[^\]]*)\])?"
+    r"(?:-(?P<field>\d+)(?:\[(?P<repsel>[^\]]*)\])?(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?"
+)
+_SELECTOR = re.compile(r"(?P<index>\d+)|(?P<all>\*)|(?P<key>\d+(?:\.\d+)?)=(?P<value>[^\]]*)")
+_TIMESTAMP = re.compile(
+    r"(?P<y>\d{4})(?:(?P<mo>\d{2})(?:(?P<d>\d{2})(?:(?P<h>\d{2})(?:(?P<mi>\d{2})(?:(?P<s>\d{2})"
+    r"(?:\.(?P<frac>\d{1,4}))?)?)?)?)?)?(?P<tz>[+-]\d{4})?"
+)
+
+# MSH-18 values (HL7 table 0211) and the Python codec for each; absent means UTF-8 (a superset of
+# the standard's ASCII default, which is what senders that omit MSH-18 actually send).
+CHARSETS = {
+    "": "utf-8",
+    "ASCII": "ascii",
+    "UNICODE UTF-8": "utf-8",
+    "UNICODE": "utf-8",
+    "8859/1": "latin-1",
+    "8859/2": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4",
+    "8859/5": "iso8859-5",
+    "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7",
+    "8859/8": "iso8859-8",
+    "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15",
+    "GB 18030-2000": "gb18030",
+    "BIG-5": "big5",
+    "KS X 1001": "euc-kr",
+    "ISO IR87": "iso2022-jp",
+}
+
+_FORMATTING_ESCAPES = frozenset("HN")  # highlight on/off: removed
+_NULL = '""'  # the HL7 explicit null
+
+
+@dataclass(frozen=True)
+class Delimiters:
+    """The message's separators, read from MSH-1 and MSH-2."""
+
+    field: str = "|"
+    component: str = "^"
+    repetition: str = "~"
+    escape: str = "\\"
+    subcomponent: str = "&"
+    truncation: str = ""  # v2.7: a fifth encoding character, reserved (not a separator)
+
+    @property
+    def encoding_characters(self) -> str:
+        return self.component + self.repetition + self.escape + self.subcomponent + self.truncation
+
+    @classmethod
+    def from_msh(cls, field: str, encoding: str) -> Delimiters:
+        """Check and build; raises :class:`ParseError` for unusable delimiters."""
+        chars = field + encoding
+        if len(encoding) not in (4, 5) or len(set(chars)) != len(chars) or any(
+            c.isalnum() or c in "\r\n " for c in chars
+        ):
+            raise ParseError("bad delimiters in MSH-1/MSH-2: expected a field separator and 4 or 5 distinct "
+                             "encoding characters such as |^~\\&",
+                             hint="fix the sending system's MSH segment")
+        return cls(field, encoding[0], encoding[1], encoding[2], encoding[3], encoding[4:])
+
+
+DEFAULT_DELIMITERS = Delimiters()
+
+
+def escape(value: str, delimiters: Delimiters = DEFAULT_DELIMITERS) -> str:
+    """Escape ``value`` so it can be written into a field (``|`` -> ``\\F\\`` and so on)."""
+    d = delimiters
+    out = value.replace(d.escape, f"{d.escape}E{d.escape}")
+    for char, code in ((d.field, "F"), (d.component, "S"), (d.subcomponent, "T"), (d.repetition, "R")):
+        out = out.replace(char, f"{d.escape}{code}{d.escape}")
+    if d.truncation:
+        out = out.replace(d.truncation, f"{d.escape}P{d.escape}")
+    return out
+
+
+@lru_cache(maxsize=32)
+def _escape_pattern(esc: str) -> re.Pattern[str]:
+    e = re.escape(esc)
+    return re.compile(f"{e}([^{e}\r\n]*){e}")
+
+
+class Segment:
+    """One segment; fields are split on first use. ``fields[n]`` is field n (MSH included)."""
+
+    __slots__ = ("_fields", "_fs", "id", "raw")
+
+    def __init__(self, raw: str, field_separator: str) -> None:
+        self.id = raw[:3]
+        self.raw = raw
+        self._fs = field_separator
+        self._fields: list[str] | None = None
+
+    @property
+    def fields(self) -> list[str]:
+        if self._fields is None:
+            parts = self.raw.split(self._fs)
+            if self.id == "MSH":  # MSH-1 is the separator itself: keep numbering uniform
+                parts.insert(1, self._fs)
+            self._fields = parts
+        return self._fields
+
+    def field(self, number: int) -> str:
+        """The raw (escaped) text of field ``number``; "" when absent."""
+        fields = self.fields
+        return fields[number] if number < len(fields) else ""
+
+
+class Hl7Message:
+    """A parsed HL7 v2 message: segments indexed by id, values unescaped as they are read."""
+
+    __slots__ = ("_index", "charset", "delimiters", "segments")
+
+    def __init__(self, segments: list[Segment], delimiters: Delimiters, charset: str) -> None:
+        self.segments = segments
+        self.delimiters = delimiters
+        self.charset = charset
+        index: dict[str, list[Segment]] = {}
+        for segment in segments:
+            index.setdefault(segment.id, []).append(segment)
+        self._index = index
+
+    def all(self, segment_id: str) -> list[Segment]:
+        """Every segment with this id, in order."""
+        return self._index.get(segment_id, [])
+
+    def get(self, expr: str) -> str | None:
+        """The first value of an expression (convenience; compile paths once on hot paths)."""
+        values = compile_path(expr).read(self)
+        return values[0] if values else None
+
+    @property
+    def message_type(self) -> str | None:
+        msh = self._index["MSH"][0]
+        parts = self.components(msh.field(9).split(self.delimiters.repetition, 1)[0])
+        code, event = [*parts, "", ""][:2]
+        if not code:
+            return None
+        return f"{self.unescape(code)}^{self.unescape(event)}" if event else self.unescape(code)
+
+    @property
+    def message_id(self) -> str | None:
+        return self.get("MSH-10")
+
+    @property
+    def version(self) -> str | None:
+        return self.get("MSH-12.1")
+
+    def occurred_at(self) -> str | None:
+        """EVN-6 (event occurred), else EVN-2 (recorded), else MSH-7, as ISO 8601."""
+        for expr in ("EVN-6", "EVN-2", "MSH-7"):
+            value = self.get(expr)
+            if value:
+                try:
+                    return hl7_timestamp_to_iso(value)
+                except ValueError:
+                    continue
+        return None
+
+    def components(self, text: str) -> list[str]:
+        return text.split(self.delimiters.component)
+
+    def unescape(self, text: str) -> str:
+        """Decode escape sequences; unknown or unterminated ones are kept as sent."""
+        esc = self.delimiters.escape
+        if esc not in text:
+            return text
+        return _escape_pattern(esc).sub(self._replace_escape, text)
+
+    def _replace_escape(self, match: re.Match[str]) -> str:
+        code = match.group(1)
+        d = self.delimiters
+        simple = {"F": d.field, "S": d.component, "T": d.subcomponent, "R": d.repetition, "E": d.escape,
+                  "P": d.truncation}
+        if code in simple:
+            return simple[code]
+        if code in _FORMATTING_ESCAPES:
+            return ""
+        head, rest = code[:1], code[1:]
+        if head == "X" and rest and len(rest) % 2 == 0:
+            try:
+                return bytes.fromhex(rest).decode(self.charset, "replace")
+            except ValueError:
+                return match.group(0)
+        if head in ("C", "M", "Z"):  # character-set switches and site-defined escapes: no text
+            return ""
+        if head == ".":
+            command, _, argument = rest.partition(" ")
+            command = command[:2]
+            if command == "br":
+                return "\n"
+            if command == "sp":
+                count = int(argument) if argument.strip().isdigit() else 1
+                return "\n" * max(count, 1)
+            return ""  # .in .ti .sk .ce .fi .nf: layout only
+        return match.group(0)
+
+
+@dataclass(frozen=True)
+class _Selector:
+    index: int | None = None  # 1-based
+    every: bool = False
+    key: tuple[int, int] | None = None  # (component, subcomponent) or (field, component)
+    value: str = ""
+
+    @property
+    def narrows(self) -> bool:
+        return self.index is not None or self.key is not None
+
+
+def _selector(text: str | None, expr: str) -> _Selector:
+    if text is None:
+        return _Selector(index=1)
+    match = _SELECTOR.fullmatch(text)
+    if not match:
+        raise ValueError(f"invalid HL7 path {expr!r}: selector [{text}] must be [n], [*] or [k=VALUE]")
+    if match["index"]:
+        if int(match["index"]) < 1:
+            raise ValueError(f"invalid HL7 path {expr!r}: indexes start at 1")
+        return _Selector(index=int(match["index"]))
+    if match["all"]:
+        return _Selector(every=True)
+    major, _, minor = match["key"].partition(".")
+    if int(major) < 1 or (minor and int(minor) < 1):
+        raise ValueError(f"invalid HL7 path {expr!r}: positions start at 1")
+    return _Selector(key=(int(major), int(minor or 1)), value=match["value"])
+
+
+def _pick(items: list[Any], selector: _Selector, matches: Any) -> list[Any]:
+    if selector.every:
+        return items
+    if selector.index is not None:
+        return items[selector.index - 1:selector.index]
+    return [item for item in items if matches(item)]
+
+
+@dataclass(frozen=True)
+class Hl7Path:
+    """A compiled expression such as ``PID-3[5=MR].1`` or ``OBX[*]-5``."""
+
+    expr: str
+    segment: str
+    segment_selector: _Selector
+    field: int | None
+    repetition_selector: _Selector
+    component: int | None
+    subcomponent: int | None
+
+    @property
+    def multiple(self) -> bool:
+        return self.segment_selector.every or self.repetition_selector.every
+
+    def read(self, doc: Any) -> list[Any]:
+        message: Hl7Message = doc
+        segments = message._index.get(self.segment)
+        if not segments:
+            return []
+        segments = _pick(segments, self.segment_selector, lambda s: self._segment_matches(message, s))
+        if self.field is None:
+            return [s.raw for s in segments]
+        if self.segment == "MSH" and self.field in (1, 2):
+            return [s.field(self.field) for s in segments if s.field(self.field)]
+        out: list[Any] = []
+        d = message.delimiters
+        rep_sel = self.repetition_selector
+        for segment in segments:
+            raw = segment.field(self.field)
+            if not raw:
+                continue
+            if rep_sel.index == 1:
+                reps = [raw.split(d.repetition, 1)[0]]
+            else:
+                reps = _pick(raw.split(d.repetition), rep_sel, lambda r: self._repetition_matches(message, r))
+            for rep in reps:
+                value = self._value(message, rep)
+                if value and value != _NULL:
+                    out.append(message.unescape(value))
+        return out
+
+    def _value(self, message: Hl7Message, repetition: str) -> str:
+        d = message.delimiters
+        comp = self.component or 1
+        if d.component in repetition:
+            parts = repetition.split(d.component)
+            value = parts[comp - 1] if comp <= len(parts) else ""
+        else:
+            value = repetition if comp == 1 else ""
+        sub = self.subcomponent or 1
+        if d.subcomponent in value:
+            subs = value.split(d.subcomponent)
+            return subs[sub - 1] if sub <= len(subs) else ""
+        return value if sub == 1 else ""
+
+    def _repetition_matches(self, message: Hl7Message, repetition: str) -> bool:
+        selector = self.repetition_selector
+        assert selector.key is not None
+        component, sub = selector.key
+        parts = repetition.split(message.delimiters.component)
+        value = parts[component - 1] if component <= len(parts) else ""
+        subs = value.split(message.delimiters.subcomponent)
+        value = subs[sub - 1] if sub <= len(subs) else ""
+        return message.unescape(value) == selector.value
+
+    def _segment_matches(self, message: Hl7Message, segment: Segment) -> bool:
+        selector = self.segment_selector
+        assert selector.key is not None
+        field, component = selector.key
+        first = segment.field(field).split(message.delimiters.repetition, 1)[0]
+        parts = first.split(message.delimiters.component)
+        value = parts[component - 1] if component <= len(parts) else ""
+        return message.unescape(value) == selector.value
+
+
+@lru_cache(maxsize=4096)
+def compile_path(expr: str) -> Hl7Path:
+    """Compile an HL7 v2 expression; raises ``ValueError`` saying what is wrong."""
+    match = _PATH.fullmatch(expr.strip())
+    if not match:
+        raise ValueError(f"invalid HL7 path {expr!r}: expected SEG-FIELD[.COMPONENT[.SUBCOMPONENT]], "
+                         "e.g. PID-3.1, PID-3[5=MR].1 or OBX[*]-5")
+    numbers = [int(match[g]) if match[g] else None for g in ("field", "comp", "sub")]
+    if any(n is not None and n < 1 for n in numbers):
+        raise ValueError(f"invalid HL7 path {expr!r}: field, component and subcomponent numbers start at 1")
+    if match["field"] is None and match["repsel"] is not None:
+        raise ValueError(f"invalid HL7 path {expr!r}: a repetition selector needs a field")
+    return Hl7Path(expr, match["seg"], _selector(match["segsel"], expr), numbers[0],
+                   _selector(match["repsel"], expr), numbers[1], numbers[2])
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+
+def _charset(raw: bytes) -> str:
+    """The codec named by MSH-18, read from the undecoded bytes (MSH is ASCII by definition)."""
+    end = len(raw)
+    for stop in (b"\r", b"\n"):
+        found = raw.find(stop)
+        if found != -1:
+            end = min(end, found)
+    header = raw[:end]
+    if len(header) < 4:
+        return "utf-8"
+    parts = header.split(header[3:4])
+    if len(parts) < 18:
+        return "utf-8"
+    declared = parts[17].split(b"~", 1)[0].split(b"^", 1)[0].decode("ascii", "replace").strip().upper()
+    try:
+        return CHARSETS[declared]
+    except KeyError:
+        raise ParseError(f"unsupported character set {declared!r} in MSH-18",
+                         hint=f"use one of: {', '.join(k for k in CHARSETS if k)}") from None
+
+
+def parse(raw: bytes) -> Hl7Message:
+    """Parse one ER7-encoded message; raises :class:`ParseError` saying what is wrong."""
+    data = raw.strip(b"\x0b\x1c\r\n\t ")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:].lstrip(b"\r\n\t ")
+    if not data:
+        raise ParseError("input is empty", hint="send one HL7 v2 message starting with MSH")
+    if not data.startswith(b"MSH"):
+        raise ParseError("no MSH segment at the start of the message",
+                         hint="an HL7 v2 message starts with MSH|^~\\&|")
+    charset = _charset(data)
+    try:
+        text = data.decode(charset)
+    except UnicodeDecodeError as exc:
+        raise ParseError(f"bytes at offset {exc.start} are not valid {charset} (character set from MSH-18)",
+                         hint="declare the sender's character set in MSH-18, e.g. 8859/1") from None
+    except LookupError:
+        raise ParseError(f"character set {charset!r} is not available on this system") from None
+    if len(text) < 8:
+        raise ParseError("truncated message: MSH has no encoding characters", hint="send a whole message")
+    field_separator = text[3]
+    encoding = text[4:text.find(field_separator, 4)] if field_separator in text[4:] else text[4:]
+    delimiters = Delimiters.from_msh(field_separator, encoding)
+    lines = text.replace("\r\n", "\r").replace("\n", "\r").split("\r")
+    segments: list[Segment] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not _SEGMENT_ID.match(line) or (len(line) > 3 and line[3] != field_separator):
+            raise ParseError(f"segment {number} does not start with a segment id followed by "
+                             f"{field_separator!r}",
+                             hint="segments are separated by CR; check for line breaks inside field values")
+        segments.append(Segment(line, field_separator))
+    message = Hl7Message(segments, delimiters, charset)
+    if not message.segments[0].field(9):
+        raise ParseError("truncated message: MSH has no message type (MSH-9)",
+                         hint="send a whole message; MSH needs at least 12 fields")
+    return message
+
+
+# -- timestamps -------------------------------------------------------------------------------
+
+
+def _timestamp_parts(text: str) -> re.Match[str]:
+    match = _TIMESTAMP.fullmatch(text.strip())
+    if not match:
+        raise ValueError("not an HL7 date/time (YYYY[MM[DD[HHMM[SS[.S]]]]][+/-ZZZZ])")
+    return match
+
+
+def hl7_date_to_iso(text: str) -> str:
+    """``19840312`` (or a longer timestamp) -> ``1984-03-12``; needs at least a full date."""
+    match = _timestamp_parts(text)
+    if match["d"] is None:
+        raise ValueError("a date needs year, month and day")
+    return dt.date(int(match["y"]), int(match["mo"]), int(match["d"])).isoformat()
+
+
+def hl7_timestamp_to_iso(text: str) -> str:
+    """``20261124082500+0100`` -> ``2026-11-24T08:25:00+01:00``; a date alone stays a date.
+
+    Precision is kept as sent (minutes give ``HH:MM:00``); the offset is kept when present.
+    """
+    match = _timestamp_parts(text)
+    if match["d"] is None:
+        raise ValueError("a timestamp needs at least year, month and day")
+    date = dt.date(int(match["y"]), int(match["mo"]), int(match["d"]))
+    if match["h"] is None:
+        return date.isoformat()
+    fraction = match["frac"] or ""
+    moment = dt.datetime(date.year, date.month, date.day, int(match["h"]), int(match["mi"] or 0),
+                         int(match["s"] or 0), int(fraction.ljust(6, "0")) if fraction else 0)
+    out = moment.isoformat()
+    offset = match["tz"]
+    if offset:
+        hours, minutes = int(offset[1:3]), int(offset[3:5])
+        if hours > 23 or minutes > 59:
+            raise ValueError("UTC offset out of range")
+        out += f"{offset[0]}{offset[1:3]}:{offset[3:5]}"
+    return out
+
+
+@register("hl7v2")
+class Hl7v2Format:
+    """``format: hl7v2``: one ER7-encoded HL7 v2 message per broker message."""
+
+    name = "hl7v2"
+
+    def parse(self, raw: bytes) -> Hl7Message:
+        return parse(raw)
+
+    def compile_path(self, expr: str) -> Hl7Path:
+        return compile_path(expr)
