@@ -90,14 +90,22 @@ class SchemaValidationError(PipelineError):
 
 
 class DeliveryError(PipelineError):
-    """A sink did not accept an event; ``retryable`` says whether trying again may help."""
+    """A sink did not accept an event.
+
+    ``retryable`` says whether trying again may help, ``status`` is the HTTP status if any,
+    ``retry_after`` the sink's Retry-After in seconds, ``attempts`` how many tries were made.
+    """
 
     stage = "deliver"
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None, **kwargs: str | None) -> None:
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None,
+                 retry_after: float | None = None, route: str | None = None,
+                 correlation_id: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, route=route, correlation_id=correlation_id, hint=hint)
         self.retryable = retryable
         self.status = status
+        self.retry_after = retry_after
+        self.attempts = 1
 
 
 class BrokerError(MiddlewareError):
