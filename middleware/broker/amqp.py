@@ -1,0 +1,214 @@
+"""RabbitMQ adapter (aio-pika): publisher confirms, robust reconnect, durable quorum work queues.
+
+- Work queues are quorum queues with ``x-delivery-limit``: a message redelivered that often (a
+  poison message that crashes or stalls its consumer) is dead-lettered, at-least-once, into the
+  route's dead-letter queue instead of looping forever.
+- Dead-letter queues are classic durable queues, so operators can browse them.
+- Every publish waits for the broker's confirm; a publish to a queue is ``mandatory``, so a
+  message to a queue that does not exist is an error, not a silent drop.
+- A publish that fails because the connection dropped waits for the robust connection to come
+  back and tries again (bounded); a lost confirm may therefore duplicate a message (at-least-once;
+  event ids are deterministic, so sinks dedupe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+
+from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage, OutgoingMessage, QueueInfo
+from middleware.errors import BrokerError
+
+log = logging.getLogger("middleware.broker")
+
+PUBLISH_RETRY_SECONDS = 30.0
+_CONNECTION_ERRORS = (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                      ConnectionError, asyncio.TimeoutError)
+
+
+class AmqpIncoming(IncomingMessage):
+    """An aio-pika message seen through the port."""
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self._message = message
+        self.body = message.body
+        self.headers = dict(message.headers or {})
+        self.correlation_id = message.correlation_id
+        self.message_id = message.message_id
+        self.content_type = message.content_type
+        self.redelivered = bool(message.redelivered)
+        count = self.headers.get("x-delivery-count")
+        self.delivery_count = int(count) if isinstance(count, int) else int(self.redelivered)
+        self.settled = False
+
+    async def ack(self) -> None:
+        self.settled = True
+        await self._message.ack()
+
+    async def reject(self, requeue: bool = True) -> None:
+        self.settled = True
+        await self._message.reject(requeue=requeue)
+
+
+class AmqpConsumer(Consumer):
+    """A subscription on its own channel (so its prefetch is its own)."""
+
+    def __init__(self, channel: AbstractRobustChannel, queue: aio_pika.abc.AbstractQueue, tag: str) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._tag = tag
+
+    async def cancel(self) -> None:
+        try:
+            await self._queue.cancel(self._tag)
+        finally:
+            await self._channel.close()
+
+
+class AmqpBroker(Broker):
+    """The port over one robust aio-pika connection."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+
+    async def connect(self) -> None:
+        try:
+            self._connection = await aio_pika.connect_robust(self.url, client_properties={
+                "connection_name": "middleware"})
+            self._channel = await self._new_channel()
+        except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
+            raise BrokerError(f"cannot connect to RabbitMQ: {type(exc).__name__}: {exc}",
+                              hint="check MIDDLEWARE_BROKER_URL / broker.url and that RabbitMQ is running") from None
+
+    async def _new_channel(self, prefetch: int | None = None) -> AbstractRobustChannel:
+        if self._connection is None:
+            raise BrokerError("not connected", hint="call connect() first")
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        if prefetch is not None:
+            await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+    @property
+    def channel(self) -> AbstractRobustChannel:
+        if self._channel is None:
+            raise BrokerError("not connected", hint="call connect() first")
+        return self._channel
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            connection, self._connection, self._channel = self._connection, None, None
+            await connection.close()
+
+    async def declare_queue(self, name: str, *, kind: str = "work", dead_letter_to: str | None = None,
+                            delivery_limit: int = 10) -> None:
+        arguments: dict[str, Any]
+        if kind == "dead-letter":
+            arguments = {"x-queue-type": "classic"}
+        elif kind == "work":
+            arguments = {"x-queue-type": "quorum", "x-delivery-limit": delivery_limit}
+            if dead_letter_to:
+                arguments.update({"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead_letter_to,
+                                  "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+        else:
+            raise ValueError(f"unknown queue kind {kind!r}")
+        try:
+            await self.channel.declare_queue(name, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            self._channel = await self._new_channel()
+            raise BrokerError(f"queue {name!r} exists with other settings: {exc}",
+                              hint="delete the queue (after draining it) or use another broker.queue_prefix") from None
+
+    async def declare_exchange(self, name: str) -> None:
+        await self.channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+
+    async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        target = await self.channel.get_queue(queue, ensure=False)
+        await target.bind(exchange, routing_key)
+
+    async def publish(self, message: OutgoingMessage, *, queue: str | None = None,
+                      exchange: str | None = None, routing_key: str = "") -> None:
+        if (queue is None) == (exchange is None):
+            raise ValueError("publish to exactly one of queue= or exchange=")
+        amqp_message = aio_pika.Message(
+            body=message.body, headers=message.headers or None, correlation_id=message.correlation_id,
+            message_id=message.message_id, content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        deadline = asyncio.get_running_loop().time() + PUBLISH_RETRY_SECONDS
+        while True:
+            try:
+                if queue is not None:
+                    await self.channel.default_exchange.publish(amqp_message, routing_key=queue, mandatory=True)
+                else:
+                    target = await self.channel.get_exchange(str(exchange), ensure=False)
+                    await target.publish(amqp_message, routing_key=routing_key, mandatory=False)
+                return
+            except aio_pika.exceptions.PublishError:
+                raise BrokerError(f"queue {queue!r} does not exist: the message was not accepted",
+                                  hint="start the engine once (it declares every queue) or check the name") from None
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise BrokerError(f"RabbitMQ refused the message ({exc.frame.name})",
+                                  hint="the queue may be full or unavailable; retry later") from None
+            except _CONNECTION_ERRORS as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise BrokerError(f"publish failed, connection lost: {type(exc).__name__}",
+                                      hint="check that RabbitMQ is running") from None
+                log.warning("publish interrupted, waiting for the connection", extra={"error": type(exc).__name__})
+                await asyncio.sleep(0.5)
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 10) -> Consumer:
+        channel = await self._new_channel(prefetch)
+        target = await channel.get_queue(queue, ensure=False)
+
+        async def on_message(raw: AbstractIncomingMessage) -> None:
+            message = AmqpIncoming(raw)
+            try:
+                await handler(message)
+            except Exception:  # the broker failed mid-way: give the message back for another try
+                log.exception("handler failed; message requeued", extra={"queue": queue,
+                                                                        "correlation_id": message.correlation_id})
+                if not message.settled:
+                    try:
+                        await message.reject(requeue=True)
+                    except Exception:  # channel gone: RabbitMQ requeues unacked messages by itself
+                        log.warning("requeue failed; the broker will redeliver", extra={"queue": queue})
+
+        tag = await target.consume(on_message, no_ack=False)
+        return AmqpConsumer(channel, target, tag)
+
+    async def get(self, queue: str) -> IncomingMessage | None:
+        target = await self.channel.get_queue(queue, ensure=False)
+        raw = await target.get(no_ack=False, fail=False)
+        return AmqpIncoming(raw) if raw is not None else None
+
+    async def queue_info(self, queue: str) -> QueueInfo:
+        channel = await self._connection.channel() if self._connection else None  # a 404 closes the channel
+        if channel is None:
+            raise BrokerError("not connected", hint="call connect() first")
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            result = declared.declaration_result
+            return QueueInfo(queue, result.message_count or 0, result.consumer_count or 0)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise BrokerError(f"queue {queue!r} does not exist", hint="check the name and queue prefix") from None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def purge(self, queue: str) -> int:
+        target = await self.channel.get_queue(queue, ensure=False)
+        result = await target.purge()
+        return int(result.message_count or 0)
+
+    async def delete_queue(self, queue: str) -> None:
+        await self.channel.queue_delete(queue)
+
+    async def delete_exchange(self, name: str) -> None:
+        await self.channel.exchange_delete(name)

@@ -1,0 +1,388 @@
+"""Embedded broker adapter (kombu): ``memory://`` for tests, ``filesystem://<dir>`` as the default.
+
+The file-backed broker is a spool folder, so a single machine needs no RabbitMQ:
+
+- ``<dir>/queues/``: one file per ready message, written to a temporary name, fsynced, then
+  renamed, so a reader never sees half a message and a power cut never loses a confirmed one;
+- ``<dir>/processing/``: a message a consumer holds; ack deletes it, a requeue moves it back.
+  After a crash (even SIGKILL) the next consumer moves leftovers back to ``queues/``: nothing is
+  lost, a message in flight is delivered again (at-least-once, as on RabbitMQ);
+- ``<dir>/control/``: exchange bindings (kombu's topic routing), shared by every process.
+
+Only one engine may consume from one folder at a time (a lock file enforces it); any number of
+processes may publish (``middleware publish``, gateways). kombu is synchronous, so every call
+runs on one worker thread; consumers poll with ``basic_get`` and keep at most ``prefetch``
+messages in flight. The delivery limit of RabbitMQ quorum queues is emulated: a message
+requeued ``delivery_limit`` times goes to the queue's dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit
+
+import kombu.utils.json
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.messaging import Producer
+from kombu.transport import filesystem
+from kombu.transport.virtual import Empty
+
+from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage, OutgoingMessage, QueueInfo
+from middleware.errors import BrokerError
+
+log = logging.getLogger("middleware.broker")
+
+T = TypeVar("T")
+POLL_MIN, POLL_MAX = 0.005, 0.2  # seconds between polls of an empty queue (backs off)
+SPOOL_PROPERTY = "mw_spool_file"
+DEATH_HEADER = "x-mw-delivery-limit-exceeded"
+
+
+class _SpoolChannel(filesystem.Channel):
+    """kombu's filesystem channel made crash-safe: atomic fsynced writes, held messages on disk."""
+
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> Any:  # type: ignore[override]  # kombu disagrees with itself
+        name = f"{_sortable_now()}_{uuid.uuid4().hex}.{queue}.msg"
+        _write_atomically(Path(self.data_folder_out), name, kombu.utils.json.dumps(payload).encode())
+
+    def _get(self, queue: Any, timeout: Any = None) -> Any:
+        wanted = f"{queue}.msg"
+        folder = Path(self.data_folder_in)
+        processing = Path(self.transport_options["processing_folder"])
+        for name in sorted(os.listdir(folder)):
+            if name.partition(".")[2] != wanted:
+                continue
+            try:
+                os.rename(folder / name, processing / name)
+            except FileNotFoundError:
+                continue  # another reader took it
+            payload = kombu.utils.json.loads((processing / name).read_bytes())
+            payload.setdefault("properties", {})[SPOOL_PROPERTY] = name
+            return payload
+        raise Empty()
+
+
+class _SpoolTransport(filesystem.Transport):
+    Channel = _SpoolChannel
+
+
+_clock_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _sortable_now() -> str:
+    """Wall-clock nanoseconds, strictly increasing within this process: file names sort in FIFO order."""
+    global _last_stamp
+    with _clock_lock:
+        _last_stamp = max(_last_stamp + 1, time.time_ns())
+        return f"{_last_stamp:020d}"
+
+
+def _write_atomically(folder: Path, name: str, data: bytes) -> None:
+    temporary = folder / f".{name}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, folder / name)
+
+
+@dataclass
+class _QueueArgs:
+    dead_letter_to: str | None
+    delivery_limit: int
+
+
+class KombuIncoming(IncomingMessage):
+    """A kombu message seen through the port; settles through the broker's worker thread."""
+
+    def __init__(self, broker: KombuBroker, queue: str, message: Any) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._message = message
+        self.body = bytes(message.body) if not isinstance(message.body, bytes) else message.body
+        self.headers = dict(message.headers or {})
+        properties = message.properties or {}
+        self.correlation_id = properties.get("correlation_id")
+        self.message_id = properties.get("message_id")
+        self.content_type = message.content_type
+        self.delivery_count = int(self.headers.get("x-delivery-count", 0))
+        self.redelivered = self.delivery_count > 0
+        self.spool_file: str | None = properties.get(SPOOL_PROPERTY)
+        self.settled = False
+
+    async def ack(self) -> None:
+        self.settled = True
+        await self._broker._run(self._broker._settle_sync, self, None)
+
+    async def reject(self, requeue: bool = True) -> None:
+        self.settled = True
+        await self._broker._run(self._broker._settle_sync, self, requeue)
+
+
+class KombuConsumer(Consumer):
+    """Polls one queue; at most ``prefetch`` messages are handled at once."""
+
+    def __init__(self, broker: KombuBroker, queue: str, handler: Handler, prefetch: int) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._handler = handler
+        self._slots = asyncio.Semaphore(max(prefetch, 1))
+        self._stopped = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._poller = asyncio.create_task(self._poll(), name=f"consume {queue}")
+
+    async def _poll(self) -> None:
+        delay = POLL_MIN
+        while not self._stopped:
+            await self._slots.acquire()
+            try:
+                message = await self._broker.get(self._queue)
+            except Exception:
+                self._slots.release()
+                log.exception("polling failed", extra={"queue": self._queue})
+                await asyncio.sleep(POLL_MAX)
+                continue
+            if message is None:
+                self._slots.release()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, POLL_MAX)
+                continue
+            delay = POLL_MIN
+            if self._stopped:  # cancelled while fetching: give it back untouched
+                await self._broker._run(self._broker._release_sync, message)
+                self._slots.release()
+                return
+            task = asyncio.create_task(self._handle(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, message: IncomingMessage) -> None:
+        try:
+            await self._handler(message)
+        except Exception:
+            log.exception("handler failed; message requeued", extra={"queue": self._queue,
+                                                                    "correlation_id": message.correlation_id})
+            if not getattr(message, "settled", True):
+                await message.reject(requeue=True)
+        finally:
+            self._slots.release()
+
+    async def cancel(self) -> None:
+        self._stopped = True
+        await self._poller
+
+
+class KombuBroker(Broker):
+    """The port over one kombu connection (``memory://`` or ``filesystem://<dir>``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kombu")
+        self._connection: Connection | None = None
+        self._channel: Any = None
+        self._queues: dict[str, _QueueArgs] = {}
+        self._exchanges: set[str] = set()
+        self._consumer_counts: dict[str, int] = {}
+        self._folder: Path | None = None
+        self._lock_file: IO[bytes] | None = None
+        self._held: dict[str, str] = {}  # spool file -> queue, for messages this process holds
+
+    @property
+    def spooled(self) -> bool:
+        return self._folder is not None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def connect(self) -> None:
+        await self._run(self._connect_sync)
+
+    def _connect_sync(self) -> None:
+        parts = urlsplit(self.url)
+        try:
+            if parts.scheme == "memory":
+                self._connection = Connection("memory://")
+            elif parts.scheme == "filesystem":
+                folder = Path(parts.netloc + parts.path).resolve()
+                for sub in ("queues", "processing", "control"):
+                    (folder / sub).mkdir(parents=True, exist_ok=True)
+                self._folder = folder
+                self._connection = Connection(transport=_SpoolTransport, transport_options={
+                    "data_folder_in": str(folder / "queues"), "data_folder_out": str(folder / "queues"),
+                    "control_folder": str(folder / "control"), "processing_folder": str(folder / "processing"),
+                })
+            else:
+                raise BrokerError(f"unsupported broker URL scheme {parts.scheme!r}",
+                                  hint="use amqp://, amqps://, filesystem://<folder> or memory://")
+            self._channel = self._connection.channel()
+            self._channel.do_restore = False  # held messages live in processing/ (spool) or are requeued below
+        except OSError as exc:
+            raise BrokerError(f"cannot open the embedded broker at {self.url}: {exc}",
+                              hint="check the folder's permissions") from None
+
+    async def close(self) -> None:
+        await self._run(self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        if self._folder is not None:
+            for name in list(self._held):  # clean shutdown: everything held goes back, unchanged
+                self._move_back(name)
+        if self._channel is not None:
+            if not self.spooled:
+                self._channel.do_restore = True
+            self._channel.close()
+            self._channel = None
+        if self._connection is not None:
+            self._connection.release()
+            self._connection = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # -- topology -------------------------------------------------------------------------------
+
+    async def declare_queue(self, name: str, *, kind: str = "work", dead_letter_to: str | None = None,
+                            delivery_limit: int = 10) -> None:
+        if kind not in ("work", "dead-letter"):
+            raise ValueError(f"unknown queue kind {kind!r}")
+        self._queues[name] = _QueueArgs(dead_letter_to if kind == "work" else None, delivery_limit)
+        await self._run(lambda: Queue(name, durable=True, no_declare=False)(self._channel).declare())
+
+    async def declare_exchange(self, name: str) -> None:
+        self._exchanges.add(name)
+        await self._run(lambda: Exchange(name, type="topic", durable=True)(self._channel).declare())
+
+    async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        await self._run(self._channel.queue_bind, queue, exchange, routing_key)
+
+    # -- messages -------------------------------------------------------------------------------
+
+    async def publish(self, message: OutgoingMessage, *, queue: str | None = None,
+                      exchange: str | None = None, routing_key: str = "") -> None:
+        if (queue is None) == (exchange is None):
+            raise ValueError("publish to exactly one of queue= or exchange=")
+        await self._run(self._publish_sync, message, exchange or "", queue if queue is not None else routing_key)
+
+    def _publish_sync(self, message: OutgoingMessage, exchange: str, routing_key: str) -> None:
+        if self._channel is None:
+            raise BrokerError("not connected", hint="call connect() first")
+        if exchange and exchange not in self._exchanges:  # kombu keeps exchange types per process
+            Exchange(exchange, type="topic", durable=True)(self._channel).declare()
+            self._exchanges.add(exchange)
+        properties: dict[str, Any] = {}
+        if message.correlation_id:
+            properties["correlation_id"] = message.correlation_id
+        if message.message_id:
+            properties["message_id"] = message.message_id
+        try:
+            Producer(self._channel).publish(
+                message.body, exchange=exchange, routing_key=routing_key, headers=dict(message.headers),
+                content_type=message.content_type, content_encoding="binary", delivery_mode=2,
+                serializer=None, retry=False, **properties)
+        except OSError as exc:
+            raise BrokerError(f"cannot write to the embedded broker: {exc}", hint="check disk space") from None
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 10) -> Consumer:
+        if self._folder is not None and self._lock_file is None:
+            await self._run(self._take_consumer_lock)
+        self._consumer_counts[queue] = self._consumer_counts.get(queue, 0) + 1
+        return KombuConsumer(self, queue, handler, prefetch)
+
+    def _take_consumer_lock(self) -> None:
+        assert self._folder is not None
+        lock = (self._folder / "consumer.lock").open("ab")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise BrokerError(f"another engine is consuming from the embedded broker at {self._folder}",
+                              hint="stop it first, or give this one its own broker.url") from None
+        self._lock_file = lock
+        processing = self._folder / "processing"
+        recovered = 0
+        for name in sorted(os.listdir(processing)):  # left by a crashed consumer
+            os.rename(processing / name, self._folder / "queues" / name)
+            recovered += 1
+        if recovered:
+            log.warning("recovered messages a stopped engine held; they are delivered again",
+                        extra={"messages": recovered})
+
+    async def get(self, queue: str) -> IncomingMessage | None:
+        return await self._run(self._get_sync, queue)
+
+    def _get_sync(self, queue: str) -> IncomingMessage | None:
+        raw = self._channel.basic_get(queue, no_ack=self.spooled)
+        if raw is None:
+            return None
+        message = KombuIncoming(self, queue, raw)
+        if message.spool_file:
+            self._held[message.spool_file] = queue
+        return message
+
+    def _settle_sync(self, message: KombuIncoming, requeue: bool | None) -> None:
+        """Ack (``requeue`` None), requeue with a bumped delivery count, or drop."""
+        if requeue:
+            args = self._queues.get(message._queue)
+            count = message.delivery_count + 1
+            target = message._queue
+            headers = {**message.headers, "x-delivery-count": count}
+            if args and args.dead_letter_to and count > args.delivery_limit:  # as RabbitMQ counts it
+                target, headers[DEATH_HEADER] = args.dead_letter_to, message._queue
+            self._publish_sync(OutgoingMessage(message.body, headers, message.correlation_id, message.message_id,
+                                               message.content_type or "application/octet-stream"), "", target)
+        if message.spool_file:
+            self._held.pop(message.spool_file, None)
+            assert self._folder is not None
+            (self._folder / "processing" / message.spool_file).unlink(missing_ok=True)
+        else:
+            message._message.ack()
+
+    def _release_sync(self, message: KombuIncoming) -> None:
+        """Give back a message fetched but never handed to a handler, as if never delivered."""
+        if message.spool_file:
+            self._move_back(message.spool_file)
+        else:
+            message._message.reject(requeue=True)
+
+    def _move_back(self, name: str) -> None:
+        assert self._folder is not None
+        self._held.pop(name, None)
+        with contextlib.suppress(FileNotFoundError):  # already settled
+            os.rename(self._folder / "processing" / name, self._folder / "queues" / name)
+
+    async def queue_info(self, queue: str) -> QueueInfo:
+        size = await self._run(self._channel._size, queue)
+        return QueueInfo(queue, int(size), self._consumer_counts.get(queue, 0))
+
+    async def purge(self, queue: str) -> int:
+        return int(await self._run(self._channel.queue_purge, queue) or 0)
+
+    async def delete_queue(self, queue: str) -> None:
+        await self.purge(queue)
+        self._queues.pop(queue, None)
+        await self._run(self._channel.queue_delete, queue)
+
+    async def delete_exchange(self, name: str) -> None:
+        self._exchanges.discard(name)
+        await self._run(self._channel.exchange_delete, name)
+        if self._folder is not None:  # bindings live in a control file shared by every process
+            (self._folder / "control" / f"{name}.exchange").unlink(missing_ok=True)
