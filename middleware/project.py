@@ -211,6 +211,8 @@ class _Loader:
                     self.broken_connectors.add(doc.data["connector"])  # reported once, in its own file
                 continue
             options = {k: v for k, v in data.items() if k not in ("connector", "type", "description", "retry")}
+            if isinstance(options.get("path"), str) and not Path(options["path"]).is_absolute():
+                options["path"] = str(self.root / options["path"])  # relative to the project, not the cwd
             connectors[data["connector"]] = ConnectorSpec(
                 name=data["connector"], type=data["type"], options=options,
                 retry=_retry_policy(data.get("retry"), RetryPolicy()), file=doc.file, line=doc.line(("connector",)))

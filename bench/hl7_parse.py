@@ -1,0 +1,111 @@
+"""Benchmark: HL7 v2 parsing on the hot path, ours vs hl7apy vs python-hl7, in one run.
+
+Measures messages/s per core for:
+  - our lazy tokenizer + the full adt-inbound route (parse, filter, map, validate, envelope);
+  - our tokenizer alone reading the fields the route reads;
+  - python-hl7 ``hl7.parse`` (parse only);
+  - hl7apy ``parse_message`` (parse only, find_groups=False).
+Inputs: the ADT A01/A03/A04/A08/A40 messages of ../shared/corpus plus samples/adt-inbound.
+
+Run: .venv/bin/python bench/hl7_parse.py [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus" / "hl7v2" / "fhir-converter"
+
+
+def load_messages() -> list[bytes]:
+    from middleware.errors import PipelineError
+    from middleware.project import load_project
+    from middleware.route import transform
+
+    route = load_project(REPO, {}).routes["adt-inbound"]
+    candidates = sorted(CORPUS.glob("ADT*.hl7")) + sorted((REPO / "samples" / "adt-inbound").glob("a*.hl7"))
+    messages = []
+    for path in candidates:
+        raw = path.read_bytes()
+        try:
+            outcome = transform(route, raw)
+        except PipelineError:
+            continue
+        if outcome.events:  # only messages the route turns into events: the real hot path
+            messages.append(raw)
+    return messages
+
+
+def rate(fn: Callable[[bytes], object], messages: list[bytes], seconds: float) -> float:
+    """Messages per second, median of 5 rounds of ``seconds / 5`` each."""
+    rounds = []
+    for _ in range(5):
+        done, started = 0, time.perf_counter()
+        deadline = started + seconds / 5
+        while time.perf_counter() < deadline:
+            for raw in messages:
+                fn(raw)
+            done += len(messages)
+        rounds.append(done / (time.perf_counter() - started))
+    return statistics.median(rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="time per contender")
+    args = parser.parse_args()
+
+    from middleware.formats import get_format
+    from middleware.project import load_project
+    from middleware.route import transform
+
+    messages = load_messages()
+    route = load_project(REPO, {}).routes["adt-inbound"]
+    fmt = get_format("hl7v2")
+    paths = [fmt.compile_path(p) for p in ("PID-3[5=MR].1", "PID-3.1", "PID-5.1", "PID-5.2", "PID-5.3", "PID-7",
+                                           "PID-8", "PID-11.1", "PID-11.3", "PV1-2", "PV1-3.1", "PV1-3.2", "PV1-3.3",
+                                           "PV1-19.1", "PV1-44", "EVN-2", "EVN-6", "MSH-9.1", "MSH-9.2", "MSH-10")]
+
+    def ours_route(raw: bytes) -> object:
+        return transform(route, raw)
+
+    def ours_fields(raw: bytes) -> object:
+        doc = fmt.parse(raw)
+        return [p.read(doc) for p in paths]
+
+    import hl7  # python-hl7
+
+    def normalized(raw: bytes) -> str:
+        return raw.decode("utf-8-sig", "replace").replace("\r\n", "\r").replace("\n", "\r").strip("\r")
+
+    def python_hl7(raw: bytes) -> object:
+        return hl7.parse(normalized(raw))
+
+    from hl7apy.parser import parse_message
+
+    def hl7apy_parse(raw: bytes) -> object:
+        return parse_message(normalized(raw), find_groups=False)
+
+    warnings.simplefilter("ignore")
+    print(f"messages: {len(messages)} ADT messages that adt-inbound turns into events; {args.seconds:.1f}s each")
+    results = {}
+    for name, fn in (("ours: tokenizer + adt-inbound route (parse, map, validate, envelope)", ours_route),
+                     ("ours: tokenizer + 20 field reads", ours_fields),
+                     ("python-hl7 hl7.parse (parse only)", python_hl7),
+                     ("hl7apy parse_message (parse only)", hl7apy_parse)):
+        seconds = args.seconds if "hl7apy" not in name else max(args.seconds, 2.0)
+        results[name] = rate(fn, messages, seconds)
+    baseline = results["hl7apy parse_message (parse only)"]
+    print(f"{'contender':70} {'msg/s':>10} {'x hl7apy':>9}")
+    for name, value in results.items():
+        print(f"{name:70} {value:10,.0f} {value / baseline:9.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Dead-letter records: the original body unchanged plus headers saying what failed and how to replay.
+
+Headers (all prefixed ``x-mw-``): route, stage (parse/filter/map/validate/deliver), connector,
+error-class, error, attempts, first-failure, last-failure, correlation-id, replay-queue (where
+``middleware dlq replay`` sends the body back). The original message's own headers are kept.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from middleware.broker.base import IncomingMessage, OutgoingMessage
+
+PREFIX = "x-mw-"
+_MAX_ERROR_TEXT = 2000
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def dead_letter(
+    message: IncomingMessage,
+    *,
+    route: str,
+    stage: str,
+    error: BaseException,
+    replay_queue: str,
+    correlation_id: str | None,
+    connector: str | None = None,
+    attempts: int = 1,
+    first_failure: str | None = None,
+) -> OutgoingMessage:
+    """The dead-letter message for ``message``, which failed at ``stage`` with ``error``."""
+    now = _now()
+    headers = {k: v for k, v in message.headers.items() if not k.startswith(PREFIX)}
+    headers.update({
+        f"{PREFIX}route": route,
+        f"{PREFIX}stage": stage,
+        f"{PREFIX}error-class": type(error).__name__,
+        f"{PREFIX}error": str(error)[:_MAX_ERROR_TEXT],
+        f"{PREFIX}attempts": attempts,
+        f"{PREFIX}first-failure": first_failure or now,
+        f"{PREFIX}last-failure": now,
+        f"{PREFIX}replay-queue": replay_queue,
+    })
+    if connector:
+        headers[f"{PREFIX}connector"] = connector
+    if correlation_id:
+        headers[f"{PREFIX}correlation-id"] = correlation_id
+    return OutgoingMessage(
+        body=message.body,
+        headers=headers,
+        correlation_id=correlation_id or message.correlation_id,
+        message_id=message.message_id,
+        content_type=message.content_type or "application/octet-stream",
+    )
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead letter as read back from its queue."""
+
+    body: bytes
+    route: str
+    stage: str
+    error_class: str
+    error: str
+    attempts: int
+    first_failure: str
+    last_failure: str
+    replay_queue: str
+    correlation_id: str | None
+    connector: str | None
+    message_id: str | None
+    headers: dict[str, Any]
+
+    @classmethod
+    def from_message(cls, message: IncomingMessage) -> DeadLetter:
+        """Read the ``x-mw-`` headers of a consumed dead-letter message."""
+        h = message.headers
+
+        def text(key: str) -> str:
+            return str(h.get(PREFIX + key, ""))
+
+        return cls(
+            body=message.body, route=text("route"), stage=text("stage"), error_class=text("error-class"),
+            error=text("error"), attempts=int(h.get(PREFIX + "attempts", 0) or 0),
+            first_failure=text("first-failure"), last_failure=text("last-failure"),
+            replay_queue=text("replay-queue"),
+            correlation_id=text("correlation-id") or message.correlation_id,
+            connector=text("connector") or None,
+            message_id=message.message_id, headers=dict(h),
+        )

@@ -1,0 +1,144 @@
+"""Wires route workers, delivery workers and connectors on one broker for ``middleware run``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from middleware.broker import make_broker, naming
+from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage
+from middleware.delivery.base import Connector, ConnectorSpec, make_connector
+from middleware.observe import Metrics
+from middleware.project import Project, Settings
+from middleware.route import Route
+from middleware.workers import DeliveryWorker, RouteWorker
+
+log = logging.getLogger("middleware.engine")
+
+
+async def declare_route_topology(broker: Broker, route: Route, settings: Settings) -> None:
+    """Declare a route's inbound, delivery and dead-letter queues, the events exchange and bindings.
+
+    Publishers (the ``publish`` command, gateways) call this too, so that every declaration of a
+    queue carries the same arguments.
+    """
+    prefix = settings.queue_prefix
+    dlq = naming.dead_letter_queue(route.name, prefix)
+    await broker.declare_queue(dlq, kind="dead-letter")
+    await broker.declare_queue(naming.inbound_queue(route.source_queue, prefix), kind="work",
+                               dead_letter_to=dlq, delivery_limit=settings.delivery_limit)
+    exchange = naming.events_exchange(prefix)
+    await broker.declare_exchange(exchange)
+    for rule in route.deliver:
+        queue = naming.delivery_queue(route.name, rule.connector, prefix)
+        await broker.declare_queue(queue, kind="work", dead_letter_to=dlq, delivery_limit=settings.delivery_limit)
+        await broker.bind(queue, exchange, f"{route.name}.#")
+
+
+def project_queues(project: Project) -> list[str]:
+    """Every work queue of the project: inbound and delivery queues (dead-letter queues excluded)."""
+    prefix = project.settings.queue_prefix
+    queues = []
+    for route in project.routes.values():
+        queues.append(naming.inbound_queue(route.source_queue, prefix))
+        queues += [naming.delivery_queue(route.name, d.connector, prefix) for d in route.deliver]
+    return queues
+
+
+@dataclass
+class _Tracked:
+    """Counts handlers in flight so callers can tell when the engine is idle."""
+
+    count: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def wrap(self, handler: Handler) -> Handler:
+        async def tracked(message: IncomingMessage) -> None:
+            self.count += 1
+            self.idle.clear()
+            try:
+                await handler(message)
+            finally:
+                self.count -= 1
+                if self.count == 0:
+                    self.idle.set()
+
+        return tracked
+
+
+class Engine:
+    """Runs every route of a project: one consumer per inbound and per delivery queue.
+
+    ``connector_specs`` replaces connectors by name (the demo points http connectors at a local
+    sink this way).
+    """
+
+    def __init__(self, project: Project, *, broker: Broker | None = None, metrics: Metrics | None = None,
+                 connector_specs: Mapping[str, ConnectorSpec] | None = None) -> None:
+        self.project = project
+        self.settings = project.settings
+        self.broker = broker or make_broker(self.settings.broker_url)
+        self.metrics = metrics or Metrics()
+        specs = {**project.connectors, **(connector_specs or {})}
+        used = {d.connector for r in project.routes.values() for d in r.deliver}
+        self.connectors: dict[str, Connector] = {name: make_connector(specs[name]) for name in sorted(used)}
+        self._consumers: list[Consumer] = []
+        self._tracked = _Tracked()
+        self._tracked.idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._tracked.count
+
+    async def start(self) -> None:
+        """Connect, declare the topology, open connectors and start consuming."""
+        await self.broker.connect()
+        for route in self.project.routes.values():
+            await declare_route_topology(self.broker, route, self.settings)
+        for connector in self.connectors.values():
+            await connector.start()
+        prefetch, prefix, tz = self.settings.prefetch, self.settings.queue_prefix, self.settings.tz
+        for route in self.project.routes.values():
+            for rule in route.deliver:
+                worker = DeliveryWorker(route, self.connectors[rule.connector], self.broker, self.metrics,
+                                        retry=rule.retry, prefix=prefix)
+                await self._consume(worker.queue, worker.handle, prefetch)
+            route_worker = RouteWorker(route, self.broker, self.metrics, prefix=prefix, tz=tz)
+            await self._consume(route_worker.queue, route_worker.handle, prefetch)
+        log.info("engine started", extra={"routes": sorted(self.project.routes), "broker": _safe_url(self.broker.url)})
+
+    async def _consume(self, queue: str, handler: Handler, prefetch: int) -> None:
+        self._consumers.append(await self.broker.consume(queue, self._tracked.wrap(handler), prefetch=prefetch))
+
+    async def stop(self) -> None:
+        """Drain: stop consuming, let in-flight messages finish (bounded), then close everything."""
+        for consumer in self._consumers:
+            await consumer.cancel()
+        self._consumers.clear()
+        try:
+            await asyncio.wait_for(self._tracked.idle.wait(), timeout=self.settings.drain_timeout)
+        except TimeoutError:
+            log.warning("drain timed out; unacked messages return to their queues", extra={"in_flight": self.in_flight})
+        for connector in self.connectors.values():
+            await connector.close()
+        await self.broker.close()
+        log.info("engine stopped")
+
+    async def is_idle(self) -> bool:
+        """True when nothing is in flight and every inbound and delivery queue is empty."""
+        if self.in_flight:
+            return False
+        for queue in project_queues(self.project):
+            if (await self.broker.queue_info(queue)).messages:
+                return False
+        return self.in_flight == 0
+
+
+def _safe_url(url: str) -> str:
+    """The broker URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url

@@ -1,0 +1,164 @@
+"""Route and delivery workers: thin async shells around the pure pipeline and the connectors.
+
+Acks follow DESIGN.md promise 1: an inbound message is acked only after every event it produced
+was confirmed by the broker, or after it was confirmed into the dead-letter queue; a delivery
+message only after the sink accepted it or it was confirmed into the dead-letter queue. If the
+broker fails mid-way the message is not acked and comes back (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from middleware.broker import naming
+from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
+from middleware.deadletter import dead_letter
+from middleware.delivery.base import Connector, Delivery, RetryPolicy
+from middleware.delivery.retry import send_with_retry
+from middleware.errors import DeliveryError, PipelineError
+from middleware.observe import Metrics
+from middleware.route import MessageContext, Route, transform
+
+log = logging.getLogger("middleware.worker")
+
+EVENT_CONTENT_TYPE = "application/cloudevents+json"
+
+
+class RouteWorker:
+    """Consumes a route's inbound queue: parse -> filter -> map -> validate -> publish events -> ack."""
+
+    def __init__(self, route: Route, broker: Broker, metrics: Metrics, *, prefix: str = "",
+                 tz: ZoneInfo | None = None) -> None:
+        self.route = route
+        self.broker = broker
+        self.metrics = metrics
+        self.tz = tz or ZoneInfo("UTC")
+        self.queue = naming.inbound_queue(route.source_queue, prefix)
+        self.dead_letter_queue = naming.dead_letter_queue(route.name, prefix)
+        self.exchange = naming.events_exchange(prefix)
+
+    async def handle(self, message: IncomingMessage) -> None:
+        """Process one inbound message; raises only if the broker failed (message is then redelivered)."""
+        name = self.route.name
+        self.metrics.received.labels(name).inc()
+        header_cid = message.headers.get("X-Correlation-ID") or message.headers.get("x-correlation-id")
+        context = MessageContext(
+            correlation_id=message.correlation_id,
+            header_correlation_id=str(header_cid) if header_cid else None,
+            message_id=message.message_id,
+            received_at=dt.datetime.now(dt.UTC),
+        )
+        started = time.perf_counter()
+        try:
+            outcome = transform(self.route, message.body, context, self.tz)
+        except PipelineError as exc:
+            await self._dead_letter(message, exc)
+            return
+        finally:
+            self.metrics.processing.labels(name).observe(time.perf_counter() - started)
+        if outcome.filtered:
+            await message.ack()
+            self.metrics.filtered.labels(name).inc()
+            log.info("filtered", extra={"route": name, "correlation_id": outcome.correlation_id,
+                                        "message_type": outcome.message_type})
+            return
+        await asyncio.gather(*(self._publish(event) for event in outcome.events))
+        await message.ack()
+        for event in outcome.events:
+            self.metrics.events.labels(name, event["type"]).inc()
+        log.info("routed", extra={"route": name, "correlation_id": outcome.correlation_id,
+                                  "message_type": outcome.message_type, "events": len(outcome.events),
+                                  "event_ids": [e["id"] for e in outcome.events]})
+
+    async def _publish(self, event: dict[str, object]) -> None:
+        event_type = str(event["type"])
+        await self.broker.publish(
+            OutgoingMessage(
+                body=orjson.dumps(event),
+                headers={"x-mw-route": self.route.name, "x-mw-event-type": event_type},
+                correlation_id=str(event["correlationid"]),
+                message_id=str(event["id"]),
+                content_type=EVENT_CONTENT_TYPE,
+            ),
+            exchange=self.exchange,
+            routing_key=naming.event_routing_key(self.route.name, event_type),
+        )
+
+    async def _dead_letter(self, message: IncomingMessage, error: PipelineError) -> None:
+        stage = error.stage or "map"
+        await self.broker.publish(
+            dead_letter(message, route=self.route.name, stage=stage, error=error, replay_queue=self.queue,
+                        correlation_id=error.correlation_id),
+            queue=self.dead_letter_queue,
+        )
+        await message.ack()
+        self.metrics.dead_lettered.labels(self.route.name, stage).inc()
+        log.warning("dead-lettered", extra={"route": self.route.name, "stage": stage,
+                                            "correlation_id": error.correlation_id,
+                                            "error_class": type(error).__name__})
+
+
+class DeliveryWorker:
+    """Consumes one (route, connector) delivery queue and sends each event with retries."""
+
+    def __init__(self, route: Route, connector: Connector, broker: Broker, metrics: Metrics, *,
+                 retry: RetryPolicy | None = None, prefix: str = "") -> None:
+        self.route = route
+        self.connector = connector
+        self.broker = broker
+        self.metrics = metrics
+        self.retry = retry or connector.spec.retry
+        self.queue = naming.delivery_queue(route.name, connector.name, prefix)
+        self.dead_letter_queue = naming.dead_letter_queue(route.name, prefix)
+
+    async def handle(self, message: IncomingMessage) -> None:
+        """Deliver one event; ack on success, dead-letter (then ack) on a final failure."""
+        labels = (self.route.name, self.connector.name)
+        correlation_id = message.correlation_id or ""
+        delivery = Delivery(
+            body=message.body,
+            event_id=message.message_id or "",
+            correlation_id=correlation_id,
+            route=self.route.name,
+            event_type=str(message.headers.get("x-mw-event-type", "")),
+        )
+        first_failure: list[str] = []
+
+        def on_retry(attempt: int, error: DeliveryError) -> None:
+            if not first_failure:
+                first_failure.append(dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+            self.metrics.retries.labels(*labels).inc()
+            log.info("delivery retry", extra={"route": labels[0], "connector": labels[1], "attempt": attempt,
+                                              "correlation_id": correlation_id, "event_id": delivery.event_id,
+                                              "status": error.status})
+
+        started = time.perf_counter()
+        try:
+            attempts = await send_with_retry(self.connector, delivery, self.retry, on_retry=on_retry)
+        except DeliveryError as exc:
+            exc.with_context(route=self.route.name, correlation_id=correlation_id or None)
+            await self.broker.publish(
+                dead_letter(message, route=self.route.name, stage="deliver", error=exc, replay_queue=self.queue,
+                            correlation_id=correlation_id or None, connector=self.connector.name,
+                            attempts=exc.attempts, first_failure=first_failure[0] if first_failure else None),
+                queue=self.dead_letter_queue,
+            )
+            await message.ack()
+            self.metrics.dead_lettered.labels(self.route.name, "deliver").inc()
+            log.warning("dead-lettered", extra={"route": labels[0], "connector": labels[1], "stage": "deliver",
+                                                "correlation_id": correlation_id, "event_id": delivery.event_id,
+                                                "error_class": type(exc).__name__, "status": exc.status,
+                                                "attempts": exc.attempts})
+            return
+        finally:
+            self.metrics.delivery_seconds.labels(*labels).observe(time.perf_counter() - started)
+        await message.ack()
+        self.metrics.delivered.labels(*labels).inc()
+        log.info("delivered", extra={"route": labels[0], "connector": labels[1], "correlation_id": correlation_id,
+                                     "event_id": delivery.event_id, "attempts": attempts})

@@ -1,0 +1,79 @@
+"""Fixtures for end-to-end tests: a real local HTTP sink, the engine on the real RabbitMQ, CLI runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from middleware.broker import make_broker, naming
+from middleware.broker.base import Broker
+from middleware.engine import Engine, project_queues
+from middleware.project import Project, load_project
+
+from ..conftest import Sink
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def rabbit_env(amqp_url: str, queue_prefix: str, sink: Sink, tmp_path: Path) -> dict[str, str]:
+    """Environment pointing the shipped project at the real RabbitMQ, a per-test prefix and the sink."""
+    return {**os.environ, "MIDDLEWARE_BROKER_URL": amqp_url, "MIDDLEWARE_QUEUE_PREFIX": queue_prefix,
+            "CASE_MANAGEMENT_URL": sink.url}
+
+
+@pytest.fixture
+def rabbit_project(rabbit_env: dict[str, str], tmp_path: Path) -> Project:
+    """The shipped project on RabbitMQ, fast retries, bed-board writing into tmp_path."""
+    project = load_project(REPO, rabbit_env)
+    connectors = dict(project.connectors)
+    fast = dataclasses.replace(connectors["case-management"].retry, initial=0.05, max=0.2, jitter=0.0)
+    connectors["case-management"] = dataclasses.replace(connectors["case-management"], retry=fast)
+    connectors["bed-board"] = dataclasses.replace(
+        connectors["bed-board"], options={"path": str(tmp_path / "bed-board.jsonl")})
+    routes = {name: dataclasses.replace(r, deliver=tuple(dataclasses.replace(d, retry=None) for d in r.deliver))
+              for name, r in project.routes.items()}
+    return dataclasses.replace(project, connectors=connectors, routes=routes)
+
+
+@pytest.fixture
+async def broker(rabbit_project: Project) -> AsyncIterator[Broker]:
+    """A second connection for the test to inspect queues; deletes the project's queues afterwards."""
+    client = make_broker(rabbit_project.settings.broker_url)
+    await client.connect()
+    yield client
+    prefix = rabbit_project.settings.queue_prefix
+    for queue in project_queues(rabbit_project):
+        await client.delete_queue(queue)
+    for route in rabbit_project.routes.values():
+        await client.delete_queue(naming.dead_letter_queue(route.name, prefix))
+    await client.delete_exchange(naming.events_exchange(prefix))
+    await client.close()
+
+
+@pytest.fixture
+async def engine(rabbit_project: Project, broker: Broker) -> AsyncIterator[Engine]:
+    running = Engine(rabbit_project)
+    await running.start()
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+def cli(rabbit_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run ``middleware ...`` as a separate process, as an operator or source system would."""
+
+    def invoke(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "middleware", *args, "--project", str(REPO)],
+                                env=rabbit_env, capture_output=True, text=True, timeout=60)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    return invoke
