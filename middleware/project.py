@@ -22,6 +22,7 @@ from middleware import project_schema
 from middleware.delivery.base import ConnectorSpec, RetryPolicy, connector_types
 from middleware.errors import ConfigError, Problem
 from middleware.formats import format_names, get_format
+from middleware.ingest import MllpListener
 from middleware.mapping import LookupTable, SpecError, compile_condition, compile_field
 from middleware.route import DeliveryRule, EventRule, Route, subject_placeholders
 from middleware.schemas import SchemaRegistry
@@ -42,6 +43,7 @@ class Settings:
     drain_timeout: float = 30.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    mllp: tuple[MllpListener, ...] = ()
 
     @property
     def tz(self) -> ZoneInfo:
@@ -108,9 +110,24 @@ class _Loader:
         routes = self._routes(schemas, lookups, connectors)
         if not routes and not any(p.file.startswith("routes") for p in self.problems):
             self.problems.append(Problem("routes/", 1, "no routes: add a routes/<name>.yaml"))
+        if settings is not None:
+            self._check_listeners(settings, routes)
         if self.problems or settings is None:
             return None, self.problems
         return Project(self.root, settings, routes, connectors, schemas, lookups), []
+
+    def _check_listeners(self, settings: Settings, routes: Mapping[str, Route]) -> None:
+        queues = sorted(r.source_queue for r in routes.values())
+        seen: dict[tuple[str, int], MllpListener] = {}
+        for listener in settings.mllp:
+            if routes and listener.queue not in queues:
+                self.problems.append(Problem(listener.file, listener.line, f"ingest.mllp {listener.name}: no route "
+                                             f"consumes queue {listener.queue!r} (routes consume: {', '.join(queues)})"))
+            key = (listener.host, listener.port)
+            if key in seen and listener.port != 0:
+                self.problems.append(Problem(listener.file, listener.line, f"ingest.mllp {listener.name}: port "
+                                             f"{listener.port} is already used by {seen[key].name}"))
+            seen[key] = listener
 
     # -- files -----------------------------------------------------------------------------
 
@@ -172,6 +189,8 @@ class _Loader:
                 "drain_timeout": engine.get("drain_timeout"),
                 "metrics_host": metrics.get("host"),
                 "metrics_port": metrics.get("port"),
+                "mllp": tuple(self._mllp_listener(doc, n, entry)
+                              for n, entry in enumerate((data.get("ingest") or {}).get("mllp") or [])) or None,
             }
             if values["timezone"]:
                 try:
@@ -183,6 +202,12 @@ class _Loader:
         values["queue_prefix"] = self.env.get("MIDDLEWARE_QUEUE_PREFIX", values.get("queue_prefix"))
         settings = Settings(**{k: v for k, v in values.items() if v is not None})
         return _anchor_embedded_broker(settings, self.root)
+
+    @staticmethod
+    def _mllp_listener(doc: Any, index: int, entry: dict[str, Any]) -> MllpListener:
+        name = entry.get("name") or f"mllp-{entry['port']}"
+        options = {k: v for k, v in entry.items() if k != "name"}
+        return MllpListener(name=name, **options, file=doc.file, line=doc.line(("ingest", "mllp", index)))
 
     def _lookups(self) -> dict[str, LookupTable]:
         tables: dict[str, LookupTable] = {}

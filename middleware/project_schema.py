@@ -33,10 +33,30 @@ RETRY: dict[str, Any] = {
     },
 }
 
+MLLP_LISTENER: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["port", "queue"],
+    "properties": {
+        "name": _NAME,
+        "host": {"type": "string", "minLength": 1},
+        "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+        "queue": {"type": "string", "minLength": 1},
+        "ack": {"enum": ["after-confirm", "none"]},
+        "max_message_bytes": {"type": "integer", "minimum": 64},
+        "idle_timeout": {"type": "number", "exclusiveMinimum": 0},
+    },
+}
+
 CONFIG: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
+        "ingest": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"mllp": {"type": "array", "items": MLLP_LISTENER}},
+        },
         "broker": {
             "type": "object",
             "additionalProperties": False,

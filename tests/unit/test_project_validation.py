@@ -204,3 +204,17 @@ def test_validate_command_exit_codes(project: Path) -> None:
     bad = runner.invoke(app, ["validate", "--project", str(project)])
     assert bad.exit_code == 1
     assert "routes/adt-inbound.yaml:" in bad.stdout and "no connector 'bed-bord'" in bad.stdout
+
+
+def test_mllp_listener_must_feed_a_route_queue_and_not_share_a_port(project: Path) -> None:
+    config = project / "config" / "middleware.yaml"
+    edit(config, "      queue: ehr.adt    # a route's source queue", "      queue: ehr.adt.typo")
+    config.write_text(config.read_text() + "    - {name: second, port: 2575, queue: ehr.adt}\n")
+    found = problems(project)
+    listener_line = line_of(config, "- name: ehr-adt")
+    assert found == [
+        f"config/middleware.yaml:{listener_line}: ingest.mllp ehr-adt: no route consumes queue 'ehr.adt.typo' "
+        "(routes consume: ehr.adt)",
+        f"config/middleware.yaml:{line_of(config, 'name: second')}: ingest.mllp second: port 2575 is already used "
+        "by ehr-adt",
+    ]
