@@ -380,7 +380,7 @@ def _charset(raw: bytes) -> str:
 
 def parse(raw: bytes) -> Hl7Message:
     """Parse one ER7-encoded message; raises :class:`ParseError` saying what is wrong."""
-    data = raw.strip(b"\x0b\x1c\r\n\t ")
+    data = raw.lstrip(b"\x0b\r\n\t ").rstrip(b"\x1c\r\n")  # MLLP framing, blank lines; values keep spaces
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:].lstrip(b"\r\n\t ")
     if not data:
