@@ -8,7 +8,9 @@ A field rule maps one target path in the event data (``patient.mrn``) from a sou
 
 with options ``as`` (string, date, datetime, int, decimal, bool), ``lookup`` (a table in
 config/lookups/), ``default`` and ``required``. An expression that selects repetitions
-(``OBX[*]-5``) yields a list. Rules are compiled once; :func:`apply_rules` runs per message.
+(``OBX[*]-5``) yields a list. ``{each: OBX, map: {code: OBX-3.1, ...}}`` yields a list of objects,
+one per OBX (its expressions read that OBX and the segments that follow it up to the next OBX).
+Rules are compiled once; :func:`apply_rules` runs per message.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from middleware.errors import MappingError
 from middleware.formats import Format, PathAccessor
 from middleware.formats.hl7v2 import hl7_date_to_iso, hl7_timestamp_to_iso
 
-FIELD_KEYS = frozenset({"path", "value", "template", "as", "lookup", "default", "required"})
+FIELD_KEYS = frozenset({"path", "value", "template", "as", "lookup", "default", "required", "each", "map"})
 CONDITION_KEYS = frozenset({"message_type", "equals", "exists", "missing"})
 _TEMPLATE_PART = re.compile(r"\{([^{}]+)\}")
 _HL7_DTM = re.compile(r"\d{4,14}(\.\d{1,4})?([+-]\d{4})?")
@@ -194,9 +196,13 @@ class FieldRule:
     lookup: LookupTable | None = None
     default: Any = _UNSET
     required: bool = False
+    each: tuple[Format, str] | None = None  # (format, scope expression) for ``each:`` rules
+    children: tuple[FieldRule, ...] = ()
 
     def evaluate(self, doc: Any) -> Any:
         """The target's value for ``doc`` (``_UNSET`` when there is none); raises MappingError."""
+        if self.each is not None:
+            return self._evaluate_each(doc)
         raw = self._raw(doc)
         if raw is _UNSET:
             if self.default is not _UNSET:
@@ -208,6 +214,25 @@ class FieldRule:
         if isinstance(raw, list):
             return [self._finish(item) for item in raw]
         return self._finish(raw)
+
+    def _evaluate_each(self, doc: Any) -> Any:
+        assert self.each is not None
+        fmt, scope = self.each
+        items = []
+        for index, item in enumerate(fmt.each(doc, scope), start=1):
+            try:
+                data = apply_rules(self.children, item)
+            except MappingError as exc:
+                exc.message = f"{self.target}[{index}].{exc.message}"  # which item of the list failed
+                raise
+            if data:
+                items.append(data)
+        if items:
+            return items
+        if self.required:
+            raise MappingError(f"{self.target}: required value missing (no {scope} with values)",
+                               hint="fix the source message or make the field optional")
+        return _UNSET
 
     def _raw(self, doc: Any) -> Any:
         if self.constant is not _UNSET:
@@ -248,9 +273,11 @@ def compile_field(target: str, spec: Any, fmt: Format, lookups: Mapping[str, Loo
     for key in spec:
         if key not in FIELD_KEYS:
             raise SpecError(f"{target}: unknown key {key!r} (use {', '.join(sorted(FIELD_KEYS))})", key)
+    if "each" in spec or "map" in spec:
+        return _compile_each(target, spec, fmt, lookups)
     sources = [k for k in ("path", "value", "template") if k in spec]
     if len(sources) != 1:
-        raise SpecError(f"{target}: give exactly one of path, value, template")
+        raise SpecError(f"{target}: give exactly one of path, value, template, each")
     convert = spec.get("as", "string")
     if convert not in CONVERSIONS:
         raise SpecError(f"{target}: unknown type {convert!r} for as: (use {', '.join(CONVERSIONS)})", "as")
@@ -276,6 +303,23 @@ def compile_field(target: str, spec: Any, fmt: Format, lookups: Mapping[str, Loo
         raise SpecError(f"{target}: path list is empty", "path")
     paths = tuple(_compile_expr(fmt, e, "path") for e in exprs)
     return FieldRule(target, " | ".join(str(e) for e in exprs), paths=paths, **common)
+
+
+def _compile_each(target: str, spec: dict[str, Any], fmt: Format, lookups: Mapping[str, LookupTable]) -> FieldRule:
+    extra = sorted(set(spec) - {"each", "map", "required"})
+    if extra:
+        raise SpecError(f"{target}: each takes only map and required (not {', '.join(extra)})", extra[0])
+    scope, children = spec.get("each"), spec.get("map")
+    if not isinstance(scope, str):
+        raise SpecError(f"{target}: each needs a repeating element, e.g. each: OBX", "each")
+    if not isinstance(children, dict) or not children:
+        raise SpecError(f"{target}: each needs a map of fields for every item", "map")
+    try:
+        fmt.each_scope(scope)
+    except ValueError as exc:
+        raise SpecError(f"{target}: {exc}", "each") from None
+    rules = tuple(compile_field(k, v, fmt, lookups) for k, v in children.items())
+    return FieldRule(target, f"each {scope}", each=(fmt, scope), children=rules, required=bool(spec.get("required")))
 
 
 def apply_rules(rules: tuple[FieldRule, ...], doc: Any) -> dict[str, Any]:

@@ -51,6 +51,12 @@ class Format(Protocol):
     def compile_path(self, expr: str) -> PathAccessor:
         """Compile a source expression; raises ``ValueError`` saying what is wrong with it."""
 
+    def each_scope(self, expr: str) -> None:
+        """Check an ``each:`` expression; raises ``ValueError`` saying what is wrong with it."""
+
+    def each(self, doc: Any, expr: str) -> list[Any]:
+        """One document per item ``expr`` selects; paths read on it are relative to that item."""
+
 
 _REGISTRY: dict[str, Callable[[], Format]] = {}
 

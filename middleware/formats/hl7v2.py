@@ -147,6 +147,19 @@ class Hl7Message:
             index.setdefault(segment.id, []).append(segment)
         self._index = index
 
+    def group(self, segments: list[Segment], scoped_ids: set[str], context: dict[str, Segment]) -> Hl7Message:
+        """A view for ``each:``: ``scoped_ids`` resolve to the ones among ``segments`` only, the ids in
+        ``context`` to the given (nearest preceding) segment, everything else as in the whole message."""
+        view = Hl7Message.__new__(Hl7Message)
+        view.segments, view.delimiters, view.charset = segments, self.delimiters, self.charset
+        index = dict(self._index)
+        for segment_id, segment in context.items():
+            index[segment_id] = [segment]
+        for segment_id in scoped_ids:
+            index[segment_id] = [s for s in segments if s.id == segment_id]
+        view._index = index
+        return view
+
     def all(self, segment_id: str) -> list[Segment]:
         """Every segment with this id, in order."""
         return self._index.get(segment_id, [])
@@ -277,12 +290,18 @@ class Hl7Path:
     def multiple(self) -> bool:
         return self.segment_selector.every or self.repetition_selector.every
 
-    def read(self, doc: Any) -> list[Any]:
-        message: Hl7Message = doc
+    def select_segments(self, message: Hl7Message) -> list[Segment]:
+        """The segments this expression's segment part selects."""
         segments = message._index.get(self.segment)
         if not segments:
             return []
-        segments = _pick(segments, self.segment_selector, lambda s: self._segment_matches(message, s))
+        return _pick(segments, self.segment_selector, lambda s: self._segment_matches(message, s))
+
+    def read(self, doc: Any) -> list[Any]:
+        message: Hl7Message = doc
+        segments = self.select_segments(message)
+        if not segments:
+            return []
         if self.field is None:
             return [s.raw for s in segments]
         if self.segment == "MSH" and self.field in (1, 2):
@@ -449,8 +468,8 @@ def hl7_timestamp_to_iso(text: str) -> str:
         return date.isoformat()
     fraction = match["frac"] or ""
     moment = dt.datetime(date.year, date.month, date.day, int(match["h"]), int(match["mi"] or 0),
-                         int(match["s"] or 0), int(fraction.ljust(6, "0")) if fraction else 0)
-    out = moment.isoformat()
+                         int(match["s"] or 0))
+    out = moment.isoformat() + (f".{fraction}" if fraction else "")  # fraction digits as sent
     offset = match["tz"]
     if offset:
         hours, minutes = int(offset[1:3]), int(offset[3:5])
@@ -471,3 +490,34 @@ class Hl7v2Format:
 
     def compile_path(self, expr: str) -> Hl7Path:
         return compile_path(expr)
+
+    def each_scope(self, expr: str) -> None:
+        path = compile_path(expr)
+        if path.field is not None:
+            raise ValueError(f"each: {expr!r} must name a segment (OBX, OBX[3=NM]), not a field")
+
+    def each(self, doc: Any, expr: str) -> list[Any]:
+        """``each: OBX``: one view per OBX, holding it and the segments after it (its NTEs) up to the
+        next OBX or the next segment of a kind seen before the first OBX (the next ORC/OBR). In the
+        view, such "parent" segments resolve to the nearest one before the item (its own OBR), so
+        ``each`` nests: ``each: OBR`` with ``each: OBX`` inside reads each order's results."""
+        message: Hl7Message = doc
+        path = compile_path(expr if "[" in expr else f"{expr}[*]")
+        chosen = {id(s) for s in path.select_segments(message)}
+        groups: list[tuple[list[Segment], dict[str, Segment]]] = []
+        segments = message.segments
+        parents: set[str] = set()  # ids seen before the first item (MSH, PID, ORC, OBR...) end a group
+        nearest: dict[str, Segment] = {}
+        for start, segment in enumerate(segments):
+            if id(segment) not in chosen:
+                if not groups:
+                    parents.add(segment.id)
+                nearest[segment.id] = segment
+                continue
+            end = start + 1
+            while end < len(segments) and segments[end].id != segment.id and segments[end].id not in parents:
+                end += 1
+            context = {p: nearest[p] for p in parents if p in nearest and len(message.all(p)) > 1}
+            groups.append((segments[start:end], context))
+        scoped = {s.id for group, _ in groups for s in group}  # an OBX without NTEs must not see other OBXs' NTEs
+        return [message.group(group, scoped, context) for group, context in groups]

@@ -87,3 +87,12 @@ class JsonFormat:
             indexes = tuple(None if i == "*" else int(i) for i in _INDEX.findall(match.group(2)))
             steps.append((match.group(1), indexes))
         return JsonPath(expr, tuple(steps), any(i is None for _, ix in steps for i in ix))
+
+    def each_scope(self, expr: str) -> None:
+        self.compile_path(expr)
+
+    def each(self, doc: Any, expr: str) -> list[Any]:
+        """``each: items[*]`` (or ``items``: a list is iterated): one document per item."""
+        found = self.compile_path(expr).read(doc)
+        items = found[0] if len(found) == 1 and isinstance(found[0], list) else found
+        return [JsonDocument(item) for item in items]

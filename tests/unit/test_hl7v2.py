@@ -135,7 +135,7 @@ def test_escape_sequences() -> None:
 def test_timestamps() -> None:
     assert hl7_timestamp_to_iso("20261124082500+0100") == "2026-11-24T08:25:00+01:00"
     assert hl7_timestamp_to_iso("202611240825") == "2026-11-24T08:25:00"
-    assert hl7_timestamp_to_iso("20261124082501.1234-0530") == "2026-11-24T08:25:01.123400-05:30"
+    assert hl7_timestamp_to_iso("20261124082501.1234-0530") == "2026-11-24T08:25:01.1234-05:30"
     assert hl7_timestamp_to_iso("20261124") == "2026-11-24"
     assert hl7_date_to_iso("198403121200+0100") == "1984-03-12"
     for bad in ("2026", "202613", "20261131", "20261124256000", "2026112408+2500", "abc"):

@@ -157,3 +157,43 @@ def test_build_event_shape() -> None:
                           "correlationid", "data"}
     assert event["type"] == "patient.updated.v1"
     assert event["dataschema"] == "urn:middleware:schema:patient.updated:1"
+
+
+def test_each_maps_a_list_of_objects_from_json_items() -> None:
+    rule = field("lines", {"each": "items", "map": {"code": "code", "qty": {"path": "n", "as": "int"}}})
+    data = apply_rules((rule,), doc({"items": [{"code": "a", "n": "2"}, {"code": "b"}, {}]}))
+    assert data == {"lines": [{"code": "a", "qty": 2}, {"code": "b"}]}  # items with no values are left out
+    assert apply_rules((rule,), doc({"items": []})) == {}
+
+
+def test_each_over_hl7_segments_reads_each_segment_and_its_followers() -> None:
+    raw = (b"MSH|^~\\&|A|B|C|D|2026||ORU^R01|1|P|2.5\rPID|1||42\rOBR|1||X|P1\rOBX|1|NM|A||1\rNTE|1||n1\r"
+           b"OBX|2|NM|B||2\rOBR|2||Y|P2\rOBX|1|NM|C||3\r")
+    rule = field("obs", {"each": "OBX", "map": {"code": "OBX-3", "order": "OBR-4", "mrn": "PID-3",
+                                                "notes": "NTE[*]-3"}}, HL7)
+    assert apply_rules((rule,), HL7.parse(raw)) == {"obs": [
+        {"code": "A", "order": "P1", "mrn": "42", "notes": ["n1"]},
+        {"code": "B", "order": "P1", "mrn": "42"},
+        {"code": "C", "order": "P2", "mrn": "42"},  # parent segments resolve to the nearest one before the item
+    ]}
+    by_order = field("orders", {"each": "OBR", "map": {"id": "OBR-4", "codes": "OBX[*]-3"}}, HL7)
+    assert apply_rules((by_order,), HL7.parse(raw)) == {"orders": [{"id": "P1", "codes": ["A", "B"]},
+                                                                  {"id": "P2", "codes": ["C"]}]}
+    nested = field("orders", {"each": "OBR", "map": {"id": "OBR-4", "results": {"each": "OBX", "map": {
+        "code": "OBX-3", "notes": "NTE[*]-3"}}}}, HL7)
+    assert apply_rules((nested,), HL7.parse(raw)) == {"orders": [
+        {"id": "P1", "results": [{"code": "A", "notes": ["n1"]}, {"code": "B"}]},
+        {"id": "P2", "results": [{"code": "C"}]}]}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"each": "OBX-5", "map": {"v": "OBX-5"}}, "must name a segment"),
+    ({"each": "OBX"}, "each needs a map"),
+    ({"each": "OBX", "map": {}}, "each needs a map"),
+    ({"each": 3, "map": {"v": "OBX-5"}}, "each needs a repeating element"),
+    ({"each": "OBX", "map": {"v": "OBX-5"}, "as": "int"}, "each takes only map and required"),
+    ({"each": "OBX", "map": {"v": "OBX5"}}, "invalid HL7 path"),
+])
+def test_each_spec_errors(spec: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        field("obs", spec, HL7)
