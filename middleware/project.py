@@ -120,7 +120,8 @@ class _Loader:
         queues = sorted(r.source_queue for r in routes.values())
         seen: dict[tuple[str, int], MllpListener] = {}
         for listener in settings.mllp:
-            if routes and listener.queue not in queues:
+            routes_broken = any(p.file.startswith("routes") for p in self.problems)  # avoid follow-on noise
+            if routes and not routes_broken and listener.queue not in queues:
                 self.problems.append(Problem(listener.file, listener.line, f"ingest.mllp {listener.name}: no route "
                                              f"consumes queue {listener.queue!r} (routes consume: {', '.join(queues)})"))
             key = (listener.host, listener.port)

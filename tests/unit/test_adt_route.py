@@ -165,8 +165,10 @@ def test_corpus_is_present() -> None:
 @pytest.mark.parametrize("path", ADT_CORPUS, ids=lambda p: p.name)
 def test_corpus_adt_gives_its_event_or_a_typed_error(project: Project, path: Path) -> None:
     route = project.routes["adt-inbound"]
-    expected = {"ADT^A01": "patient.admitted.v1", "ADT^A03": "patient.discharged.v1",
-                "ADT^A04": "patient.registered.v1", "ADT^A08": "patient.updated.v1", "ADT^A40": "patient.merged.v1"}
+    expected = {"ADT^A01": "patient.admitted.v1", "ADT^A02": "patient.transferred.v1",
+                "ADT^A03": "patient.discharged.v1", "ADT^A04": "patient.registered.v1",
+                "ADT^A08": "patient.updated.v1", "ADT^A11": "patient.admission_cancelled.v1",
+                "ADT^A13": "patient.discharge_cancelled.v1", "ADT^A40": "patient.merged.v1"}
     try:
         outcome = transform(route, path.read_bytes())
     except PipelineError as exc:
