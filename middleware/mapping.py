@@ -211,9 +211,21 @@ class FieldRule:
                 raise MappingError(f"{self.target}: required value missing ({self.source} is empty)",
                                    hint="fix the source message or make the field optional")
             return _UNSET
+        if self.convert == "string" and self.lookup is None and isinstance(raw, str) and self.constant is _UNSET:
+            return raw  # HL7 values and templates are strings already: nothing to convert
         if isinstance(raw, list):
             return [self._finish(item) for item in raw]
         return self._finish(raw)
+
+    @property
+    def target_parts(self) -> tuple[tuple[str, ...], str]:
+        """(parent keys, leaf key) of the dotted target, split once."""
+        cached: tuple[tuple[str, ...], str] | None = self.__dict__.get("_target_parts")
+        if cached is None:
+            *parents, leaf = self.target.split(".")
+            cached = (tuple(parents), leaf)
+            object.__setattr__(self, "_target_parts", cached)
+        return cached
 
     def _evaluate_each(self, doc: Any) -> Any:
         assert self.each is not None
@@ -330,7 +342,7 @@ def apply_rules(rules: tuple[FieldRule, ...], doc: Any) -> dict[str, Any]:
         if value is _UNSET:
             continue
         node = data
-        *parents, leaf = rule.target.split(".")
+        parents, leaf = rule.target_parts
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value

@@ -122,8 +122,9 @@ class _Loader:
         for listener in settings.mllp:
             routes_broken = any(p.file.startswith("routes") for p in self.problems)  # avoid follow-on noise
             if routes and not routes_broken and listener.queue not in queues:
+                consumed = ", ".join(queues)
                 self.problems.append(Problem(listener.file, listener.line, f"ingest.mllp {listener.name}: no route "
-                                             f"consumes queue {listener.queue!r} (routes consume: {', '.join(queues)})"))
+                                             f"consumes queue {listener.queue!r} (routes consume: {consumed})"))
             key = (listener.host, listener.port)
             if key in seen and listener.port != 0:
                 self.problems.append(Problem(listener.file, listener.line, f"ingest.mllp {listener.name}: port "

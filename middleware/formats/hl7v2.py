@@ -57,6 +57,7 @@ CHARSETS = {
 
 _FORMATTING_ESCAPES = frozenset("HN")  # highlight on/off: removed
 _NULL = '""'  # the HL7 explicit null
+_UNREAD = object()
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class Segment:
 class Hl7Message:
     """A parsed HL7 v2 message: segments indexed by id, values unescaped as they are read."""
 
-    __slots__ = ("_index", "charset", "delimiters", "segments")
+    __slots__ = ("_index", "_message_type", "charset", "delimiters", "segments")
 
     def __init__(self, segments: list[Segment], delimiters: Delimiters, charset: str) -> None:
         self.segments = segments
@@ -146,6 +147,7 @@ class Hl7Message:
         for segment in segments:
             index.setdefault(segment.id, []).append(segment)
         self._index = index
+        self._message_type: object = _UNREAD
 
     def group(self, segments: list[Segment], scoped_ids: set[str], context: dict[str, Segment]) -> Hl7Message:
         """A view for ``each:``: ``scoped_ids`` resolve to the ones among ``segments`` only, the ids in
@@ -158,6 +160,7 @@ class Hl7Message:
         for segment_id in scoped_ids:
             index[segment_id] = [s for s in segments if s.id == segment_id]
         view._index = index
+        view._message_type = self._message_type
         return view
 
     def all(self, segment_id: str) -> list[Segment]:
@@ -171,6 +174,11 @@ class Hl7Message:
 
     @property
     def message_type(self) -> str | None:
+        if self._message_type is _UNREAD:
+            self._message_type = self._read_message_type()
+        return self._message_type  # type: ignore[return-value]
+
+    def _read_message_type(self) -> str | None:
         msh = self._index["MSH"][0]
         parts = self.components(msh.field(9).split(self.delimiters.repetition, 1)[0])
         code, event = [*parts, "", ""][:2]
@@ -289,6 +297,50 @@ class Hl7Path:
     @property
     def multiple(self) -> bool:
         return self.segment_selector.every or self.repetition_selector.every
+
+    @property
+    def _simple(self) -> bool:
+        """First segment, first repetition, an ordinary field: the common case, read without detours."""
+        return (self.segment_selector.index == 1 and self.repetition_selector.index == 1
+                and self.field is not None and not (self.segment == "MSH" and self.field <= 2))
+
+    def __post_init__(self) -> None:
+        if self._simple:
+            object.__setattr__(self, "read", self._read_simple)  # per-instance fast path
+
+    def _read_simple(self, doc: Any) -> list[Any]:
+        message: Hl7Message = doc
+        segments = message._index.get(self.segment)
+        if not segments:
+            return []
+        fields = segments[0].fields
+        number = self.field
+        assert number is not None
+        if number >= len(fields):
+            return []
+        raw = fields[number]
+        if not raw:
+            return []
+        d = message.delimiters
+        if d.repetition in raw:
+            raw = raw.split(d.repetition, 1)[0]
+        comp = self.component or 1
+        if d.component in raw:
+            parts = raw.split(d.component, comp)  # parts[comp - 1] is exactly component `comp`
+            value = parts[comp - 1] if comp <= len(parts) else ""
+        else:
+            value = raw if comp == 1 else ""
+        if not value:
+            return []
+        sub = self.subcomponent or 1
+        if d.subcomponent in value:
+            subs = value.split(d.subcomponent)
+            value = subs[sub - 1] if sub <= len(subs) else ""
+        elif sub != 1:
+            return []
+        if not value or value == _NULL:
+            return []
+        return [message.unescape(value) if d.escape in value else value]
 
     def select_segments(self, message: Hl7Message) -> list[Segment]:
         """The segments this expression's segment part selects."""
