@@ -8,6 +8,7 @@ error-class, error, attempts, first-failure, last-failure, correlation-id, repla
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +35,34 @@ def dead_letter(
     first_failure: str | None = None,
 ) -> OutgoingMessage:
     """The dead-letter message for ``message``, which failed at ``stage`` with ``error``."""
+    return dead_letter_body(
+        message.body, headers=message.headers, content_type=message.content_type,
+        message_id=message.message_id, message_correlation_id=message.correlation_id,
+        route=route, stage=stage, error=error, replay_queue=replay_queue, correlation_id=correlation_id,
+        connector=connector, attempts=attempts, first_failure=first_failure,
+    )
+
+
+def dead_letter_body(
+    body: bytes,
+    *,
+    route: str,
+    stage: str,
+    error: BaseException,
+    replay_queue: str,
+    correlation_id: str | None,
+    headers: Mapping[str, Any] | None = None,
+    content_type: str | None = None,
+    message_id: str | None = None,
+    message_correlation_id: str | None = None,
+    connector: str | None = None,
+    attempts: int = 1,
+    first_failure: str | None = None,
+) -> OutgoingMessage:
+    """The dead-letter message for raw ``body`` that never was a broker message (an ingest gateway's)."""
     now = _now()
-    headers = {k: v for k, v in message.headers.items() if not k.startswith(PREFIX)}
-    headers.update({
+    kept = {k: v for k, v in (headers or {}).items() if not k.startswith(PREFIX)}
+    kept.update({
         f"{PREFIX}route": route,
         f"{PREFIX}stage": stage,
         f"{PREFIX}error-class": type(error).__name__,
@@ -47,15 +73,15 @@ def dead_letter(
         f"{PREFIX}replay-queue": replay_queue,
     })
     if connector:
-        headers[f"{PREFIX}connector"] = connector
+        kept[f"{PREFIX}connector"] = connector
     if correlation_id:
-        headers[f"{PREFIX}correlation-id"] = correlation_id
+        kept[f"{PREFIX}correlation-id"] = correlation_id
     return OutgoingMessage(
-        body=message.body,
-        headers=headers,
-        correlation_id=correlation_id or message.correlation_id,
-        message_id=message.message_id,
-        content_type=message.content_type or "application/octet-stream",
+        body=body,
+        headers=kept,
+        correlation_id=correlation_id or message_correlation_id,
+        message_id=message_id,
+        content_type=content_type or "application/octet-stream",
     )
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from middleware.broker import make_broker, naming
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage
 from middleware.delivery.base import Connector, ConnectorSpec, make_connector
+from middleware.ingest.mllp import MllpGateway
 from middleware.observe import Metrics
 from middleware.project import Project, Settings
 from middleware.route import Route
@@ -72,11 +73,12 @@ class Engine:
     """Runs every route of a project: one consumer per inbound and per delivery queue.
 
     ``connector_specs`` replaces connectors by name (the demo points http connectors at a local
-    sink this way).
+    sink this way). With ``gateways`` (default) it also starts the ``ingest.mllp`` listeners, after
+    the workers; the demo passes False.
     """
 
     def __init__(self, project: Project, *, broker: Broker | None = None, metrics: Metrics | None = None,
-                 connector_specs: Mapping[str, ConnectorSpec] | None = None) -> None:
+                 connector_specs: Mapping[str, ConnectorSpec] | None = None, gateways: bool = True) -> None:
         self.project = project
         self.settings = project.settings
         self.broker = broker or make_broker(self.settings.broker_url)
@@ -85,6 +87,8 @@ class Engine:
         used = {d.connector for r in project.routes.values() for d in r.deliver}
         self.connectors: dict[str, Connector] = {name: make_connector(specs[name]) for name in sorted(used)}
         self._consumers: list[Consumer] = []
+        self._start_gateways = gateways
+        self.gateways: list[MllpGateway] = []
         self._tracked = _Tracked()
         self._tracked.idle.set()
 
@@ -107,13 +111,25 @@ class Engine:
                 await self._consume(worker.queue, worker.handle, prefetch)
             route_worker = RouteWorker(route, self.broker, self.metrics, prefix=prefix, tz=tz)
             await self._consume(route_worker.queue, route_worker.handle, prefetch)
+        if self._start_gateways:
+            await self._start_listeners()
         log.info("engine started", extra={"routes": sorted(self.project.routes), "broker": _safe_url(self.broker.url)})
 
     async def _consume(self, queue: str, handler: Handler, prefetch: int) -> None:
         self._consumers.append(await self.broker.consume(queue, self._tracked.wrap(handler), prefetch=prefetch))
 
+    async def _start_listeners(self) -> None:
+        routes = {route.source_queue: route for route in self.project.routes.values()}
+        for listener in self.settings.mllp:
+            gateway = MllpGateway(listener, self.broker, self.settings, routes[listener.queue], self.metrics)
+            await gateway.start(declare=False)  # start() above declared every route's queues
+            self.gateways.append(gateway)
+
     async def stop(self) -> None:
-        """Drain: stop consuming, let in-flight messages finish (bounded), then close everything."""
+        """Drain: stop the gateways, stop consuming, let in-flight messages finish (bounded), close."""
+        for gateway in self.gateways:
+            await gateway.stop()
+        self.gateways.clear()
         for consumer in self._consumers:
             await consumer.cancel()
         self._consumers.clear()

@@ -96,7 +96,7 @@ async def run_demo(project: Project, timeout: float) -> dict[str, object]:
     project = dataclasses.replace(project, settings=settings)
     sink = LocalSink()
     await sink.start()
-    engine = Engine(project, connector_specs=_demo_connectors(project, sink, out_dir))
+    engine = Engine(project, connector_specs=_demo_connectors(project, sink, out_dir), gateways=False)
     published: Counter[str] = Counter()
     try:
         await engine.start()
