@@ -16,6 +16,7 @@ import yaml
 
 from middleware.errors import Problem
 
+_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 PathKey = tuple[str | int, ...]
 
@@ -88,7 +89,10 @@ def interpolate(doc: YamlDoc, env: Mapping[str, str]) -> Any:
         if isinstance(value, list):
             return [walk(v, (*path, i)) for i, v in enumerate(value)]
         if isinstance(value, str) and "${" in value:
-            return _VAR.sub(lambda m: substitute(m, path), value)
+            text = _VAR.sub(lambda m: substitute(m, path), value)
+            if _VAR.fullmatch(value) and _NUMBER.fullmatch(text):  # port: ${MLLP_PORT:-2575} is a number
+                return float(text) if "." in text else int(text)
+            return text
         return value
 
     def substitute(match: re.Match[str], path: PathKey) -> str:

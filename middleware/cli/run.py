@@ -10,7 +10,7 @@ import typer
 
 from middleware.cli.common import ProjectOption, fail, open_project
 from middleware.engine import Engine
-from middleware.errors import BrokerError
+from middleware.errors import MiddlewareError
 from middleware.observe import configure_logging, serve_metrics
 from middleware.project import Project
 
@@ -22,7 +22,11 @@ async def run_engine(project: Project) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await engine.start()
+    try:
+        await engine.start()
+    except BaseException:
+        await engine.stop()  # release what did start (consumers, connections) before reporting
+        raise
     settings = project.settings
     server = None
     if settings.metrics_port is not None:
@@ -42,7 +46,7 @@ def run(project: Path = ProjectOption,
     loaded = open_project(project)
     try:
         asyncio.run(run_engine(loaded))
-    except BrokerError as exc:
+    except MiddlewareError as exc:  # broker unreachable, listener port taken...
         fail(str(exc))
 
 

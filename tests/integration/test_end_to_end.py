@@ -137,3 +137,21 @@ async def test_run_drains_on_sigterm_and_exits_zero(broker: Broker, rabbit_env: 
     assert routed and routed[0]["route"] == "adt-inbound" and routed[0]["correlation_id"]
     # no PHI in logs: the patient's name and birth date never appear
     assert "Müller" not in stderr and "19840312" not in stderr
+
+
+async def test_run_with_a_taken_listener_port_fails_cleanly(broker: Broker, rabbit_env: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**rabbit_env, "MLLP_PORT": str(port)}
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "middleware", "run", "--project", str(REPO)],
+            env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = [entry for entry in result.stderr.splitlines() if entry.startswith("error:")]
+    assert str(port) in line and "config/middleware.yaml" in line
