@@ -2,7 +2,8 @@
 
 Headers (all prefixed ``x-mw-``): route, stage (parse/filter/map/validate/deliver), connector,
 error-class, error, attempts, first-failure, last-failure, correlation-id, replay-queue (where
-``middleware dlq replay`` sends the body back). The original message's own headers are kept.
+``middleware dlq replay`` sends the body back). The original message's own headers are kept
+(for example ``x-mw-source-file`` and ``x-mw-batch-position`` of a message split from a batch).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 from middleware.broker.base import IncomingMessage, OutgoingMessage
 
 PREFIX = "x-mw-"
+REASON_HEADERS = frozenset(PREFIX + name for name in (
+    "route", "stage", "connector", "error-class", "error", "attempts", "first-failure", "last-failure",
+    "correlation-id", "replay-queue"))
 _MAX_ERROR_TEXT = 2000
 
 
@@ -61,7 +65,7 @@ def dead_letter_body(
 ) -> OutgoingMessage:
     """The dead-letter message for raw ``body`` that never was a broker message (an ingest gateway's)."""
     now = _now()
-    kept = {k: v for k, v in (headers or {}).items() if not k.startswith(PREFIX)}
+    kept = {k: v for k, v in (headers or {}).items() if k not in REASON_HEADERS}  # a replayed message's old reason goes
     kept.update({
         f"{PREFIX}route": route,
         f"{PREFIX}stage": stage,

@@ -456,6 +456,9 @@ def parse(raw: bytes) -> Hl7Message:
         data = data[3:].lstrip(b"\r\n\t ")
     if not data:
         raise ParseError("input is empty", hint="send one HL7 v2 message starting with MSH")
+    if data.startswith((b"FHS", b"BHS")):
+        raise ParseError("this is an HL7 batch (FHS/BHS), not one message",
+                         hint="publish batch files with `middleware publish`, which splits them")
     if not data.startswith(b"MSH"):
         raise ParseError("no MSH segment at the start of the message",
                          hint="an HL7 v2 message starts with MSH|^~\\&|")
@@ -483,6 +486,9 @@ def parse(raw: bytes) -> Hl7Message:
                              hint="segments are separated by CR; check for line breaks inside field values")
         segments.append(Segment(line, field_separator))
     message = Hl7Message(segments, delimiters, charset)
+    if len(message.all("MSH")) > 1:
+        raise ParseError(f"{len(message.all('MSH'))} messages in one (MSH repeated)",
+                         hint="publish batches with `middleware publish`, which splits them")
     if not message.segments[0].field(9):
         raise ParseError("truncated message: MSH has no message type (MSH-9)",
                          hint="send a whole message; MSH needs at least 12 fields")

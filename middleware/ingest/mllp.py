@@ -412,10 +412,9 @@ class MllpGateway:
                                message_id=str(uuid.uuid4()), content_type=CONTENT_TYPE)
 
     async def _dead_letter(self, raw: bytes, error: ParseError, correlation_id: str) -> None:
-        message = dead_letter_body(raw, content_type=CONTENT_TYPE, message_id=str(uuid.uuid4()),
-                                   route=self.route.name, stage="parse", error=error, replay_queue=self.queue,
-                                   correlation_id=correlation_id)
-        message.headers[INGEST_HEADER] = self.source  # after: dead_letter_body drops incoming x-mw- headers
+        message = dead_letter_body(raw, headers={INGEST_HEADER: self.source}, content_type=CONTENT_TYPE,
+                                   message_id=str(uuid.uuid4()), route=self.route.name, stage="parse", error=error,
+                                   replay_queue=self.queue, correlation_id=correlation_id)
         await self.broker.publish(message, queue=self.dead_letter_queue)
         if self.metrics is not None:
             self.metrics.dead_lettered.labels(self.route.name, "parse").inc()

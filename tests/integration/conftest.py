@@ -30,13 +30,15 @@ def rabbit_env(amqp_url: str, queue_prefix: str, sink: Sink, tmp_path: Path) -> 
 
 @pytest.fixture
 def rabbit_project(rabbit_env: dict[str, str], tmp_path: Path) -> Project:
-    """The shipped project on RabbitMQ, fast retries, bed-board writing into tmp_path."""
+    """The shipped project on RabbitMQ, fast http retries, file connectors writing into tmp_path."""
     project = load_project(REPO, rabbit_env)
-    connectors = dict(project.connectors)
-    fast = dataclasses.replace(connectors["case-management"].retry, initial=0.05, max=0.2, jitter=0.0)
-    connectors["case-management"] = dataclasses.replace(connectors["case-management"], retry=fast)
-    connectors["bed-board"] = dataclasses.replace(
-        connectors["bed-board"], options={"path": str(tmp_path / "bed-board.jsonl")})
+    connectors = {}
+    for name, spec in project.connectors.items():
+        if spec.type == "http":
+            spec = dataclasses.replace(spec, retry=dataclasses.replace(spec.retry, initial=0.05, max=0.2, jitter=0.0))
+        elif spec.type == "file":
+            spec = dataclasses.replace(spec, options={"path": str(tmp_path / f"{name}.jsonl")})
+        connectors[name] = spec
     routes = {name: dataclasses.replace(r, deliver=tuple(dataclasses.replace(d, retry=None) for d in r.deliver))
               for name, r in project.routes.items()}
     return dataclasses.replace(project, connectors=connectors, routes=routes)

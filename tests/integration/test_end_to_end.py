@@ -155,3 +155,29 @@ async def test_run_with_a_taken_listener_port_fails_cleanly(broker: Broker, rabb
     assert "Traceback" not in result.stderr
     [line] = [entry for entry in result.stderr.splitlines() if entry.startswith("error:")]
     assert str(port) in line and "config/middleware.yaml" in line
+
+
+async def test_batch_file_is_split_and_its_malformed_message_dead_letters_alone(
+        engine: Engine, broker: Broker, rabbit_project: Project, cli: Cli, sink: Sink, tmp_path: Path) -> None:
+    batch = REPO / "samples" / "results-inbound" / "batch-lab-results.hl7"
+    result = await asyncio.to_thread(cli, "publish", str(batch), "--queue", "lis.results")
+    lines = result.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == [f"{batch}#{n}" for n in (1, 2, 3)]
+    await sink.wait_for(2)
+    await asyncio.sleep(0.3)
+    ids = sorted(json.loads(body)["data"]["order"]["filler_id"] for _, body in sink.requests)
+    assert ids == ["LAB-78", "LAB-80"]  # messages 1 and 3 went through
+    queue = naming.dead_letter_queue("results-inbound", rabbit_project.settings.queue_prefix)
+    for _ in range(100):
+        if (await broker.queue_info(queue)).messages:
+            break
+        await asyncio.sleep(0.1)
+    message = await broker.get(queue)
+    assert message is not None
+    letter = DeadLetter.from_message(message)
+    await message.ack()
+    assert letter.stage == "parse" and letter.route == "results-inbound"
+    assert message.headers["x-mw-source-file"] == batch.name and message.headers["x-mw-batch-position"] == 2
+    assert message.headers["x-mw-batch-id"] == "BATCH-20261124-1"
+    assert letter.correlation_id == lines[1].split()[0]
+    assert letter.body.startswith(b"MSH|^~|LIS") and b"DEMO-ORU-B002" in letter.body
