@@ -316,10 +316,18 @@ class _RouteCompiler:
             deliver=tuple(self._delivery(i, spec) for i, spec in enumerate(data.get("deliver", []))),
             filter=self._condition(("filter",), data.get("filter")),
             match=data.get("match", "first"),
+            validation=self._validation(),
             description=data.get("description", ""),
             file=self.doc.file,
             line=self.doc.line(("route",)),
         )
+
+    def _validation(self) -> str:
+        mode = str(self.data.get("validation", "lenient"))
+        if mode == "strict" and not hasattr(self.format, "check_structure"):
+            self.doc.problem(("validation",), f"validation: strict is not available for format {self.format.name}"
+                                              " (it is for hl7v2)")
+        return mode
 
     def _condition(self, path: PathKey, spec: Any) -> Any:
         if spec is None:

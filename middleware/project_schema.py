@@ -107,6 +107,7 @@ def route_schema(formats: list[str]) -> dict[str, Any]:
             },
             "filter": _CONDITION,
             "match": {"enum": ["first", "all"]},
+            "validation": {"enum": ["lenient", "strict"]},
             "events": {
                 "type": "array",
                 "minItems": 1,

@@ -91,6 +91,7 @@ class Route:
     deliver: tuple[DeliveryRule, ...] = ()
     filter: Condition | None = None
     match: str = "first"  # "first" matching event rule, or "all" of them
+    validation: str = "lenient"  # "strict": the format also checks the message's structure
     description: str = ""
     file: str = ""
     line: int = 0
@@ -128,6 +129,8 @@ def transform(route: Route, raw: bytes, context: MessageContext | None = None,
         doc = route.format.parse(raw)
         correlation_id = resolve_correlation_id(context.correlation_id, doc.message_id,
                                                 context.header_correlation_id)
+        if route.validation == "strict":
+            route.format.check_structure(doc)  # type: ignore[attr-defined]  # checked by the loader
         outcome = Outcome(correlation_id, message_type=doc.message_type)
         stage = "filter"
         if route.filter is not None and not route.filter.matches(doc):

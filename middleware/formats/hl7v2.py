@@ -549,6 +549,12 @@ class Hl7v2Format:
     def compile_path(self, expr: str) -> Hl7Path:
         return compile_path(expr)
 
+    def check_structure(self, doc: Any) -> None:
+        """``validation: strict``: hl7apy structure conformance (see :mod:`.hl7v2_strict`)."""
+        from middleware.formats.hl7v2_strict import check_structure
+
+        check_structure(doc)
+
     def each_scope(self, expr: str) -> None:
         path = compile_path(expr)
         if path.field is not None:
