@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -65,7 +65,6 @@ class Metrics:
                                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0))
         self.delivery_seconds = Histogram("middleware_delivery_seconds", "Time to deliver one event, retries included",
                                           ["route", "connector"], registry=r)
-        self.in_flight = Gauge("middleware_in_flight", "Messages being handled right now", ["route"], registry=r)
 
     def value(self, name: str, **labels: str) -> float:
         """Current value of a counter sample (0 if never incremented), e.g. for the demo summary."""
