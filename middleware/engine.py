@@ -107,7 +107,7 @@ class Engine:
         for route in self.project.routes.values():
             for rule in route.deliver:
                 worker = DeliveryWorker(route, self.connectors[rule.connector], self.broker, self.metrics,
-                                        retry=rule.retry, prefix=prefix)
+                                        retry=rule.retry, prefix=prefix, delivery_limit=self.settings.delivery_limit)
                 await self._consume(worker.queue, worker.handle, prefetch)
             route_worker = RouteWorker(route, self.broker, self.metrics, prefix=prefix, tz=tz)
             await self._consume(route_worker.queue, route_worker.handle, prefetch)

@@ -21,7 +21,7 @@ from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
 from middleware.deadletter import dead_letter
 from middleware.delivery.base import Connector, Delivery, RetryPolicy
 from middleware.delivery.retry import send_with_retry
-from middleware.errors import DeliveryError, PipelineError
+from middleware.errors import BrokerError, DeliveryError, PipelineError
 from middleware.observe import Metrics
 from middleware.route import MessageContext, Route, transform
 
@@ -108,12 +108,13 @@ class DeliveryWorker:
     """Consumes one (route, connector) delivery queue and sends each event with retries."""
 
     def __init__(self, route: Route, connector: Connector, broker: Broker, metrics: Metrics, *,
-                 retry: RetryPolicy | None = None, prefix: str = "") -> None:
+                 retry: RetryPolicy | None = None, prefix: str = "", delivery_limit: int = 10) -> None:
         self.route = route
         self.connector = connector
         self.broker = broker
         self.metrics = metrics
         self.retry = retry or connector.spec.retry
+        self.delivery_limit = delivery_limit  # deliveries after which a connector bug dead-letters
         self.queue = naming.delivery_queue(route.name, connector.name, prefix)
         self.dead_letter_queue = naming.dead_letter_queue(route.name, prefix)
 
@@ -142,19 +143,21 @@ class DeliveryWorker:
         try:
             attempts = await send_with_retry(self.connector, delivery, self.retry, on_retry=on_retry)
         except DeliveryError as exc:
-            exc.with_context(route=self.route.name, correlation_id=correlation_id or None)
-            await self.broker.publish(
-                dead_letter(message, route=self.route.name, stage="deliver", error=exc, replay_queue=self.queue,
-                            correlation_id=correlation_id or None, connector=self.connector.name,
-                            attempts=exc.attempts, first_failure=first_failure[0] if first_failure else None),
-                queue=self.dead_letter_queue,
-            )
-            await message.ack()
-            self.metrics.dead_lettered.labels(self.route.name, "deliver").inc()
-            log.warning("dead-lettered", extra={"route": labels[0], "connector": labels[1], "stage": "deliver",
-                                                "correlation_id": correlation_id, "event_id": delivery.event_id,
-                                                "error_class": type(exc).__name__, "status": exc.status,
-                                                "attempts": exc.attempts})
+            await self._dead_letter(message, delivery, exc, first_failure[0] if first_failure else None)
+            return
+        except BrokerError:
+            raise  # the broker failed mid-way: the message comes back
+        except Exception as exc:  # a connector bug: retried by redelivery, a bounded number of times
+            deliveries = message.delivery_count + 1
+            log.exception("connector failed", extra={"route": labels[0], "connector": labels[1],
+                                                     "correlation_id": correlation_id, "deliveries": deliveries})
+            if deliveries < self.delivery_limit:
+                raise
+            error = DeliveryError(f"{labels[1]}: connector failed with {type(exc).__name__} on each of "
+                                  f"{deliveries} deliveries", retryable=False,
+                                  hint="a middleware or connector bug: report it, replay the dead letter once fixed")
+            error.attempts = deliveries
+            await self._dead_letter(message, delivery, error, None)
             return
         finally:
             self.metrics.delivery_seconds.labels(*labels).observe(time.perf_counter() - started)
@@ -162,3 +165,20 @@ class DeliveryWorker:
         self.metrics.delivered.labels(*labels).inc()
         log.info("delivered", extra={"route": labels[0], "connector": labels[1], "correlation_id": correlation_id,
                                      "event_id": delivery.event_id, "attempts": attempts})
+
+    async def _dead_letter(self, message: IncomingMessage, delivery: Delivery, error: DeliveryError,
+                           first_failure: str | None) -> None:
+        correlation_id = delivery.correlation_id or None
+        error.with_context(route=self.route.name, correlation_id=correlation_id)
+        await self.broker.publish(
+            dead_letter(message, route=self.route.name, stage="deliver", error=error, replay_queue=self.queue,
+                        correlation_id=correlation_id, connector=self.connector.name,
+                        attempts=error.attempts, first_failure=first_failure),
+            queue=self.dead_letter_queue,
+        )
+        await message.ack()
+        self.metrics.dead_lettered.labels(self.route.name, "deliver").inc()
+        log.warning("dead-lettered", extra={"route": self.route.name, "connector": self.connector.name,
+                                            "stage": "deliver", "correlation_id": correlation_id,
+                                            "event_id": delivery.event_id, "error_class": type(error).__name__,
+                                            "status": error.status, "attempts": error.attempts})

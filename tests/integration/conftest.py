@@ -25,7 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 def rabbit_env(amqp_url: str, queue_prefix: str, sink: Sink, tmp_path: Path) -> dict[str, str]:
     """Environment pointing the shipped project at the real RabbitMQ, a per-test prefix and the sink."""
     return {**os.environ, "MIDDLEWARE_BROKER_URL": amqp_url, "MIDDLEWARE_QUEUE_PREFIX": queue_prefix,
-            "CASE_MANAGEMENT_URL": sink.url, "CDR_URL": sink.url, "MLLP_PORT": "0", "METRICS_PORT": "0"}  # 0: any free port
+            "CASE_MANAGEMENT_URL": sink.url, "CDR_URL": sink.url,
+            "MLLP_PORT": "0", "METRICS_PORT": "0",  # 0: any free port
+            "BED_BOARD_PATH": str(tmp_path / "bed-board.jsonl"),
+            "EVENT_ARCHIVE_PATH": str(tmp_path / "event-archive.jsonl")}
 
 
 @pytest.fixture
