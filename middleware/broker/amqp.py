@@ -14,7 +14,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
+import socket
 from typing import Any
 
 import aio_pika
@@ -27,6 +30,8 @@ from middleware.errors import BrokerError
 log = logging.getLogger("middleware.broker")
 
 PUBLISH_RETRY_SECONDS = 30.0
+RECONNECT_SECONDS = 1.0
+_SERIAL = itertools.count(1)
 _CONNECTION_ERRORS = (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
                       ConnectionError, asyncio.TimeoutError)
 
@@ -75,13 +80,15 @@ class AmqpBroker(Broker):
 
     def __init__(self, url: str) -> None:
         self.url = url
+        # unique per connection, so operators (and tests) can tell connections apart in RabbitMQ
+        self.connection_name = f"middleware {socket.gethostname()} pid {os.getpid()} #{next(_SERIAL)}"
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
 
     async def connect(self) -> None:
         try:
-            self._connection = await aio_pika.connect_robust(self.url, client_properties={
-                "connection_name": "middleware"})
+            self._connection = await aio_pika.connect_robust(self.url, reconnect_interval=RECONNECT_SECONDS,
+                                                             client_properties={"connection_name": self.connection_name})
             self._channel = await self._new_channel()
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
             raise BrokerError(f"cannot connect to RabbitMQ: {type(exc).__name__}: {exc}",
@@ -165,7 +172,10 @@ class AmqpBroker(Broker):
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 10) -> Consumer:
         channel = await self._new_channel(prefetch)
-        target = await channel.get_queue(queue, ensure=False)
+        try:  # a passive declare registers the queue, so the robust channel restores the consumer
+            target = await channel.declare_queue(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise BrokerError(f"queue {queue!r} does not exist", hint="declare it first (the engine does)") from None
 
         async def on_message(raw: AbstractIncomingMessage) -> None:
             message = AmqpIncoming(raw)

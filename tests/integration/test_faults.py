@@ -109,3 +109,20 @@ async def test_connector_bug_is_bounded_and_does_not_stall_other_sinks(
     assert letter.stage == "deliver" and letter.connector == "case-management" and letter.attempts == 3
     assert "ZeroDivisionError" in letter.error and letter.correlation_id == published.correlation_id
     assert len((tmp_path / "bed-board.jsonl").read_text().splitlines()) == 1  # the other sink got its event
+
+
+async def test_connection_cut_reconnects_and_resumes(engine: Engine, sink: Sink, cli: Cli) -> None:
+    """RabbitMQ drops the engine's connection (as in a network cut or a broker restart): the
+    engine reconnects, restores its consumers and delivers what is published afterwards (promise 3)."""
+    await asyncio.to_thread(cli, "publish", str(SAMPLES / "a01-admit.hl7"), "--queue", "ehr.adt")
+    await sink.wait_for(1)
+    name = getattr(engine.broker, "connection_name", "")
+    listed = await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "list_connections", "-q", "pid",
+                                                      "client_properties"], capture_output=True, text=True, timeout=60)
+    [pid] = [line.split("\t")[0] for line in listed.stdout.splitlines() if name and name in line]
+    closed = await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "close_connection", pid, "fault injection"],
+                                     capture_output=True, text=True, timeout=60)
+    assert closed.returncode == 0, closed.stderr
+    await asyncio.to_thread(cli, "publish", str(SAMPLES / "a03-discharge.hl7"), "--queue", "ehr.adt")
+    await sink.wait_for(2, timeout=60)
+    assert json.loads(sink.requests[1][1])["type"] == "patient.discharged.v1"
