@@ -87,8 +87,9 @@ class AmqpBroker(Broker):
 
     async def connect(self) -> None:
         try:
-            self._connection = await aio_pika.connect_robust(self.url, reconnect_interval=RECONNECT_SECONDS,
-                                                             client_properties={"connection_name": self.connection_name})
+            self._connection = await aio_pika.connect_robust(
+                self.url, reconnect_interval=RECONNECT_SECONDS,
+                client_properties={"connection_name": self.connection_name})
             self._channel = await self._new_channel()
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
             raise BrokerError(f"cannot connect to RabbitMQ: {type(exc).__name__}: {exc}",
