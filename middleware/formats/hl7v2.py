@@ -449,6 +449,16 @@ def _charset(raw: bytes) -> str:
                          hint=f"use one of: {', '.join(k for k in CHARSETS if k)}") from None
 
 
+@lru_cache(maxsize=256)
+def _segment_id_ok(candidate: str) -> bool:
+    return _SEGMENT_ID.fullmatch(candidate) is not None
+
+
+@lru_cache(maxsize=64)
+def _delimiters(field_separator: str, encoding: str) -> Delimiters:
+    return Delimiters.from_msh(field_separator, encoding)
+
+
 def parse(raw: bytes) -> Hl7Message:
     """Parse one ER7-encoded message; raises :class:`ParseError` saying what is wrong."""
     data = raw.lstrip(b"\x0b\r\n\t ").rstrip(b"\x1c\r\n")  # MLLP framing, blank lines; values keep spaces
@@ -473,14 +483,15 @@ def parse(raw: bytes) -> Hl7Message:
     if len(text) < 8:
         raise ParseError("truncated message: MSH has no encoding characters", hint="send a whole message")
     field_separator = text[3]
-    encoding = text[4:text.find(field_separator, 4)] if field_separator in text[4:] else text[4:]
-    delimiters = Delimiters.from_msh(field_separator, encoding)
-    lines = text.replace("\r\n", "\r").replace("\n", "\r").split("\r")
+    end = text.find(field_separator, 4)
+    delimiters = _delimiters(field_separator, text[4:end] if end != -1 else text[4:].split("\r", 1)[0])
+    if "\n" in text:
+        text = text.replace("\r\n", "\r").replace("\n", "\r")
     segments: list[Segment] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    for number, line in enumerate(text.split("\r"), start=1):
+        if not line or (line[0] in " \t" and line.isspace()):
             continue
-        if not _SEGMENT_ID.match(line) or (len(line) > 3 and line[3] != field_separator):
+        if not _segment_id_ok(line[:3]) or (len(line) > 3 and line[3] != field_separator):
             raise ParseError(f"segment {number} does not start with a segment id followed by "
                              f"{field_separator!r}",
                              hint="segments are separated by CR; check for line breaks inside field values")
