@@ -9,11 +9,13 @@ error-class, error, attempts, first-failure, last-failure, correlation-id, repla
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
-from dataclasses import dataclass
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from middleware.broker.base import IncomingMessage, OutgoingMessage
+from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
 
 PREFIX = "x-mw-"
 REASON_HEADERS = frozenset(PREFIX + name for name in (
@@ -124,3 +126,134 @@ class DeadLetter:
             connector=text("connector") or None,
             message_id=message.message_id, headers=dict(h),
         )
+
+
+# -- reading, replaying and removing dead letters (``middleware dlq``) ---------------------------
+
+REPLAYED_FROM = PREFIX + "replayed-from"
+REPLAY_COUNT = PREFIX + "replay-count"
+DELIVERY_LIMIT_HEADER = PREFIX + "delivery-limit-exceeded"  # the embedded broker's poison-message mark
+# broker bookkeeping a replay must not carry back into a work queue (a stale x-delivery-count would
+# count against the delivery limit there)
+_BROKER_HEADERS = ("x-delivery-count", "x-death", "x-first-death-", "x-last-death-", DELIVERY_LIMIT_HEADER)
+DEFAULT_SCAN = 10_000
+
+
+def _is_broker_header(name: str) -> bool:
+    return any(name == h or (h.endswith("-") and name.startswith(h)) for h in _BROKER_HEADERS)
+
+
+def letter_id(message: IncomingMessage) -> str:
+    """A stable id for a dead letter: its message id, else the start of a sha256 of body and headers.
+
+    Broker bookkeeping headers (delivery counts) are left out, so reading a dead letter never
+    changes its id."""
+    if message.message_id:
+        return message.message_id
+    headers = {k: v for k, v in message.headers.items() if not _is_broker_header(k)}
+    digest = hashlib.sha256(message.body)
+    digest.update(json.dumps(headers, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Held:
+    """A dead letter fetched from its queue and not settled yet."""
+
+    queue: str
+    id: str
+    message: IncomingMessage
+    letter: DeadLetter
+
+
+@dataclass
+class Browse:
+    """Dead letters held (fetched, unacked) from one queue while a command works on them."""
+
+    broker: Broker
+    queue: str
+    held: list[Held]
+    matched: list[Held]
+    settled: set[int] = field(default_factory=set)
+
+    async def ack(self, item: Held) -> None:
+        """Remove ``item`` from its queue for good."""
+        await item.message.ack()
+        self.settled.add(id(item))
+
+    async def release(self) -> None:
+        """Give back every held dead letter not acked, in its place and unchanged.
+
+        RabbitMQ puts a rejected message back at its position (dead-letter queues are classic
+        queues, so no delivery is counted). The embedded spool broker's requeue would rewrite the
+        message at the queue's tail with a bumped ``x-delivery-count``; there a held message is
+        instead left for :meth:`Broker.close`, which moves its spool file back untouched, so order
+        and headers stay as they were."""
+        spooled = bool(getattr(self.broker, "spooled", False))
+        for item in self.held:
+            if id(item) in self.settled:
+                continue
+            self.settled.add(id(item))
+            if not spooled:
+                await item.message.reject(requeue=True)
+
+
+async def browse(broker: Broker, queue: str, limit: int, *,
+                 match: Callable[[Held], bool] | None = None, scan: int = DEFAULT_SCAN) -> Browse:
+    """Fetch dead letters from ``queue`` and hold them (unacked) until ``limit`` of them match
+    ``match`` (every one when None), ``scan`` were fetched or the queue is empty.
+
+    Nothing is lost if the process dies meanwhile: the broker gives unacked messages back. Call
+    :meth:`Browse.release` (then close the broker) when done."""
+    result = Browse(broker, queue, [], [])
+    try:
+        while len(result.matched) < limit and len(result.held) < scan:
+            message = await broker.get(queue)
+            if message is None:
+                break
+            item = Held(queue, letter_id(message), message, DeadLetter.from_message(message))
+            result.held.append(item)
+            if match is None or match(item):
+                result.matched.append(item)
+    except BaseException:
+        await result.release()
+        raise
+    return result
+
+
+def replay_target(letter: DeadLetter) -> str | None:
+    """Where a replay sends the body: ``x-mw-replay-queue``, else the queue a broker's delivery limit
+    moved a poison message from."""
+    if letter.replay_queue:
+        return letter.replay_queue
+    marked = letter.headers.get(DELIVERY_LIMIT_HEADER)
+    if marked:
+        return str(marked)
+    deaths = letter.headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping) and deaths[0].get("queue"):
+        return str(deaths[0]["queue"])
+    return None
+
+
+def replay_message(message: IncomingMessage, dead_letter_queue: str) -> OutgoingMessage:
+    """The message a replay publishes: the body unchanged, the original headers without the failure
+    reason (and broker bookkeeping), marked ``x-mw-replayed-from`` and ``x-mw-replay-count``."""
+    headers = {k: v for k, v in message.headers.items() if k not in REASON_HEADERS and not _is_broker_header(k)}
+    try:
+        count = int(headers.get(REPLAY_COUNT, 0) or 0)
+    except (TypeError, ValueError):
+        count = 0
+    headers[REPLAYED_FROM] = dead_letter_queue
+    headers[REPLAY_COUNT] = count + 1
+    return OutgoingMessage(body=message.body, headers=headers, correlation_id=message.correlation_id,
+                           message_id=message.message_id,
+                           content_type=message.content_type or "application/octet-stream")
+
+
+async def replay(browse_: Browse, item: Held, target: str) -> OutgoingMessage:
+    """Publish ``item`` back to ``target``; ack the dead letter only once the broker confirmed it
+    (a crash in between duplicates, never loses)."""
+    outgoing = replay_message(item.message, browse_.queue)
+    await browse_.broker.publish(outgoing, queue=target)
+    await browse_.ack(item)
+    return outgoing
