@@ -55,6 +55,9 @@ class _SpoolChannel(filesystem.Channel):
     """kombu's filesystem channel made crash-safe: atomic fsynced writes, held messages on disk."""
 
     def _put(self, queue: Any, payload: Any, **kwargs: Any) -> Any:  # type: ignore[override]  # kombu disagrees with itself
+        if "/" in str(queue) or str(queue).startswith("."):
+            raise BrokerError(f"queue name {queue!r} cannot be a file name in the embedded broker",
+                              hint="use letters, digits, '.', '-' and '_' in queue names")
         name = f"{_sortable_now()}_{uuid.uuid4().hex}.{queue}.msg"
         _write_atomically(Path(self.data_folder_out), name, kombu.utils.json.dumps(payload).encode())
 
@@ -102,6 +105,11 @@ def _write_atomically(folder: Path, name: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.rename(temporary, folder / name)
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the new name itself must survive a power cut, not only the bytes
+    finally:
+        os.close(directory)
 
 
 @dataclass
@@ -186,8 +194,11 @@ class KombuConsumer(Consumer):
             self._slots.release()
 
     async def cancel(self) -> None:
+        if self._stopped:
+            return
         self._stopped = True
         await self._poller
+        self._broker._consumer_counts[self._queue] -= 1
 
 
 class KombuBroker(Broker):
