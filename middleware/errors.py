@@ -110,3 +110,7 @@ class DeliveryError(PipelineError):
 
 class BrokerError(MiddlewareError):
     """The message broker is unreachable or refused an operation."""
+
+
+class EngineStopping(MiddlewareError):
+    """Work arrived after shutdown began: the message goes back to its queue, unharmed."""

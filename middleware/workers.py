@@ -21,7 +21,7 @@ from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
 from middleware.deadletter import dead_letter
 from middleware.delivery.base import Connector, Delivery, RetryPolicy
 from middleware.delivery.retry import send_with_retry
-from middleware.errors import BrokerError, DeliveryError, PipelineError
+from middleware.errors import BrokerError, DeliveryError, EngineStopping, PipelineError
 from middleware.observe import Metrics
 from middleware.route import MessageContext, Route, transform
 
@@ -88,6 +88,7 @@ class RouteWorker:
             ),
             exchange=self.exchange,
             routing_key=naming.event_routing_key(self.route.name, event_type),
+            mandatory=bool(self.route.deliver),  # a route with deliveries must never lose an event unrouted
         )
 
     async def _dead_letter(self, message: IncomingMessage, error: PipelineError) -> None:
@@ -145,8 +146,8 @@ class DeliveryWorker:
         except DeliveryError as exc:
             await self._dead_letter(message, delivery, exc, first_failure[0] if first_failure else None)
             return
-        except BrokerError:
-            raise  # the broker failed mid-way: the message comes back
+        except (BrokerError, EngineStopping):
+            raise  # the broker failed mid-way, or we are stopping: the message comes back
         except Exception as exc:  # a connector bug: retried by redelivery, a bounded number of times
             deliveries = message.delivery_count + 1
             log.exception("connector failed", extra={"route": labels[0], "connector": labels[1],

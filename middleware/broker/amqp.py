@@ -141,9 +141,10 @@ class AmqpBroker(Broker):
         await target.bind(exchange, routing_key)
 
     async def publish(self, message: OutgoingMessage, *, queue: str | None = None,
-                      exchange: str | None = None, routing_key: str = "") -> None:
+                      exchange: str | None = None, routing_key: str = "", mandatory: bool | None = None) -> None:
         if (queue is None) == (exchange is None):
             raise ValueError("publish to exactly one of queue= or exchange=")
+        must_route = (queue is not None) if mandatory is None else mandatory
         amqp_message = aio_pika.Message(
             body=message.body, headers=message.headers or None, correlation_id=message.correlation_id,
             message_id=message.message_id, content_type=message.content_type,
@@ -153,13 +154,15 @@ class AmqpBroker(Broker):
         while True:
             try:
                 if queue is not None:
-                    await self.channel.default_exchange.publish(amqp_message, routing_key=queue, mandatory=True)
+                    await self.channel.default_exchange.publish(amqp_message, routing_key=queue, mandatory=must_route)
                 else:
                     target = await self.channel.get_exchange(str(exchange), ensure=False)
-                    await target.publish(amqp_message, routing_key=routing_key, mandatory=False)
+                    await target.publish(amqp_message, routing_key=routing_key, mandatory=must_route)
                 return
             except aio_pika.exceptions.PublishError:
-                raise BrokerError(f"queue {queue!r} does not exist: the message was not accepted",
+                where = f"queue {queue!r} does not exist" if queue is not None else \
+                    f"no queue is bound to exchange {exchange!r} for {routing_key!r}"
+                raise BrokerError(f"{where}: the message was not accepted",
                                   hint="start the engine once (it declares every queue) or check the name") from None
             except aio_pika.exceptions.DeliveryError as exc:
                 raise BrokerError(f"RabbitMQ refused the message ({exc.frame.name})",

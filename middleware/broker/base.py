@@ -91,8 +91,12 @@ class Broker:
         raise NotImplementedError
 
     async def publish(self, message: OutgoingMessage, *, queue: str | None = None,
-                      exchange: str | None = None, routing_key: str = "") -> None:
-        """Publish persistently to a queue (default exchange) or to an exchange; wait for the confirm."""
+                      exchange: str | None = None, routing_key: str = "", mandatory: bool | None = None) -> None:
+        """Publish persistently to a queue (default exchange) or to an exchange; wait for the confirm.
+
+        ``mandatory`` (default: True for a queue, False for an exchange): a message no queue takes
+        is an error (:class:`middleware.errors.BrokerError`), not a silent drop.
+        """
         raise NotImplementedError
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 10) -> Consumer:

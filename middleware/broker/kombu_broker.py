@@ -288,7 +288,8 @@ class KombuBroker(Broker):
     # -- messages -------------------------------------------------------------------------------
 
     async def publish(self, message: OutgoingMessage, *, queue: str | None = None,
-                      exchange: str | None = None, routing_key: str = "") -> None:
+                      exchange: str | None = None, routing_key: str = "", mandatory: bool | None = None) -> None:
+        # kombu's virtual transports cannot report unroutable messages: ``mandatory`` is not enforced here
         if (queue is None) == (exchange is None):
             raise ValueError("publish to exactly one of queue= or exchange=")
         await self._run(self._publish_sync, message, exchange or "", queue if queue is not None else routing_key)

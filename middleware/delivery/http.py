@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from middleware.delivery.base import Connector, ConnectorSpec, Delivery, register
-from middleware.errors import DeliveryError
+from middleware.errors import DeliveryError, EngineStopping
 
 CONTENT_TYPE = "application/cloudevents+json"  # JSON is UTF-8 by definition (RFC 8259)
 DEFAULT_TIMEOUT = 10.0
@@ -50,6 +50,7 @@ class HttpConnector(Connector):
         self.timeout = float(options.get("timeout", DEFAULT_TIMEOUT))
         self.headers: dict[str, str] = {str(k): str(v) for k, v in dict(options.get("headers") or {}).items()}
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     async def start(self) -> None:
         if self._session is None:
@@ -59,6 +60,8 @@ class HttpConnector(Connector):
             )
 
     async def send(self, delivery: Delivery) -> None:
+        if self._closed:  # shutting down after a drain timeout: the message goes back to its queue
+            raise EngineStopping(f"{self.name}: connector is closed", hint="the engine is stopping")
         if self._session is None:
             await self.start()
         assert self._session is not None
@@ -95,6 +98,7 @@ class HttpConnector(Connector):
                             retry_after=retry_after, hint=hint)
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()

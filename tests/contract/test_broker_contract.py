@@ -260,6 +260,12 @@ async def test_amqp_publish_to_a_missing_queue_is_an_error(amqp_url: str, queue_
             await client.publish(OutgoingMessage(b"x"), queue=queue_prefix + "nobody-declared-me")
         with pytest.raises(BrokerError, match="does not exist"):
             await client.queue_info(queue_prefix + "nobody-declared-me")
+        exchange = queue_prefix + "events"
+        await client.declare_exchange(exchange)
+        await client.publish(OutgoingMessage(b"tap"), exchange=exchange, routing_key="r.x.v1")  # may go nowhere
+        with pytest.raises(BrokerError, match="no queue is bound"):
+            await client.publish(OutgoingMessage(b"x"), exchange=exchange, routing_key="r.x.v1", mandatory=True)
+        await client.delete_exchange(exchange)
     finally:
         await client.close()
 

@@ -123,3 +123,14 @@ async def test_file_that_cannot_be_written_is_a_delivery_error(tmp_path: Path) -
     with pytest.raises(DeliveryError, match="cannot write") as raised:
         await send(spec)
     assert raised.value.attempts == 2
+
+
+async def test_a_closed_http_connector_refuses_work_without_dead_lettering(sink: Sink) -> None:
+    from middleware.errors import EngineStopping
+
+    connector = make_connector(http_spec(sink.url))
+    await connector.start()
+    await connector.close()
+    with pytest.raises(EngineStopping):
+        await connector.send(DELIVERY)
+    assert sink.requests == []
