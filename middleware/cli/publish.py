@@ -19,7 +19,7 @@ from middleware.formats.hl7batch import BatchSummary, iter_batch
 from middleware.project import Project
 
 log = logging.getLogger("middleware.publish")
-CONTENT_TYPES = {"hl7v2": "x-application/hl7-v2+er7", "json": "application/json"}
+CONTENT_TYPES = {"hl7v2": "x-application/hl7-v2+er7", "json": "application/json", "fhir": "application/fhir+json"}
 
 
 @dataclass(frozen=True)

@@ -84,4 +84,4 @@ def format_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from middleware.formats import hl7v2, json_format  # noqa: F401  (registration side effect)
+    from middleware.formats import fhir, hl7v2, json_format  # noqa: F401  (registration side effect)

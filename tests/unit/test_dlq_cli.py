@@ -23,7 +23,7 @@ MALFORMED = (REPO / "samples" / "adt-inbound" / "malformed-no-msh.hl7").read_byt
 
 @pytest.fixture(scope="module")
 def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copied project on which `middleware demo` left its dead letters (adt-inbound and results-inbound)."""
+    """A copied project on which `middleware demo` left its dead letters (adt-, fhir- and results-inbound)."""
     root = tmp_path_factory.mktemp("project")
     for folder in ("config", "routes", "connectors", "schemas", "samples"):
         shutil.copytree(REPO / folder, root / folder)
@@ -87,10 +87,11 @@ def test_replay_sends_the_body_back_to_its_inbound_queue(project: Path) -> None:
     [row] = json.loads(dlq(project, "list", "--route", "adt-inbound", "--json").stdout)
     assert dlq(project, "replay", check=False).returncode == 1  # neither ids nor --all
     dry = dlq(project, "replay", "--all", "--route", "adt-inbound", "--dry-run").stdout
-    assert "would replay" in dry and len(json.loads(dlq(project, "list", "--json").stdout)) == 2
+    assert "would replay" in dry and len(json.loads(dlq(project, "list", "--json").stdout)) == 3
     out = dlq(project, "replay", row["id"]).stdout
     assert f"replayed {row['id']} (adt-inbound/parse) -> ehr.adt" in out
-    assert [r["route"] for r in json.loads(dlq(project, "list", "--json").stdout)] == ["results-inbound"]
+    assert [r["route"] for r in json.loads(dlq(project, "list", "--json").stdout)] == ["fhir-inbound",
+                                                                                      "results-inbound"]
     [name] = [n for n in spool(project) if n.endswith(".ehr.adt.msg")]
     payload = json.loads((project / "var" / "demo" / "broker" / "queues" / name).read_bytes())
     headers = payload["headers"]
@@ -107,8 +108,9 @@ def test_purge_needs_confirmation_and_removes_only_what_filters_select(project: 
     result = json.loads(dlq(project, "purge", "--route", "results-inbound", "--stage", "parse", "--yes",
                             "--json").stdout)
     assert result == {"purged": {"results-inbound": 1}, "total": 1}
-    assert [r["route"] for r in json.loads(dlq(project, "list", "--json").stdout)] == ["adt-inbound"]
-    assert "purged 1" in dlq(project, "purge", "--all", "--yes").stdout
+    assert [r["route"] for r in json.loads(dlq(project, "list", "--json").stdout)] == ["adt-inbound",
+                                                                                      "fhir-inbound"]
+    assert "purged 2" in dlq(project, "purge", "--all", "--yes").stdout
     assert json.loads(dlq(project, "list", "--json").stdout) == []
 
 
@@ -121,7 +123,7 @@ def test_export_writes_exact_bytes_and_keeps_the_dead_letters_unless_remove(proj
     assert record["headers"]["x-mw-stage"] == "parse"
     assert spool(project) == before
     dlq(project, "export", "--stage", "parse", "--remove", "--out", str(out))
-    assert len(out.read_text().splitlines()) == 2
+    assert len(out.read_text().splitlines()) == 3
     assert json.loads(dlq(project, "list", "--json").stdout) == []
 
 

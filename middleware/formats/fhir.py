@@ -1,0 +1,509 @@
+"""FHIR R4 JSON resources and Bundles, read with a small FHIRPath subset (``format: fhir``).
+
+The hot path is orjson plus compiled paths evaluated on plain dicts; fhir.resources models are
+used only to recognise resource types and, for ``validation: strict`` routes, to validate the
+whole resource (see :meth:`FhirFormat.check_structure`). fhir.resources ships the R4B (4.3.0)
+models as its closest match to R4; R4 resources validate against them.
+
+Document:
+
+- ``message_type`` is the ``resourceType`` (``Patient``). For a Bundle (type transaction, batch,
+  collection or message; others are rejected) it is ``Bundle/<type>`` where ``<type>`` is the
+  resourceType of the first entry's resource, skipping a MessageHeader (``Bundle/Patient``), or
+  plain ``Bundle`` when there is no entry.
+- ``message_id`` is the resource ``id``; for a Bundle, ``Bundle.id`` else the first entry's fullUrl.
+- ``occurred_at`` is the resource's own timing (:data:`TIMINGS`: Observation/DiagnosticReport
+  effective[x] then issued, Encounter.period.start, Appointment.created, ServiceRequest and
+  MedicationRequest authoredOn, Procedure performed[x], Condition.recordedDate, Bundle.timestamp
+  then its first entry's timing), else ``meta.lastUpdated``.
+
+Path grammar (FHIRPath subset):
+
+- ``Patient.name.family``: an *absolute* path starts with a resource type (a capitalised name). It
+  reads the innermost enclosing resource of that type: the document itself, or inside ``each:`` the
+  item's resource or the resource around it; in a Bundle, every entry resource of that type. A path
+  whose type matches nothing reads nothing, so one route maps several types with ``when``.
+- ``name.family``: a *relative* path (lower-case first step) reads from the current node: the
+  resource, or inside ``each:`` the item (``each: Observation.component`` then ``code.coding.code``).
+  ``$this`` is the current node itself.
+- Arrays flatten implicitly: ``Patient.name.given`` is every given of every name.
+- ``[n]`` (0-based) indexes the collection built so far; ``.first()``, ``.last()``.
+- ``.where(a.b = 'x')``: keeps the items on which the dotted child path has a value equal to the
+  literal (``'string'``, number, ``true``/``false``); ``.where(a.startsWith('x'))`` likewise.
+- ``.replace('from', 'to')``: on strings (``subject.reference.replace('Patient/', '')``).
+- ``A | B``: the union (values of A then of B).
+
+A path maps to **one value** (the first it selects) unless it ends with ``[*]``, this project's list
+marker (as in ``OBX[*]-5`` and ``items[*]``): ``Observation.code.coding.code[*]`` yields a list.
+Numbers are passed on as parsed (``valueQuantity.value`` 7.20 reads as 7.2).
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from middleware.errors import ParseError
+from middleware.formats import register
+
+BUNDLE_TYPES = frozenset({"transaction", "batch", "collection", "message"})
+TIMINGS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "Observation": (("effectiveDateTime",), ("effectiveInstant",), ("effectivePeriod", "start"), ("issued",)),
+    "DiagnosticReport": (("effectiveDateTime",), ("effectivePeriod", "start"), ("issued",)),
+    "Encounter": (("period", "start"),),
+    "Appointment": (("created",),),
+    "ServiceRequest": (("authoredOn",),),
+    "MedicationRequest": (("authoredOn",),),
+    "Procedure": (("performedDateTime",), ("performedPeriod", "start")),
+    "Condition": (("recordedDate",),),
+    "Bundle": (("timestamp",),),
+}
+_TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}")
+_NAME = re.compile(r"\$this|[A-Za-z_][A-Za-z0-9_]*")
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+_STRING = r"'(?:[^'\\]|\\.)*'"
+_LITERAL = rf"{_STRING}|-?\d+(?:\.\d+)?|true|false"
+_WHERE_EQ = re.compile(rf"\s*({_DOTTED})\s*=\s*({_LITERAL})\s*")
+_WHERE_STARTS = re.compile(rf"\s*({_DOTTED})\.startsWith\(\s*({_STRING})\s*\)\s*")
+_REPLACE_ARGS = re.compile(rf"\s*({_STRING})\s*,\s*({_STRING})\s*")
+_ESCAPE = re.compile(r"\\(.)")
+_SAFE_LOC = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+@functools.lru_cache(maxsize=1024)
+def is_resource_type(name: str) -> bool:
+    """Whether ``name`` is a FHIR resource type (per fhir.resources' R4B model registry)."""
+    if not _TYPE_NAME.fullmatch(name):
+        return False
+    from fhir.resources.R4B import get_fhir_model_class
+    from fhir.resources.R4B.resource import Resource
+
+    try:
+        model = get_fhir_model_class(name)
+    except (ValueError, AttributeError, ImportError):
+        return False
+    return isinstance(model, type) and issubclass(model, Resource)
+
+
+# -- document ---------------------------------------------------------------------------------
+
+
+def _get(node: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _timing(resource: Any) -> str | None:
+    if not isinstance(resource, dict):
+        return None
+    for keys in TIMINGS.get(str(resource.get("resourceType")), ()):
+        value = _get(resource, keys)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _entry_resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return []
+    return [e["resource"] for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+
+
+def _first_entry_resource(bundle: dict[str, Any]) -> dict[str, Any] | None:
+    for resource in _entry_resources(bundle):
+        if resource.get("resourceType") != "MessageHeader":
+            return resource
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class FhirDocument:
+    """A decoded resource (``scopes[0]``) and the node paths are read from.
+
+    ``data`` is the current node: the resource itself, or an ``each:`` item; ``scopes`` are the
+    enclosing resources, outermost first.
+    """
+
+    data: Any
+    scopes: tuple[dict[str, Any], ...]
+
+    @property
+    def root(self) -> dict[str, Any]:
+        return self.scopes[0] if self.scopes else {}
+
+    @property
+    def message_type(self) -> str | None:
+        kind = self.root.get("resourceType")
+        if kind != "Bundle":
+            return kind if isinstance(kind, str) else None
+        first = _first_entry_resource(self.root)
+        inner = first.get("resourceType") if first is not None else None
+        return f"Bundle/{inner}" if isinstance(inner, str) else "Bundle"
+
+    @property
+    def message_id(self) -> str | None:
+        value = self.root.get("id")
+        if isinstance(value, str) and value:
+            return value
+        if self.root.get("resourceType") == "Bundle":
+            entries = self.root.get("entry")
+            if isinstance(entries, list) and entries and isinstance(entries[0], dict):
+                url = entries[0].get("fullUrl")
+                if isinstance(url, str) and url:
+                    return url
+        return None
+
+    def occurred_at(self) -> str | None:
+        root = self.root
+        found = _timing(root)
+        if found is None and root.get("resourceType") == "Bundle":
+            found = _timing(_first_entry_resource(root))
+        if found is None:
+            updated = _get(root, ("meta", "lastUpdated"))
+            found = updated if isinstance(updated, str) and updated else None
+        return found
+
+
+def _as_document(doc: Any) -> FhirDocument:
+    if isinstance(doc, FhirDocument):
+        return doc
+    return FhirDocument(doc, (doc,) if isinstance(doc, dict) else ())
+
+
+# -- paths ------------------------------------------------------------------------------------
+
+Step = Callable[[list[Any]], list[Any]]
+
+
+def _child(name: str) -> Step:
+    def step(values: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for value in values:
+            if type(value) is dict:
+                found = value.get(name)
+                if found is None:
+                    continue
+                if type(found) is list:
+                    out.extend(item for item in found if item is not None)
+                else:
+                    out.append(found)
+        return out
+
+    return step
+
+
+def _navigate(names: tuple[str, ...]) -> Step:
+    steps = [_child(n) for n in names]
+
+    def step(values: list[Any]) -> list[Any]:
+        for each in steps:
+            values = each(values)
+        return values
+
+    return step
+
+
+def _index(n: int) -> Step:
+    return lambda values: values[n:n + 1] if n >= 0 else values[n:][:1]
+
+
+def _literal(text: str) -> Any:
+    if text.startswith("'"):
+        return _ESCAPE.sub(lambda m: {"n": "\n", "t": "\t", "r": "\r"}.get(m.group(1), m.group(1)), text[1:-1])
+    if text in ("true", "false"):
+        return text == "true"
+    return float(text) if "." in text else int(text)
+
+
+def _equal(value: Any, literal: Any) -> bool:
+    if isinstance(literal, bool) or isinstance(value, bool):
+        return value is literal
+    if isinstance(literal, str):
+        return isinstance(value, str) and value == literal
+    return isinstance(value, int | float) and value == literal
+
+
+def _where(expr: str, args: str) -> Step:
+    match = _WHERE_EQ.fullmatch(args)
+    if match:
+        path, literal = _navigate(tuple(match.group(1).split("."))), _literal(match.group(2))
+        return lambda values: [v for v in values if any(_equal(x, literal) for x in path([v]))]
+    match = _WHERE_STARTS.fullmatch(args)
+    if match:
+        path, prefix = _navigate(tuple(match.group(1).split("."))), _literal(match.group(2))
+        return lambda values: [v for v in values
+                               if any(isinstance(x, str) and x.startswith(prefix) for x in path([v]))]
+    raise ValueError(f"invalid FHIRPath {expr!r}: where() takes one comparison, "
+                     "e.g. where(type.coding.code = 'MR') or where(reference.startsWith('Patient/'))")
+
+
+def _replace(expr: str, args: str) -> Step:
+    match = _REPLACE_ARGS.fullmatch(args)
+    if not match:
+        raise ValueError(f"invalid FHIRPath {expr!r}: replace() takes two strings, e.g. replace('Patient/', '')")
+    old, new = _literal(match.group(1)), _literal(match.group(2))
+    return lambda values: [v.replace(old, new) if isinstance(v, str) else v for v in values]
+
+
+def _close_paren(expr: str, start: int) -> int:
+    """Index of the ``)`` matching the ``(`` at ``start``, skipping quoted strings."""
+    depth, i = 0, start
+    while i < len(expr):
+        char = expr[i]
+        if char == "'":
+            i += 1
+            while i < len(expr) and expr[i] != "'":
+                i += 2 if expr[i] == "\\" else 1
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ValueError(f"invalid FHIRPath {expr!r}: unbalanced parentheses or quotes")
+
+
+def _split_union(expr: str) -> list[str]:
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(expr):
+        char = expr[i]
+        if char == "'":
+            i += 1
+            while i < len(expr) and expr[i] != "'":
+                i += 2 if expr[i] == "\\" else 1
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            parts.append(expr[start:i])
+            start = i + 1
+        i += 1
+    parts.append(expr[start:])
+    return [p.strip() for p in parts]
+
+
+@dataclass(frozen=True)
+class _Branch:
+    resource_type: str | None  # None: relative to the current node
+    steps: tuple[Step, ...]
+
+    def read(self, doc: FhirDocument) -> list[Any]:
+        values = [doc.data] if self.resource_type is None else _resources(doc, self.resource_type)
+        for step in self.steps:
+            if not values:
+                return values
+            values = step(values)
+        return values
+
+
+def _resources(doc: FhirDocument, kind: str) -> list[Any]:
+    for scope in reversed(doc.scopes):
+        if scope.get("resourceType") == kind:
+            return [scope]
+    if doc.scopes and doc.root.get("resourceType") == "Bundle":
+        return [r for r in _entry_resources(doc.root) if r.get("resourceType") == kind]
+    return []
+
+
+def _compile_branch(expr: str, text: str) -> tuple[_Branch, bool]:
+    """One union member -> (branch, ends with [*])."""
+    if not text:
+        raise ValueError(f"invalid FHIRPath {expr!r}: empty path")
+    steps: list[Step] = []
+    resource_type: str | None = None
+    star, i, first = False, 0, True
+    while True:
+        match = _NAME.match(text, i)
+        if not match:
+            raise ValueError(f"invalid FHIRPath {expr!r}: expected a name at {text[i:i + 12]!r}")
+        name, i = match.group(0), match.end()
+        if i < len(text) and text[i] == "(":
+            end = _close_paren(text, i)
+            args, i = text[i + 1:end], end + 1
+            if first:
+                raise ValueError(f"invalid FHIRPath {expr!r}: a path starts with a resource type or element name")
+            steps.append(_function(expr, name, args))
+        elif first and name == "$this":
+            pass
+        elif first and name[0].isupper():
+            if not is_resource_type(name):
+                raise ValueError(f"invalid FHIRPath {expr!r}: {name} is not a FHIR R4 resource type")
+            resource_type = name
+        elif name == "$this":
+            raise ValueError(f"invalid FHIRPath {expr!r}: $this can only start a path")
+        else:
+            steps.append(_child(name))
+        first = False
+        while i < len(text) and text[i] == "[":
+            end = text.find("]", i)
+            content = text[i + 1:end] if end > 0 else ""
+            if content == "*" and end == len(text) - 1:
+                star = True
+            elif content.isascii() and content.isdigit():
+                steps.append(_index(int(content)))
+            elif content == "*":
+                raise ValueError(f"invalid FHIRPath {expr!r}: [*] may only end a path (it makes the path a list)")
+            else:
+                raise ValueError(f"invalid FHIRPath {expr!r}: an index is [n] (0-based) or a final [*]")
+            i = end + 1
+        if i == len(text):
+            return _Branch(resource_type, tuple(steps)), star
+        if text[i] != ".":
+            raise ValueError(f"invalid FHIRPath {expr!r}: unexpected {text[i]!r} (supported: a.b, [n], first(), "
+                             "last(), where(x = 'v'), replace('a', 'b'), A | B)")
+        i += 1
+
+
+def _function(expr: str, name: str, args: str) -> Step:
+    if name in ("first", "last"):
+        if args.strip():
+            raise ValueError(f"invalid FHIRPath {expr!r}: {name}() takes no arguments")
+        return _index(0 if name == "first" else -1)
+    if name == "where":
+        return _where(expr, args)
+    if name == "replace":
+        return _replace(expr, args)
+    raise ValueError(f"invalid FHIRPath {expr!r}: function {name}() is not supported "
+                     "(supported: first(), last(), where(), replace())")
+
+
+@dataclass(frozen=True)
+class FhirPath:
+    """A compiled FHIRPath subset expression; ``read`` returns every non-empty value it selects."""
+
+    expr: str
+    branches: tuple[_Branch, ...]
+    multiple: bool
+
+    def read(self, doc: Any) -> list[Any]:
+        document = _as_document(doc)
+        if len(self.branches) == 1:
+            values = self.branches[0].read(document)
+        else:
+            values = [v for branch in self.branches for v in branch.read(document)]
+        return [v for v in values if v is not None and v != "" and v != [] and v != {}]
+
+
+def compile_path(expr: str) -> FhirPath:
+    """Compile ``expr``; raises ``ValueError`` naming what is unsupported."""
+    if not isinstance(expr, str) or not expr.strip():
+        raise ValueError("invalid FHIRPath: empty expression")
+    compiled = [_compile_branch(expr, part) for part in _split_union(expr.strip())]
+    stars = {star for _, star in compiled}
+    if len(stars) > 1:
+        raise ValueError(f"invalid FHIRPath {expr!r}: end every member of a union with [*], or none")
+    return FhirPath(expr, tuple(branch for branch, _ in compiled), stars == {True})
+
+
+_compiled = functools.lru_cache(maxsize=256)(compile_path)
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+
+def parse(raw: bytes) -> FhirDocument:
+    """Decode one FHIR JSON resource or Bundle; raises :class:`ParseError` (never quoting values)."""
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    if not raw.strip():
+        raise ParseError("input is empty", hint="send a FHIR R4 JSON resource")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise ParseError(f"input is not UTF-8 (invalid byte at offset {bad.start})",
+                             hint="FHIR JSON is UTF-8") from None
+        raise ParseError(f"not valid JSON (line {exc.lineno}, column {exc.colno})",
+                         hint="send a FHIR R4 JSON resource") from None
+    if not isinstance(data, dict):
+        got = {list: "an array", str: "a string", bool: "a boolean"}.get(type(data), "a number or null")
+        raise ParseError(f"a FHIR resource is a JSON object, got {got}", hint="send one resource or a Bundle")
+    kind = data.get("resourceType")
+    if not isinstance(kind, str) or not kind:
+        raise ParseError("no resourceType: not a FHIR resource", hint="every FHIR resource names its resourceType")
+    if not is_resource_type(kind):
+        raise ParseError("resourceType is not a FHIR R4 resource type",
+                         hint="check the sender's resourceType spelling and FHIR version")
+    if kind == "Bundle" and data.get("type") not in BUNDLE_TYPES:
+        raise ParseError("Bundle type is missing or not accepted",
+                         hint=f"send a Bundle of type {', '.join(sorted(BUNDLE_TYPES))}")
+    return FhirDocument(data, (data,))
+
+
+def _loc(parts: tuple[Any, ...]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            name = str(part) if _SAFE_LOC.fullmatch(str(part)) else "?"
+            out += f".{name}" if out else name
+    return out or "(resource)"
+
+
+def check_structure(doc: Any) -> None:
+    """``validation: strict``: validate the resource with fhir.resources (R4B models).
+
+    Errors name element paths (``name[0].family``) and pydantic error kinds, never values.
+    """
+    from fhir.resources.R4B import get_fhir_model_class
+    from pydantic import ValidationError
+
+    resource = _as_document(doc).root
+    kind = str(resource.get("resourceType"))
+    model = get_fhir_model_class(kind)
+    try:
+        model.model_validate(resource)
+    except ValidationError as exc:
+        problems = list(dict.fromkeys(f"{_loc(tuple(e['loc']))} ({e['type']})" for e in exc.errors()))
+        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ParseError(f"does not conform to FHIR R4 {kind}: {', '.join(problems[:5])}{more}",
+                         hint="fix the sender, or set validation: lenient on the route") from None
+    except (ValueError, TypeError) as exc:
+        raise ParseError(f"does not conform to FHIR R4 {kind}: {type(exc).__name__}",
+                         hint="fix the sender, or set validation: lenient on the route") from None
+
+
+@register("fhir")
+class FhirFormat:
+    """``format: fhir``: one FHIR R4 JSON resource (or Bundle) per message."""
+
+    name = "fhir"
+
+    def parse(self, raw: bytes) -> FhirDocument:
+        return parse(raw)
+
+    def compile_path(self, expr: str) -> FhirPath:
+        return compile_path(expr)
+
+    def check_structure(self, doc: Any) -> None:
+        check_structure(doc)
+
+    def each_scope(self, expr: str) -> None:
+        compile_path(expr)
+
+    def each(self, doc: Any, expr: str) -> list[Any]:
+        """``each: Observation.component``: one document per selected element; relative paths read
+        the element (``code.coding.first().code``), absolute ones the enclosing resources."""
+        document = _as_document(doc)
+        items = []
+        for value in _compiled(expr).read(document):
+            scopes = document.scopes
+            if isinstance(value, dict) and isinstance(value.get("resourceType"), str):
+                scopes = (*scopes, value)
+            items.append(FhirDocument(value, scopes))
+        return items
