@@ -14,28 +14,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def rate(fn: Callable[[bytes], object], messages: list[bytes], seconds: float) -> float:
-    """Messages per second, median of 5 rounds of ``seconds / 5`` each."""
-    rounds = []
-    for _ in range(5):
-        done, started = 0, time.perf_counter()
-        deadline = started + seconds / 5
-        while time.perf_counter() < deadline:
-            for raw in messages:
-                fn(raw)
-            done += len(messages)
-        rounds.append(done / (time.perf_counter() - started))
-    return statistics.median(rounds)
+from timing import rate  # noqa: E402
 
 
 def main() -> None:

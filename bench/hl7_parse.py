@@ -14,13 +14,15 @@ Run: .venv/bin/python bench/hl7_parse.py [--seconds 3]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import rate  # noqa: E402
+
 CORPUS = REPO.parent / "shared" / "corpus" / "hl7v2" / "fhir-converter"
 
 
@@ -41,20 +43,6 @@ def load_messages() -> list[bytes]:
         if outcome.events:  # only messages the route turns into events: the real hot path
             messages.append(raw)
     return messages
-
-
-def rate(fn: Callable[[bytes], object], messages: list[bytes], seconds: float) -> float:
-    """Messages per second, median of 5 rounds of ``seconds / 5`` each."""
-    rounds = []
-    for _ in range(5):
-        done, started = 0, time.perf_counter()
-        deadline = started + seconds / 5
-        while time.perf_counter() < deadline:
-            for raw in messages:
-                fn(raw)
-            done += len(messages)
-        rounds.append(done / (time.perf_counter() - started))
-    return statistics.median(rounds)
 
 
 def main() -> None:
