@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from middleware.cli import demo, dlq, publish, run, transform, validate
+from middleware.cli import demo, dlq, publish, routetest, run, schemas, status, transform, validate
 
 app = typer.Typer(
     name="middleware",
@@ -13,7 +13,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for module in (run, demo, publish, validate, transform, dlq):
+for module in (run, demo, publish, validate, transform, routetest, dlq, status, schemas):
     module.register(app)
 
 

@@ -67,7 +67,9 @@ def test_transform_unknown_route_and_missing_file() -> None:
 
 
 def test_every_command_has_help() -> None:
-    for command in ("run", "demo", "publish", "validate", "transform"):
-        result = middleware(command, "--help")
+    commands = ("run", "demo", "publish", "validate", "transform", "test", "status", "dlq list", "dlq show",
+                "dlq replay", "dlq purge", "dlq export", "schemas list", "schemas check")
+    for command in commands:
+        result = middleware(*command.split(), "--help")
         assert result.returncode == 0, (command, result.stderr)
         assert b"--project" in result.stdout
