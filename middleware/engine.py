@@ -11,7 +11,7 @@ from middleware.broker import make_broker, naming
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage
 from middleware.delivery.base import Connector, ConnectorSpec, make_connector
 from middleware.ingest.mllp import MllpGateway
-from middleware.observe import Metrics
+from middleware.observe import Metrics, safe_url
 from middleware.project import Project, Settings
 from middleware.route import Route
 from middleware.workers import DeliveryWorker, RouteWorker
@@ -113,7 +113,7 @@ class Engine:
             await self._consume(route_worker.queue, route_worker.handle, prefetch)
         if self._start_gateways:
             await self._start_listeners()
-        log.info("engine started", extra={"routes": sorted(self.project.routes), "broker": _safe_url(self.broker.url)})
+        log.info("engine started", extra={"routes": sorted(self.project.routes), "broker": safe_url(self.broker.url)})
 
     async def _consume(self, queue: str, handler: Handler, prefetch: int) -> None:
         self._consumers.append(await self.broker.consume(queue, self._tracked.wrap(handler), prefetch=prefetch))
@@ -150,11 +150,3 @@ class Engine:
             if (await self.broker.queue_info(queue)).messages:
                 return False
         return self.in_flight == 0
-
-
-def _safe_url(url: str) -> str:
-    """The broker URL without its password, for logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url

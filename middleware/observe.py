@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -99,3 +100,15 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> Any:
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
+
+
+def safe_url(url: str) -> str:
+    """``url`` fit for logs and messages: credentials masked (``***@``), the query (it may hold
+    tokens) dropped."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    if "@" in parts.netloc:
+        host = f"***@{host}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -46,6 +46,7 @@ from middleware.broker import make_broker, naming
 from middleware.broker.base import Broker
 from middleware.cli.common import JsonOption, ProjectOption, fail, open_project, print_json
 from middleware.errors import BrokerError
+from middleware.observe import safe_url
 from middleware.project import Project
 
 CONNECT_TIMEOUT = 15.0
@@ -338,7 +339,7 @@ class Status:
             await fill_from_broker(routes, self.broker)
             note = AGE_NOT_AVAILABLE["amqp" if self.url.startswith(("amqp://", "amqps://")) else "kombu"]
         metrics, window = await self._metrics()
-        return Report(_safe_url(self.url), routes, note, self.metrics_url, metrics, window)
+        return Report(safe_url(self.url), routes, note, self.metrics_url, metrics, window)
 
     async def _metrics(self) -> tuple[dict[str, dict[str, Any]] | None, float | None]:
         if self.metrics_url is None:
@@ -354,13 +355,6 @@ class Status:
         if after is None:
             return None, None
         return rates(before, after, sorted(self.project.routes)), round(after.at - before.at, 2)
-
-
-def _safe_url(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
 
 
 # -- output ------------------------------------------------------------------------------------------

@@ -10,25 +10,16 @@ are never copied into errors or logs (they may echo PHI).
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
 from middleware.delivery.base import Connector, ConnectorSpec, Delivery, register
 from middleware.errors import DeliveryError, EngineStopping
+from middleware.observe import safe_url
 
 CONTENT_TYPE = "application/cloudevents+json"  # JSON is UTF-8 by definition (RFC 8259)
 DEFAULT_TIMEOUT = 10.0
 MAX_CONNECTIONS = 100
-
-
-def safe_url(url: str) -> str:
-    """``url`` without credentials or query string, for messages and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _retry_after(value: str | None) -> float | None:

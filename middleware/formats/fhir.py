@@ -43,7 +43,7 @@ from __future__ import annotations
 import codecs
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,8 +255,8 @@ def _replace(expr: str, args: str) -> Step:
     return lambda values: [v.replace(old, new) if isinstance(v, str) else v for v in values]
 
 
-def _close_paren(expr: str, start: int) -> int:
-    """Index of the ``)`` matching the ``(`` at ``start``, skipping quoted strings."""
+def _unquoted(expr: str, start: int = 0) -> Iterator[tuple[int, str, int]]:
+    """(index, char, parenthesis depth after it) of every character outside quoted strings."""
     depth, i = 0, start
     while i < len(expr):
         char = expr[i]
@@ -264,34 +264,25 @@ def _close_paren(expr: str, start: int) -> int:
             i += 1
             while i < len(expr) and expr[i] != "'":
                 i += 2 if expr[i] == "\\" else 1
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-            if depth == 0:
-                return i
+        else:
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            yield i, char, depth
         i += 1
+
+
+def _close_paren(expr: str, start: int) -> int:
+    """Index of the ``)`` matching the ``(`` at ``start``, skipping quoted strings."""
+    for i, char, depth in _unquoted(expr, start):
+        if char == ")" and depth == 0:
+            return i
     raise ValueError(f"invalid FHIRPath {expr!r}: unbalanced parentheses or quotes")
 
 
 def _split_union(expr: str) -> list[str]:
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(expr):
-        char = expr[i]
-        if char == "'":
-            i += 1
-            while i < len(expr) and expr[i] != "'":
-                i += 2 if expr[i] == "\\" else 1
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        elif char == "|" and depth == 0:
-            parts.append(expr[start:i])
-            start = i + 1
-        i += 1
-    parts.append(expr[start:])
-    return [p.strip() for p in parts]
+    """``A | B`` -> [A, B], ignoring ``|`` inside parentheses and quotes."""
+    cuts = [i for i, char, depth in _unquoted(expr) if char == "|" and depth == 0]
+    bounds = zip([-1, *cuts], [*cuts, len(expr)], strict=True)
+    return [expr[a + 1:b].strip() for a, b in bounds]
 
 
 @dataclass(frozen=True)

@@ -37,3 +37,11 @@ def test_json_log_lines_carry_extra_fields() -> None:
     entry = json.loads(JsonFormatter().format(record))
     assert entry["event"] == "dead-lettered" and entry["level"] == "warning"
     assert entry["route"] == "adt-inbound" and entry["correlation_id"] == "c-1"
+
+
+def test_safe_url_masks_credentials_and_drops_queries() -> None:
+    from middleware.observe import safe_url
+
+    assert safe_url("amqp://guest:secret@127.0.0.1:5672/vh") == "amqp://***@127.0.0.1:5672/vh"
+    assert safe_url("https://u:p@sink.example/events?token=t") == "https://***@sink.example/events"
+    assert safe_url("filesystem:///srv/var/broker") == "filesystem:///srv/var/broker"

@@ -96,11 +96,7 @@ def test_siu_s12_becomes_appointment_booked(project: Project) -> None:
     assert appointment["providers"] == [{"id": "8812", "family": "Quinn", "given": "Michaela"}]
 
 
-EXPECTED = {
-    "adt-inbound": {"ADT^A01": "patient.admitted.v1", "ADT^A02": "patient.transferred.v1",
-                    "ADT^A03": "patient.discharged.v1", "ADT^A04": "patient.registered.v1",
-                    "ADT^A08": "patient.updated.v1", "ADT^A11": "patient.admission_cancelled.v1",
-                    "ADT^A13": "patient.discharge_cancelled.v1", "ADT^A40": "patient.merged.v1"},
+EXPECTED = {  # adt-inbound has its per-file corpus test in test_adt_route.py
     "orders-inbound": {"ORM^O01": "order.placed.v1", "OML^O21": "order.placed.v1"},
     "results-inbound": {"ORU^R01": "result.reported.v1"},
     "scheduling-inbound": {"SIU^S12": "appointment.booked.v1"},
