@@ -81,7 +81,7 @@ class Engine:
                  connector_specs: Mapping[str, ConnectorSpec] | None = None, gateways: bool = True) -> None:
         self.project = project
         self.settings = project.settings
-        self.broker = broker or make_broker(self.settings.broker_url)
+        self.broker = broker or make_broker(self.settings.broker_url, self.settings.broker_tls)
         self.metrics = metrics or Metrics()
         specs = {**project.connectors, **(connector_specs or {})}
         used = {d.connector for r in project.routes.values() for d in r.deliver}

@@ -26,6 +26,7 @@ from middleware.ingest import MllpListener
 from middleware.mapping import LookupTable, SpecError, compile_condition, compile_field
 from middleware.route import DeliveryRule, EventRule, Route, subject_placeholders
 from middleware.schemas import SchemaRegistry
+from middleware.tls import TlsOptions
 from middleware.yamlfile import PathKey, YamlDoc, interpolate, load_yaml
 
 DEFAULT_BROKER_URL = "filesystem://var/broker"
@@ -37,6 +38,7 @@ class Settings:
 
     broker_url: str = DEFAULT_BROKER_URL
     queue_prefix: str = ""
+    broker_tls: TlsOptions | None = None  # broker.tls, used for amqps:// URLs
     prefetch: int = 20
     delivery_limit: int = 10
     timezone: str = "UTC"
@@ -185,6 +187,7 @@ class _Loader:
             values = {
                 "broker_url": broker.get("url"),
                 "queue_prefix": broker.get("queue_prefix"),
+                "broker_tls": self._tls(doc, ("broker", "tls"), broker.get("tls")),
                 "prefetch": engine.get("prefetch"),
                 "delivery_limit": engine.get("delivery_limit"),
                 "timezone": engine.get("timezone"),
@@ -201,9 +204,21 @@ class _Loader:
                     doc.problem(("engine", "timezone"), f"unknown time zone {values['timezone']!r}")
                     self.problems += doc.problems[-1:]
         values["broker_url"] = self.env.get("MIDDLEWARE_BROKER_URL") or values.get("broker_url")
+        if values.get("broker_tls") and str(values["broker_url"]).startswith("amqp://"):
+            line = doc.line(("broker", "tls"))  # values holds broker_tls only when the file was read
+            self.problems.append(Problem(doc.file, line, "broker.tls is set but the broker URL is amqp:// "
+                                         "(no TLS): use amqps:// in broker.url or MIDDLEWARE_BROKER_URL"))
         values["queue_prefix"] = self.env.get("MIDDLEWARE_QUEUE_PREFIX", values.get("queue_prefix"))
         settings = Settings(**{k: v for k, v in values.items() if v is not None})
         return _anchor_embedded_broker(settings, self.root)
+
+    def _tls(self, doc: YamlDoc, at: PathKey, block: Mapping[str, Any] | None) -> TlsOptions | None:
+        """A ``tls:`` block as :class:`TlsOptions`; files that cannot be used are problems at ``at``."""
+        tls = TlsOptions.from_yaml(block, self.root)
+        for key, message in tls.problems() if tls else []:
+            doc.problem((*at, key) if block and key in block else at, f"{'.'.join(map(str, at))}.{message}")
+            self.problems += doc.problems[-1:]
+        return tls
 
     @staticmethod
     def _mllp_listener(doc: Any, index: int, entry: dict[str, Any]) -> MllpListener:

@@ -10,6 +10,17 @@ from typing import Any
 _NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"}
 _CONDITION = {"type": "object"}  # keys are checked by middleware.mapping.compile_condition
 
+TLS_CLIENT: dict[str, Any] = {  # middleware.tls.TlsOptions: broker.tls and a connector's tls
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "ca_file": {"type": "string", "minLength": 1},
+        "cert_file": {"type": "string", "minLength": 1},
+        "key_file": {"type": "string", "minLength": 1},
+        "verify": {"type": "boolean"},
+    },
+}
+
 RETRY: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -63,6 +74,7 @@ CONFIG: dict[str, Any] = {
             "properties": {
                 "url": {"type": "string", "minLength": 1},
                 "queue_prefix": {"type": "string"},
+                "tls": TLS_CLIENT,
             },
         },
         "engine": {

@@ -26,6 +26,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage, OutgoingMessage, QueueInfo
 from middleware.errors import BrokerError
+from middleware.tls import TlsOptions, client_context
 
 log = logging.getLogger("middleware.broker")
 
@@ -78,8 +79,9 @@ class AmqpConsumer(Consumer):
 class AmqpBroker(Broker):
     """The port over one robust aio-pika connection."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, tls: TlsOptions | None = None) -> None:
         self.url = url
+        self.tls = tls  # broker.tls: CA bundle, client certificate, verify (amqps:// only)
         # unique per connection, so operators (and tests) can tell connections apart in RabbitMQ
         self.connection_name = f"middleware {socket.gethostname()} pid {os.getpid()} #{next(_SERIAL)}"
         self._connection: AbstractRobustConnection | None = None
@@ -87,8 +89,9 @@ class AmqpBroker(Broker):
 
     async def connect(self) -> None:
         try:
+            ssl_context = client_context(self.tls) if self.url.startswith("amqps://") else None
             self._connection = await aio_pika.connect_robust(
-                self.url, reconnect_interval=RECONNECT_SECONDS,
+                self.url, reconnect_interval=RECONNECT_SECONDS, ssl_context=ssl_context,
                 client_properties={"connection_name": self.connection_name})
             self._channel = await self._new_channel()
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:

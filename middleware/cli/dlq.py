@@ -131,7 +131,7 @@ async def _depth(broker: Broker, queue: str) -> int:
 async def _with_letters(project: Project, queues: list[tuple[str, str]], filters: Filters, limit: int, scan: int,
                         work: Callable[[Broker, list[Browse]], Awaitable[T]]) -> T:
     """Hold up to ``limit`` matching dead letters over ``queues``, run ``work``, give back the rest."""
-    broker = make_broker(project.settings.broker_url)
+    broker = make_broker(project.settings.broker_url, project.settings.broker_tls)
     await broker.connect()
     browses: list[Browse] = []
     try:
@@ -370,7 +370,7 @@ def purge(
         return typer.confirm(f"Delete {sum(counts.values())} dead letter(s) ({detail}) for good?", err=True)
 
     async def purge_all() -> dict[str, int]:  # no filter: the broker purges whole queues
-        broker = make_broker(loaded.settings.broker_url)
+        broker = make_broker(loaded.settings.broker_url, loaded.settings.broker_tls)
         await broker.connect()
         try:
             counts = {queue: await _depth(broker, queue) for _, queue in queues}

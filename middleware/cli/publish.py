@@ -67,7 +67,7 @@ async def publish_files(project: Project, files: list[Path], queue: str,
     if route is None:
         raise BrokerError(f"no route consumes queue {queue!r}",
                           hint=f"routes consume: {', '.join(sorted(r.source_queue for r in project.routes.values()))}")
-    broker = make_broker(project.settings.broker_url)
+    broker = make_broker(project.settings.broker_url, project.settings.broker_tls)
     await broker.connect()
     content_type = CONTENT_TYPES.get(route.format.name, "application/octet-stream")
     try:

@@ -48,6 +48,7 @@ from middleware.cli.common import JsonOption, ProjectOption, fail, open_project,
 from middleware.errors import BrokerError
 from middleware.observe import safe_url
 from middleware.project import Project
+from middleware.tls import TlsOptions
 
 CONNECT_TIMEOUT = 15.0
 METRICS_TIMEOUT = 2.0
@@ -198,8 +199,8 @@ async def fill_from_broker(routes: list[RouteStatus], broker: Broker) -> None:
             queue.messages, queue.consumers = info.messages, info.consumers
 
 
-async def connect(url: str) -> Broker:
-    broker = make_broker(url)
+async def connect(url: str, tls: TlsOptions | None = None) -> Broker:
+    broker = make_broker(url, tls)
     try:
         await asyncio.wait_for(broker.connect(), CONNECT_TIMEOUT)
     except TimeoutError:
@@ -317,7 +318,7 @@ class Status:
 
     async def open(self) -> None:
         if self.spool is None:
-            self.broker = await connect(self.url)
+            self.broker = await connect(self.url, self.project.settings.broker_tls)
         elif (self.spool / "queues").exists() and not os.access(self.spool / "queues", os.R_OK | os.X_OK):
             raise BrokerError(f"cannot read the embedded broker at {self.spool}", hint="check the folder's permissions")
 
