@@ -2,6 +2,11 @@
 
 ``${VAR}`` and ``${VAR:-default}`` in string values are interpolated from the environment by
 :func:`interpolate`; an unset variable without a default is reported, never left literal.
+
+Aliases are bounded: every ``*alias`` costs the number of nodes it stands for (counted with its own
+aliases expanded), and a file whose aliases add more than :data:`MAX_ALIAS_NODES` nodes, or whose
+alias refers to the node that contains it, is refused at that alias's line. Without this bound a
+1 KB "billion laughs" file expands to billions of nodes in everything that walks the data.
 """
 
 from __future__ import annotations
@@ -13,8 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.events import AliasEvent
+from yaml.nodes import CollectionNode
 
 from middleware.errors import Problem
+
+MAX_ALIAS_NODES = 100_000
+"""Nodes that aliases may add to one file once expanded (``map: *patient`` adds a few dozen)."""
 
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -42,42 +53,101 @@ class YamlDoc:
         self.problems.append(Problem(self.file, self.line(path), message))
 
 
-def load_yaml(path: Path, display: str) -> YamlDoc:
-    """Read ``path``; syntax errors and duplicate keys become problems (data is None on error)."""
+class AliasLimitError(ComposerError):
+    """An alias that would expand the document past :data:`MAX_ALIAS_NODES`, or into itself."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``SafeLoader`` that charges each alias the expanded size of its node (see the module docstring)."""
+
+    def __init__(self, stream: str, max_alias_nodes: int) -> None:
+        super().__init__(stream)
+        self._budget = max_alias_nodes
+        self._alias_nodes = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> expanded node count, for finished nodes
+        self._open: set[str] = set()  # anchors whose node is still being composed
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            if event.anchor in self._open:
+                raise AliasLimitError(None, None, f"alias *{event.anchor} refers to a node that contains it "
+                                                  "(recursive alias)", event.start_mark)
+            if event.anchor in self.anchors:
+                self._alias_nodes += self._size(self.anchors[event.anchor])
+                if self._alias_nodes > self._budget:
+                    raise AliasLimitError(None, None, f"aliases expand to more than {self._budget:,} nodes at "
+                                                      f"*{event.anchor} (an alias bomb?): use fewer or smaller "
+                                                      "aliases", event.start_mark)
+            return super().compose_node(parent, index)
+        anchor = self.peek_event().anchor  # type: ignore[no-untyped-call]
+        if anchor is None:
+            return super().compose_node(parent, index)
+        self._open.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open.discard(anchor)
+
+    def _size(self, node: yaml.Node) -> int:
+        """Nodes ``node`` stands for with aliases expanded; memoised, so linear in the file."""
+        size = self._sizes.get(id(node))
+        if size is not None:
+            return size
+        size = 1
+        if isinstance(node, yaml.MappingNode):
+            size += sum(self._size(k) + self._size(v) for k, v in node.value)
+        elif isinstance(node, CollectionNode):
+            size += sum(self._size(item) for item in node.value)
+        self._sizes[id(node)] = size
+        return size
+
+
+def load_yaml(path: Path, display: str, *, max_alias_nodes: int = MAX_ALIAS_NODES) -> YamlDoc:
+    """Read ``path``; syntax errors, duplicate keys and oversized aliases become problems (data None on error)."""
     try:
-        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+        loader = _BoundedLoader(path.read_text(encoding="utf-8"), max_alias_nodes)
     except (OSError, UnicodeDecodeError) as exc:
         return YamlDoc(display, None, problems=[Problem(display, 1, f"cannot read file: {exc}")])
+    lines: dict[PathKey, int] = {}
+    problems: list[Problem] = []
     try:
         node = loader.get_single_node()
+        if node is not None:  # before constructing: merge keys (<<: *base) rewrite the mapping nodes
+            lines[()] = node.start_mark.line + 1
+            _record_lines(node, (), display, lines, problems)
         data = loader.construct_document(node) if node is not None else None
+    except AliasLimitError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 1
+        return YamlDoc(display, None, problems=[Problem(display, line, str(exc.problem))])
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         return YamlDoc(display, None, problems=[Problem(display, line, f"invalid YAML: {exc.problem}")])
+    except RecursionError:  # the composer recurses once per nesting level
+        line = loader.get_mark().line + 1
+        return YamlDoc(display, None, problems=[Problem(display, line, "YAML nested too deeply")])
     finally:
         loader.dispose()
-    doc = YamlDoc(display, data, {(): node.start_mark.line + 1} if node is not None else {})
-    if node is not None:
-        _record_lines(node, (), doc)
-    return doc
+    return YamlDoc(display, data, lines, problems)
 
 
-def _record_lines(node: yaml.Node, path: PathKey, doc: YamlDoc) -> None:
+def _record_lines(node: yaml.Node, path: PathKey, file: str, lines: dict[PathKey, int],
+                  problems: list[Problem]) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
             key = str(key_node.value)
             line = key_node.start_mark.line + 1
             if key in seen:
-                doc.problems.append(Problem(doc.file, line, f"duplicate key {key!r}"))
+                problems.append(Problem(file, line, f"duplicate key {key!r}"))
             seen.add(key)
-            doc.lines[(*path, key)] = line
-            _record_lines(value_node, (*path, key), doc)
+            lines[(*path, key)] = line
+            _record_lines(value_node, (*path, key), file, lines, problems)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            doc.lines[(*path, index)] = item.start_mark.line + 1
-            _record_lines(item, (*path, index), doc)
+            lines[(*path, index)] = item.start_mark.line + 1
+            _record_lines(item, (*path, index), file, lines, problems)
 
 
 def interpolate(doc: YamlDoc, env: Mapping[str, str]) -> Any:
