@@ -14,7 +14,6 @@ from middleware.route import MessageContext, transform
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples" / "adt-inbound"
-CORPUS = REPO.parent / "shared" / "corpus" / "hl7v2" / "fhir-converter"
 
 
 @pytest.fixture(scope="module")
@@ -155,22 +154,22 @@ def test_other_message_types_are_filtered(project: Project) -> None:
     assert outcome.filtered and outcome.events == []
 
 
-ADT_CORPUS = sorted(p for p in CORPUS.glob("ADT*.hl7")) if CORPUS.is_dir() else []
+ADT_GLOB = "hl7v2/fhir-converter/ADT*.hl7"
 
 
-def test_corpus_is_present() -> None:
-    assert len(ADT_CORPUS) > 40, f"shared corpus not found at {CORPUS}"
+def test_corpus_has_the_adt_messages(corpus: Path) -> None:
+    assert len(list(corpus.glob(ADT_GLOB))) > 40
 
 
-@pytest.mark.parametrize("path", ADT_CORPUS, ids=lambda p: p.name)
-def test_corpus_adt_gives_its_event_or_a_typed_error(project: Project, path: Path) -> None:
+@pytest.mark.corpus(ADT_GLOB)
+def test_corpus_adt_gives_its_event_or_a_typed_error(project: Project, corpus_file: Path) -> None:
     route = project.routes["adt-inbound"]
     expected = {"ADT^A01": "patient.admitted.v1", "ADT^A02": "patient.transferred.v1",
                 "ADT^A03": "patient.discharged.v1", "ADT^A04": "patient.registered.v1",
                 "ADT^A08": "patient.updated.v1", "ADT^A11": "patient.admission_cancelled.v1",
                 "ADT^A13": "patient.discharge_cancelled.v1", "ADT^A40": "patient.merged.v1"}
     try:
-        outcome = transform(route, path.read_bytes())
+        outcome = transform(route, corpus_file.read_bytes())
     except PipelineError as exc:
         assert exc.stage in {"parse", "map", "validate"}
         assert exc.route == "adt-inbound"

@@ -18,7 +18,6 @@ from middleware.formats.hl7v2 import (
     parse,
 )
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "hl7v2"
 ORU = (
     b"MSH|^~\\&|LAB|GHH|EHR|GHH|20261124083000+0100||ORU^R01^ORU_R01|LAB-1|P|2.5.1\r"
     b"PID|1||P-1^^^GHH^PI~MRN-9^^^GHH^MR~X-3^^^OTHER^MR||Doe^Jane^Q||19800101|F\r"
@@ -177,17 +176,14 @@ def test_arbitrary_bytes_parse_or_raise_parse_error(raw: bytes) -> None:
         _ = message.message_type, message.message_id, message.occurred_at()
 
 
-CORPUS_FILES = sorted(p for p in CORPUS.rglob("*.hl7")) if CORPUS.is_dir() else []
+def test_corpus_is_there(corpus: Path) -> None:
+    assert len(list(corpus.glob("hl7v2/**/*.hl7"))) >= 130
 
 
-def test_corpus_is_there() -> None:
-    assert len(CORPUS_FILES) >= 130
-
-
-@pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: p.name)
-def test_every_corpus_file_parses_or_fails_typed(path: Path) -> None:
+@pytest.mark.corpus("hl7v2/**/*.hl7")
+def test_every_corpus_file_parses_or_fails_typed(corpus_file: Path) -> None:
     try:
-        message = parse(path.read_bytes())
+        message = parse(corpus_file.read_bytes())
     except ParseError:
         return
     assert message.message_type and message.segments[0].id == "MSH"

@@ -12,7 +12,6 @@ from middleware.route import transform
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
-CORPUS = REPO.parent / "shared" / "corpus" / "hl7v2" / "fhir-converter"
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +100,15 @@ EXPECTED = {  # adt-inbound has its per-file corpus test in test_adt_route.py
     "results-inbound": {"ORU^R01": "result.reported.v1"},
     "scheduling-inbound": {"SIU^S12": "appointment.booked.v1"},
 }
-CORPUS_FILES = sorted(CORPUS.glob("*.hl7")) if CORPUS.is_dir() else []
 
 
 @pytest.mark.parametrize("route", sorted(EXPECTED))
-def test_every_corpus_file_through_every_route(project: Project, route: str) -> None:
+def test_every_corpus_file_through_every_route(project: Project, route: str, corpus: Path) -> None:
     """Each corpus file gives its route's event, is filtered, or fails with a typed error."""
-    assert len(CORPUS_FILES) > 100
+    corpus_files = sorted(corpus.glob("hl7v2/fhir-converter/*.hl7"))
+    assert len(corpus_files) > 100
     produced = 0
-    for path in CORPUS_FILES:
+    for path in corpus_files:
         try:
             outcome = transform(project.routes[route], path.read_bytes())
         except PipelineError as exc:
