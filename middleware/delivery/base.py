@@ -80,6 +80,12 @@ class Connector:
         """Where events go, for humans (``POST http://...``, a file path)."""
         return self.spec.type
 
+    @staticmethod
+    def check(options: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+        """``(key path, message)`` for options that cannot work together (the schema checked each
+        key alone); ``middleware validate`` reports them at their line."""
+        return []
+
 
 ConnectorFactory = Callable[[ConnectorSpec], Connector]
 _REGISTRY: dict[str, ConnectorFactory] = {}
@@ -105,6 +111,13 @@ def make_connector(spec: ConnectorSpec) -> Connector:
     """Build the connector for ``spec.type``; raises ``KeyError`` for an unknown type."""
     _load_builtin()
     return _REGISTRY[spec.type](spec)
+
+
+def connector_problems(type_name: str, options: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """What ``validate`` finds wrong in a schema-valid connector of ``type_name`` (see :meth:`Connector.check`)."""
+    _load_builtin()
+    check = getattr(_REGISTRY.get(type_name), "check", None)
+    return list(check(options)) if check is not None else []
 
 
 def _load_builtin() -> None:

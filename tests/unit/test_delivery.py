@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import socket
@@ -93,9 +94,9 @@ async def test_connection_refused_is_retried_then_fails() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(DeliveryError) as raised:
-        await send(http_spec(f"http://user:secret@127.0.0.1:{port}/events?token=x"))
+        await send(http_spec(f"http://user:secret@127.0.0.1:{port}/events?token=t0k3n"))
     assert raised.value.retryable and raised.value.attempts == 4
-    assert "secret" not in str(raised.value) and "token" not in str(raised.value)
+    assert "secret" not in str(raised.value) and "t0k3n" not in str(raised.value)
 
 
 async def test_timeout_is_retryable(sink: Sink) -> None:
@@ -134,3 +135,45 @@ async def test_a_closed_http_connector_refuses_work_without_dead_lettering(sink:
     with pytest.raises(EngineStopping):
         await connector.send(DELIVERY)
     assert sink.requests == []
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_http_redirect_is_never_followed_and_is_final_naming_the_masked_target(sink: Sink, status: int) -> None:
+    # the Location points back at the same sink, which answers 200: a client following the redirect
+    # would make a second request there (a body-less GET for 301/302/303) and count the event delivered
+    target = sink.url.replace("http://", "http://ops:hunter2@") + "/moved?access_token=t0k3n"
+    sink.script = [status]
+    sink.reply_headers = {"Location": target}
+    with pytest.raises(DeliveryError) as raised:
+        await send(http_spec(sink.url))
+    error = raised.value
+    assert error.status == status and not error.retryable and error.attempts == 1
+    assert len(sink.requests) == 1  # the original POST only: nothing followed
+    assert f"HTTP {status}" in error.message and "redirect to http://***@127.0.0.1" in error.message
+    assert "/events/moved" in error.message and "not followed" in error.message
+    assert "hunter2" not in str(error) and "t0k3n" not in str(error)
+
+
+async def test_http_relative_redirect_is_resolved_against_the_connector_url(sink: Sink) -> None:
+    sink.script = [302]
+    sink.reply_headers = {"Location": "/login"}
+    with pytest.raises(DeliveryError, match=r"HTTP 302 \(redirect to http://127\.0\.0\.1:\d+/login, not followed\)"):
+        await send(http_spec(sink.url))
+
+
+async def test_credentials_in_url_and_authorization_header_fail_once_without_a_request(sink: Sink) -> None:
+    # aiohttp refuses to combine them (ValueError); the connector says why, once, and never retries
+    url = sink.url.replace("http://", "http://svc:pw@")
+    with pytest.raises(DeliveryError) as raised:
+        await send(http_spec(url, headers={"authorization": "Bearer t"}))
+    error = raised.value
+    assert not error.retryable and error.attempts == 1
+    assert "carries credentials" in error.message and "headers.authorization" in error.message
+    assert "pw@" not in str(error) and "middleware validate" in str(error)
+    assert sink.requests == []
+
+
+async def test_credentials_in_url_alone_are_sent_as_basic_auth(sink: Sink) -> None:
+    await send(http_spec(sink.url.replace("http://", "http://svc:p%40ss@")))
+    [(headers, _)] = sink.requests
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"svc:p@ss").decode()
