@@ -73,8 +73,9 @@ class Engine:
     """Runs every route of a project: one consumer per inbound and per delivery queue.
 
     ``connector_specs`` replaces connectors by name (the demo points http connectors at a local
-    sink this way). With ``gateways`` (default) it also starts the ``ingest.mllp`` listeners, after
-    the workers; the demo passes False.
+    sink this way). With ``gateways`` (default) it also starts the ``ingest.mllp`` listeners,
+    before the workers (a taken port fails the start before anything is consumed); the demo
+    passes False.
     """
 
     def __init__(self, project: Project, *, broker: Broker | None = None, metrics: Metrics | None = None,
@@ -97,12 +98,17 @@ class Engine:
         return self._tracked.count
 
     async def start(self) -> None:
-        """Connect, declare the topology, open connectors and start consuming."""
+        """Connect, declare the topology, open connectors, bind the listeners, then start consuming.
+
+        Listeners bind first: a port that is taken fails the start before any message is taken.
+        """
         await self.broker.connect()
         for route in self.project.routes.values():
             await declare_route_topology(self.broker, route, self.settings)
         for connector in self.connectors.values():
             await connector.start()
+        if self._start_gateways:
+            await self._start_listeners()
         prefetch, prefix, tz = self.settings.prefetch, self.settings.queue_prefix, self.settings.tz
         for route in self.project.routes.values():
             for rule in route.deliver:
@@ -111,8 +117,6 @@ class Engine:
                 await self._consume(worker.queue, worker.handle, prefetch)
             route_worker = RouteWorker(route, self.broker, self.metrics, prefix=prefix, tz=tz)
             await self._consume(route_worker.queue, route_worker.handle, prefetch)
-        if self._start_gateways:
-            await self._start_listeners()
         log.info("engine started", extra={"routes": sorted(self.project.routes), "broker": safe_url(self.broker.url)})
 
     async def _consume(self, queue: str, handler: Handler, prefetch: int) -> None:

@@ -50,7 +50,18 @@ dlq_app = typer.Typer(
 )
 
 RouteOption = typer.Option(None, "--route", "-r", help="Only this route (repeatable); default: every route.")
-StageOption = typer.Option(None, "--stage", help="Only this stage: parse, filter, map, validate or deliver.")
+STAGES = ("parse", "filter", "map", "validate", "deliver")  # the stages of errors.PipelineError
+
+
+def _stage(value: str | None) -> str | None:
+    """``--stage``: one of STAGES (any case), or a usage error naming them."""
+    if value is None or value.lower() in STAGES:
+        return value.lower() if value else None
+    raise typer.BadParameter(f"{value!r} is not a stage; use one of {', '.join(STAGES)}")
+
+
+StageOption = typer.Option(None, "--stage", callback=_stage, metavar="|".join(STAGES),
+                           help="Only this stage: parse, filter, map, validate or deliver.")
 ErrorOption = typer.Option(None, "--error", help="Only dead letters whose error class or message contains TEXT.")
 SinceOption = typer.Option(None, "--since", help="Only dead letters whose last failure is at or after this "
                                                  "ISO 8601 time (UTC when no offset).")
