@@ -19,7 +19,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as JsonSchemaError
 
 from middleware import project_schema
-from middleware.delivery.base import ConnectorSpec, RetryPolicy, connector_types
+from middleware.delivery.base import ConnectorSpec, RetryPolicy, connector_problems, connector_types
 from middleware.errors import ConfigError, Problem
 from middleware.formats import format_names, get_format
 from middleware.ingest import MllpListener
@@ -255,10 +255,24 @@ class _Loader:
             options = {k: v for k, v in data.items() if k not in ("connector", "type", "description", "retry")}
             if isinstance(options.get("path"), str) and not Path(options["path"]).is_absolute():
                 options["path"] = str(self.root / options["path"])  # relative to the project, not the cwd
+            if self._connector_problems(doc, data["type"], options):
+                self.broken_connectors.add(data["connector"])
+                continue
             connectors[data["connector"]] = ConnectorSpec(
                 name=data["connector"], type=data["type"], options=options,
                 retry=_retry_policy(data.get("retry"), RetryPolicy()), file=doc.file, line=doc.line(("connector",)))
         return connectors
+
+    def _connector_problems(self, doc: YamlDoc, type_name: str, options: dict[str, Any]) -> bool:
+        """Check what the schema cannot (key combinations, TLS files); resolves ``tls`` in ``options``
+        to :class:`TlsOptions`. Returns whether problems were found."""
+        found = len(self.problems)
+        for key, message in connector_problems(type_name, options):
+            doc.problem(key, message)
+            self.problems += doc.problems[-1:]
+        if "tls" in options:
+            options["tls"] = self._tls(doc, ("tls",), options["tls"])
+        return len(self.problems) > found
 
     def _routes(self, schemas: SchemaRegistry, lookups: Mapping[str, LookupTable],
                 connectors: Mapping[str, ConnectorSpec]) -> dict[str, Route]:

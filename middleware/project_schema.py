@@ -44,6 +44,21 @@ RETRY: dict[str, Any] = {
     },
 }
 
+OAUTH2_CLIENT_CREDENTIALS: dict[str, Any] = {  # middleware.delivery.auth.ClientCredentials
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["token_url", "client_id", "client_secret"],
+    "properties": {
+        "token_url": {"type": "string", "pattern": "^https?://"},
+        "client_id": {"type": "string", "minLength": 1},
+        "client_secret": {"type": "string", "minLength": 1},
+        "scope": {"type": "string"},
+        "audience": {"type": "string"},
+        "client_auth": {"enum": ["basic", "post"]},
+        "refresh_margin": {"type": "number", "minimum": 0},
+    },
+}
+
 MLLP_LISTENER: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -168,6 +183,8 @@ def connector_schema(types: list[str]) -> dict[str, Any]:
             "headers": {"type": "object", "additionalProperties": {"type": "string"}},
             "timeout": {"type": "number", "exclusiveMinimum": 0},
             "path": {"type": "string", "minLength": 1},
+            "tls": TLS_CLIENT,
+            "oauth2": OAUTH2_CLIENT_CREDENTIALS,
             "retry": RETRY,
         },
         "allOf": [

@@ -95,8 +95,11 @@ class AmqpBroker(Broker):
                 client_properties={"connection_name": self.connection_name})
             self._channel = await self._new_channel()
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
-            raise BrokerError(f"cannot connect to RabbitMQ: {type(exc).__name__}: {exc}",
-                              hint="check MIDDLEWARE_BROKER_URL / broker.url and that RabbitMQ is running") from None
+            hint = "check MIDDLEWARE_BROKER_URL / broker.url and that RabbitMQ is running"
+            if ssl_context is not None:
+                hint += ("; for TLS, broker.tls: ca_file (the server's CA) and cert_file (if the server "
+                         "requires client certificates)")
+            raise BrokerError(f"cannot connect to RabbitMQ: {type(exc).__name__}: {exc}", hint=hint) from None
 
     async def _new_channel(self, prefetch: int | None = None) -> AbstractRobustChannel:
         if self._connection is None:
