@@ -6,20 +6,36 @@ dates of birth or payloads. Metrics live in a per-engine registry, not a global 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import sys
+import threading
 import time
+import traceback
+from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from middleware.errors import MiddlewareError
+
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
+def _stack(tb: TracebackType | None, limit: int = 12) -> list[str]:
+    """The innermost frames of a traceback as ``file:line in function`` (no locals, no message)."""
+    return [f"{f.filename}:{f.lineno} in {f.name}" for f in traceback.extract_tb(tb)[-limit:]]
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, event, and the record's extra fields."""
+    """One JSON object per line: time, level, logger, event, and the record's extra fields.
+
+    An exception adds its class and stack (``file:line in function``), never its message: a
+    message may quote the data being processed.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -31,17 +47,75 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED and v is not None})
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__
+            entry["stack"] = _stack(record.exc_info[2])
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """For a person at a terminal: ``time level logger: event key=value ...`` and any traceback."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = [f"{k}={v}" for k, v in record.__dict__.items() if k not in _RESERVED and v is not None]
+        if not extra:
+            return line
+        head, newline, rest = line.partition("\n")  # a traceback follows the first line
+        return f"{head} {' '.join(extra)}{newline}{rest}"
+
+
+class _OurHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler :func:`configure_logging` installs (so a second call replaces it)."""
+
+
+_log = logging.getLogger("middleware")
+
+
 def configure_logging(level: str = "INFO", *, json_lines: bool = True) -> None:
-    """Send the middleware's logs to stderr, as JSON lines (default) or plain text."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("middleware")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    """Every line on stderr through one formatter: JSON lines (default) or text for a terminal.
+
+    Our loggers log at ``level``; library loggers (aiormq, aio_pika, asyncio, aiohttp, ...) reach
+    the same handler through the root logger at WARNING and up; uncaught exceptions (main thread,
+    other threads) and Python warnings are logged too, instead of printed as bare tracebacks.
+    Call :func:`log_loop_exception` from the event loop's exception handler.
+    """
+    handler = _OurHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _OurHandler)] + [handler]
+    root.setLevel(logging.WARNING)
+    _log.handlers.clear()
+    _log.setLevel(level)
+    _log.propagate = True
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, tb)
+        return
+    _log.critical("uncaught exception", exc_info=(kind, error, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is not None:
+        _log.error("uncaught exception in a thread", exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+                   extra={"thread_name": args.thread.name if args.thread else None})
+
+
+def log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An event-loop exception handler: the error as one log line (asyncio's default prints the
+    context's reprs)."""
+    error = context.get("exception")
+    where = context.get("task") or context.get("future")
+    extra = {"task": where.get_name() if isinstance(where, asyncio.Task) else None}
+    exc_info = (type(error), error, error.__traceback__) if isinstance(error, BaseException) else None
+    logging.getLogger("middleware.asyncio").error(str(context.get("message") or "event loop error"),
+                                                  exc_info=exc_info, extra=extra)
 
 
 class Metrics:
@@ -98,7 +172,14 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> Any:
     app.add_routes([web.get("/metrics", metrics_page), web.get("/healthz", health)])
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's strerror repeats the address
+        raise MiddlewareError(f"metrics.port {port}: cannot listen on {host}:{port}: {reason}",
+                              hint="is another engine running on this host? give each its own metrics.port "
+                                   "(METRICS_PORT), or 0 for any free port") from None
     return runner
 
 

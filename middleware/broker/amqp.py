@@ -18,14 +18,16 @@ import itertools
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage, OutgoingMessage, QueueInfo
 from middleware.errors import BrokerError
+from middleware.observe import safe_url
 from middleware.tls import TlsOptions, client_context
 
 log = logging.getLogger("middleware.broker")
@@ -86,6 +88,9 @@ class AmqpBroker(Broker):
         self.connection_name = f"middleware {socket.gethostname()} pid {os.getpid()} #{next(_SERIAL)}"
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
+        self.connection_losses = 0  # connections lost since connect() (logged, and seen by tests)
+        self.connection_restores = 0
+        self._lost_at: float | None = None  # monotonic time of the loss not yet restored
 
     async def connect(self) -> None:
         try:
@@ -95,11 +100,29 @@ class AmqpBroker(Broker):
                 client_properties={"connection_name": self.connection_name})
             self._channel = await self._new_channel()
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
-            hint = "check MIDDLEWARE_BROKER_URL / broker.url and that RabbitMQ is running"
-            if ssl_context is not None:
-                hint += ("; for TLS, broker.tls: ca_file (the server's CA) and cert_file (if the server "
-                         "requires client certificates)")
-            raise BrokerError(f"cannot connect to RabbitMQ: {type(exc).__name__}: {exc}", hint=hint) from None
+            raise BrokerError(f"cannot connect to RabbitMQ: {type(exc).__name__}: {exc}",
+                              hint="check MIDDLEWARE_BROKER_URL / broker.url and that RabbitMQ is running") from None
+        self._connection.close_callbacks.add(self._on_connection_closed)
+        self._connection.reconnect_callbacks.add(self._on_reconnected)
+
+    def _on_connection_closed(self, connection: AbstractConnection | None, error: BaseException | None) -> None:
+        """Log a lost connection once per outage (aio-pika keeps reconnecting every second)."""
+        if connection is not self._connection or self._lost_at is not None:
+            return  # closed by close(), or still the same outage
+        self._lost_at = time.monotonic()
+        self.connection_losses += 1
+        log.warning("broker connection lost", extra={
+            "broker": safe_url(self.url), "connection_name": self.connection_name,
+            "error": type(error).__name__ if error else None, "losses": self.connection_losses})
+
+    def _on_reconnected(self, connection: AbstractRobustConnection | None) -> None:
+        down = time.monotonic() - self._lost_at if self._lost_at is not None else None
+        self._lost_at = None
+        self.connection_restores += 1
+        log.info("broker connection restored", extra={
+            "broker": safe_url(self.url), "connection_name": self.connection_name,
+            "down_seconds": round(down, 3) if down is not None else None,
+            "losses": self.connection_losses, "restores": self.connection_restores})
 
     async def _new_channel(self, prefetch: int | None = None) -> AbstractRobustChannel:
         if self._connection is None:

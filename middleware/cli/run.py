@@ -1,53 +1,104 @@
-"""``middleware run``: the main job, until SIGTERM/SIGINT (which drain, then exit 0)."""
+"""``middleware run``: the main job, until SIGTERM/SIGINT (which drain, then exit 0).
+
+Start-up order: the metrics listener binds first, then the engine connects, binds its MLLP
+listeners and only then consumes; a port that is taken ends the start with one error line and
+exit 1 before any message is taken. Every line on stderr is a log line (JSON by default).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+from enum import StrEnum
 from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
 
-from middleware.cli.common import ProjectOption, fail, open_project
+from middleware.cli.common import ProjectOption, fail
 from middleware.engine import Engine
-from middleware.errors import MiddlewareError
-from middleware.observe import configure_logging, serve_metrics
-from middleware.project import Project
+from middleware.errors import ConfigError, MiddlewareError
+from middleware.observe import configure_logging, log_loop_exception, serve_metrics
+from middleware.project import Project, load_project
+
+log = logging.getLogger("middleware.run")
+
+
+class LogLevel(StrEnum):
+    """``--log-level`` values."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class LogFormat(StrEnum):
+    """``--log-format`` values: JSON lines for log collectors, text for a person at a terminal."""
+
+    JSON = "json"
+    TEXT = "text"
+
+
+async def _serve_metrics(engine: Engine) -> Any:
+    """Bind ``metrics.host:metrics.port`` (if set); the aiohttp runner to clean up, or None."""
+    settings = engine.settings
+    if settings.metrics_port is None:
+        return None
+    runner = await serve_metrics(engine.metrics, settings.metrics_host, settings.metrics_port)
+    port = runner.addresses[0][1] if runner.addresses else settings.metrics_port
+    log.info("metrics listening", extra={"host": settings.metrics_host, "port": port})
+    return runner
 
 
 async def run_engine(project: Project) -> None:
-    """Start the engine and serve metrics; return after a drained stop on SIGTERM or SIGINT."""
+    """Bind the listeners, start the engine; return after a drained stop on SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(log_loop_exception)
     engine = Engine(project)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    server = await _serve_metrics(engine)  # before anything connects or consumes
     try:
-        await engine.start()
-    except BaseException:
-        await engine.stop()  # release what did start (consumers, connections) before reporting
-        raise
-    settings = project.settings
-    server = None
-    if settings.metrics_port is not None:
-        server = await serve_metrics(engine.metrics, settings.metrics_host, settings.metrics_port)
-    try:
-        await stop.wait()
+        try:
+            await engine.start()  # connect, declare, MLLP listeners, then consumers
+        except BaseException:
+            await engine.stop()  # release what did start (listeners, connections) before reporting
+            raise
+        try:
+            await stop.wait()
+        finally:
+            await engine.stop()
     finally:
         if server is not None:
             await server.cleanup()
-        await engine.stop()
+
+
+def _fail(message: str, log_format: LogFormat) -> NoReturn:
+    """One error line and exit 1: a JSON log line, or ``error: ...`` with ``--log-format text``."""
+    if log_format is LogFormat.TEXT:
+        fail(message)
+    log.error(" ".join(message.split()), extra={"exit_code": 1})
+    raise typer.Exit(1)
 
 
 def run(project: Path = ProjectOption,
-        log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")) -> None:
+        log_level: LogLevel = typer.Option(LogLevel.INFO, "--log-level", case_sensitive=False,
+                                           help="Our loggers' level (libraries log warnings and up)."),
+        log_format: LogFormat = typer.Option(LogFormat.JSON, "--log-format", case_sensitive=False,
+                                             help="json: one JSON object per stderr line; text: for a terminal.")
+        ) -> None:
     """Run route workers and delivery workers until SIGTERM (drains in-flight messages, exits 0)."""
-    configure_logging(log_level.upper())
-    loaded = open_project(project)
+    configure_logging(log_level.value, json_lines=log_format is LogFormat.JSON)
     try:
+        loaded = load_project(project)
         asyncio.run(run_engine(loaded))
-    except MiddlewareError as exc:  # broker unreachable, listener port taken...
-        fail(str(exc))
+    except ConfigError as exc:  # an invalid project, or an MLLP port that is taken
+        _fail("; ".join(str(problem) for problem in exc.problems) or str(exc), log_format)
+    except MiddlewareError as exc:  # broker unreachable, metrics port taken...
+        _fail(str(exc), log_format)
 
 
 def register(app: typer.Typer) -> None:
