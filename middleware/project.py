@@ -9,8 +9,9 @@ from __future__ import annotations
 import difflib
 import itertools
 import os
+import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,7 +23,9 @@ from middleware import project_schema
 from middleware.delivery.base import ConnectorSpec, RetryPolicy, connector_problems, connector_types
 from middleware.errors import ConfigError, Problem
 from middleware.formats import format_names, get_format
-from middleware.ingest import MllpListener
+from middleware.ingest import MllpListener, MllpTls
+from middleware.ingest.peers import parse_networks
+from middleware.ingest.tls import server_context
 from middleware.mapping import LookupTable, SpecError, compile_condition, compile_field
 from middleware.route import DeliveryRule, EventRule, Route, subject_placeholders
 from middleware.schemas import SchemaRegistry
@@ -220,11 +223,38 @@ class _Loader:
             self.problems += doc.problems[-1:]
         return tls
 
-    @staticmethod
-    def _mllp_listener(doc: Any, index: int, entry: dict[str, Any]) -> MllpListener:
+    def _mllp_listener(self, doc: YamlDoc, index: int, entry: dict[str, Any]) -> MllpListener:
         name = entry.get("name") or f"mllp-{entry['port']}"
-        options = {k: v for k, v in entry.items() if k != "name"}
-        return MllpListener(name=name, **options, file=doc.file, line=doc.line(("ingest", "mllp", index)))
+        options = {k: v for k, v in entry.items() if k not in ("name", "tls")}
+        at: PathKey = ("ingest", "mllp", index)
+        listener = MllpListener(name=name, **options, file=doc.file, line=doc.line(at))
+        problems: list[tuple[tuple[str, ...], str]] = []
+        if listener.max_buffered_bytes < listener.max_message_bytes:
+            problems.append((("max_buffered_bytes",), f"must be at least max_message_bytes "
+                                                      f"({listener.max_message_bytes})"))
+        try:
+            parse_networks(listener.allowed_peers)
+        except ValueError as exc:
+            problems.append((("allowed_peers",), str(exc)))
+        listener = replace(listener, allowed_peers=tuple(listener.allowed_peers))
+        if entry.get("tls"):
+            block = entry["tls"]
+            tls = MllpTls(cert_file=str(self.root / block["cert_file"]), key_file=str(self.root / block["key_file"]),
+                          ca_file=str(self.root / block["ca_file"]) if block.get("ca_file") else None,
+                          require_client_cert=bool(block.get("require_client_cert", False)))
+            listener = replace(listener, tls=tls)
+            if tls.require_client_cert and not tls.ca_file:
+                problems.append((("tls", "require_client_cert"), "needs tls.ca_file (the CA that signs client "
+                                                                 "certificates)"))
+            else:
+                try:
+                    server_context(tls)
+                except (OSError, ssl.SSLError) as exc:
+                    problems.append((("tls",), f"cannot load the certificate, key or CA: {exc}"))
+        for key, message in problems:
+            self.problems.append(Problem(doc.file, doc.line((*at, *key)),
+                                         f"ingest.mllp {name}: {'.'.join(key)}: {message}"))
+        return listener
 
     def _lookups(self) -> dict[str, LookupTable]:
         tables: dict[str, LookupTable] = {}

@@ -71,6 +71,21 @@ MLLP_LISTENER: dict[str, Any] = {
         "ack": {"enum": ["after-confirm", "none"]},
         "max_message_bytes": {"type": "integer", "minimum": 64},
         "idle_timeout": {"type": "number", "exclusiveMinimum": 0},
+        "frame_timeout": {"type": "number", "exclusiveMinimum": 0},
+        "max_connections": {"type": "integer", "minimum": 1},
+        "max_buffered_bytes": {"type": "integer", "minimum": 64},  # >= max_message_bytes: checked by the loader
+        "allowed_peers": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+        "tls": {  # middleware.ingest.MllpTls; paths relative to the project folder
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["cert_file", "key_file"],
+            "properties": {
+                "cert_file": {"type": "string", "minLength": 1},
+                "key_file": {"type": "string", "minLength": 1},
+                "ca_file": {"type": "string", "minLength": 1},
+                "require_client_cert": {"type": "boolean"},
+            },
+        },
     },
 }
 

@@ -10,11 +10,32 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class MllpTls:
+    """``tls:`` of an MLLP listener: the server's certificate, and client certificates if ``ca_file``.
+
+    Paths are absolute once the project is loaded (relative ones are taken from the project folder).
+    ``require_client_cert``: refuse senders without a certificate signed by ``ca_file`` (mutual TLS);
+    otherwise a certificate a sender offers is still checked against ``ca_file``.
+    """
+
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
 class MllpListener:
     """One ``ingest.mllp[]`` entry: an MLLP (HL7 over TCP) listener feeding one route queue.
 
     ``ack``: ``after-confirm`` (default) sends the HL7 ACK only once the broker confirmed the
     message; ``none`` sends no ACK (senders that do not read them).
+
+    Limits (docs/operations.md, "MLLP gateway"): ``max_connections`` open at once (more are closed
+    at accept); ``max_message_bytes`` per frame; ``max_buffered_bytes`` for the unfinished frames of
+    all connections together (past it the connection holding the most is dropped);
+    ``frame_timeout`` seconds from a start block to its end block; ``idle_timeout`` seconds
+    without a byte. ``allowed_peers``: IP addresses or CIDR networks allowed to connect (empty: any).
     """
 
     name: str
@@ -24,5 +45,10 @@ class MllpListener:
     ack: str = "after-confirm"
     max_message_bytes: int = 1_048_576
     idle_timeout: float = 300.0
+    frame_timeout: float = 60.0
+    max_connections: int = 500
+    max_buffered_bytes: int = 33_554_432
+    allowed_peers: tuple[str, ...] = ()
+    tls: MllpTls | None = None
     file: str = ""
     line: int = 0

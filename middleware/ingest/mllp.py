@@ -1,7 +1,15 @@
-"""MLLP gateway: HL7 v2 over TCP onto a route's inbound queue, ACK only after the broker's confirm.
+"""MLLP gateway: HL7 v2 over TCP (or TLS) onto a route's inbound queue, ACK only after the broker's confirm.
 
-Framing (MLLP release 1): ``0x0B <message> 0x1C 0x0D``. One connection handles its messages in
-order: a sender waits for each ACK before it sends the next message; many connections run at once.
+Framing (MLLP release 1, :mod:`middleware.ingest.mllp_framing`): ``0x0B <message> 0x1C 0x0D``. One
+connection handles its messages in order: a sender waits for each ACK before it sends the next
+message; many connections run at once.
+
+At accept, before a byte is read: a peer outside ``allowed_peers`` is closed, and so is a
+connection past ``max_connections``; then, with ``tls``, the TLS handshake (client certificates
+checked against ``ca_file``). Memory is bounded: a frame by ``max_message_bytes`` and
+``frame_timeout``, the unfinished frames of all connections together by ``max_buffered_bytes``
+(past it the connection holding the most bytes is dropped, so half-open frames cannot starve the
+senders that finish theirs).
 
 For each frame:
 
@@ -32,6 +40,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,15 +51,15 @@ from middleware.deadletter import dead_letter_body
 from middleware.errors import BrokerError, ConfigError, ParseError, Problem
 from middleware.formats import hl7v2
 from middleware.ingest import MllpListener
+from middleware.ingest.mllp_framing import Frame, FrameDecoder, FrameTooLarge, FramingError, frame
+from middleware.ingest.peers import PeerFilter, parse_networks
+from middleware.ingest.tls import server_context
 from middleware.observe import Metrics
 from middleware.project import Settings
 from middleware.route import Route
 
 log = logging.getLogger("middleware.ingest.mllp")
 
-START_BLOCK = b"\x0b"
-END_BLOCK = b"\x1c"
-CARRIAGE_RETURN = b"\r"
 CONTENT_TYPE = "x-application/hl7-v2+er7"
 INGEST_HEADER = "x-mw-ingest"
 
@@ -59,98 +68,114 @@ ERR_DATA = ("102", "Data type error")
 ERR_INTERNAL = ("207", "Application internal error")
 
 _READ_CHUNK = 65536
-
-
-class FramingError(Exception):
-    """A frame that breaks MLLP framing (oversize, no start block, cut off)."""
-
-
-class _FrameTooLarge(FramingError):
-    def __init__(self, head: bytes, size: int) -> None:
-        super().__init__(f"message exceeds the maximum size ({size} bytes read)")
-        self.head = head
-        self.size = size
+# Bytes a connection may hold before we read them: asyncio pauses a socket once its stream buffer
+# passes 2 x _STREAM_LIMIT, and each recv() takes at most _RECV_SIZE (CPython's default is 256 KiB,
+# which with many half-open connections costs more than the frames themselves).
+_STREAM_LIMIT = 16384
+_RECV_SIZE = 65536
+_TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 class _ConnectionIdle(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class _Frame:
-    body: bytes
-    has_start: bool = True  # False: bytes ended by an end block with no start block before them
+class _FrameTimeout(Exception):
+    pass
+
+
+class _Evicted(Exception):
+    pass
+
+
+class _BufferBudget:
+    """Bytes of unfinished frames held by all of a listener's connections, capped at ``limit``.
+
+    Past the cap the connection holding the most bytes is dropped (largest first, until the total
+    fits): half-open frames cannot grow memory without bound, and a small message still gets in.
+    A connection alone never drops itself; its own frame limit stops it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self._held: dict[_FrameReader, int] = {}
+
+    def update(self, holder: _FrameReader, size: int) -> None:
+        self.total += size - self._held.get(holder, 0)
+        if size:
+            self._held[holder] = size
+        else:
+            self._held.pop(holder, None)
+        while self.total > self.limit:
+            victim = max(self._held, key=self._held.__getitem__)
+            if victim is holder:
+                others = [h for h in self._held if h is not holder]
+                if not others:
+                    return
+                victim = max(others, key=self._held.__getitem__)
+            victim.evict()
+
+    def release(self, holder: _FrameReader) -> None:
+        self.total -= self._held.pop(holder, 0)
 
 
 class _FrameReader:
-    """Buffered MLLP framing over a StreamReader; ``next()`` returns None on a clean EOF."""
+    """A connection's frames: reads with idle and frame timeouts, accounts buffered bytes to ``budget``."""
 
-    def __init__(self, reader: asyncio.StreamReader, max_bytes: int, idle_timeout: float) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: MllpListener,
+                 budget: _BufferBudget) -> None:
         self._reader = reader
-        self._max = max_bytes
-        self._idle = idle_timeout
-        self._buf = bytearray()
-        self.skipped = 0  # junk bytes before start blocks (CR/LF between frames not counted)
-        self.dropped_partial = 0  # frames abandoned because a new start block came before the end block
+        self._writer = writer
+        self._idle = listener.idle_timeout
+        self._frame_timeout = listener.frame_timeout
+        self._budget = budget
+        self._frame_started: float | None = None
+        self.decoder = FrameDecoder(listener.max_message_bytes)
+        self.evicted = False
 
-    async def _fill(self) -> bool:
+    def evict(self) -> None:
+        """Drop this connection's unfinished frame and abort it (the budget needs the memory)."""
+        self.evicted = True
+        self.decoder.clear()
+        self._budget.release(self)
+        self._writer.transport.abort()
+
+    async def next(self) -> Frame | None:
+        """The next frame; None on a clean end of the connection."""
         try:
-            chunk = await asyncio.wait_for(self._reader.read(_READ_CHUNK), self._idle)
-        except TimeoutError:
-            raise _ConnectionIdle from None
-        if not chunk:
-            return False
-        self._buf += chunk
-        return True
+            return await self._next()
+        finally:
+            if not self.evicted:
+                self._budget.update(self, self.decoder.buffered)
 
-    def _skip(self, count: int) -> None:
-        junk = bytes(self._buf[:count])
-        self.skipped += len(junk.strip(b"\r\n"))
-        del self._buf[:count]
-
-    async def next(self) -> _Frame | None:
-        # find the start block
+    async def _next(self) -> Frame | None:
         while True:
-            start = self._buf.find(START_BLOCK)
-            end = self._buf.find(END_BLOCK)
-            if end != -1 and (start == -1 or end < start):
-                body = bytes(self._buf[:end]).strip(b"\r\n")
-                del self._buf[:end + 1]
-                if body:
-                    return _Frame(body, has_start=False)
-                continue
-            if start != -1:
-                self._skip(start)
-                del self._buf[:1]
-                break
-            if len(self._buf) > self._max:
-                raise _FrameTooLarge(bytes(self._buf[:4096]), len(self._buf))
-            if not await self._fill():
-                self._skip(len(self._buf))
+            item = self.decoder.next()
+            if item is not None:
+                self._frame_started = None
+                return item
+            timeout, idle = self._idle, True
+            if self.decoder.in_frame:
+                now = time.monotonic()
+                if self._frame_started is None:
+                    self._frame_started = now
+                left = self._frame_started + self._frame_timeout - now
+                if left <= timeout:
+                    timeout, idle = left, False
+            try:
+                chunk = await asyncio.wait_for(self._reader.read(_READ_CHUNK), max(timeout, 0.0))
+            except TimeoutError:
+                raise (_ConnectionIdle if idle else _FrameTimeout) from None
+            if self.evicted:
+                raise _Evicted
+            if not chunk:
+                self.decoder.close()
                 return None
-        # find the end block
-        searched = 0
-        while True:
-            end = self._buf.find(END_BLOCK, searched)
-            restart = self._buf.find(START_BLOCK, searched, end if end != -1 else len(self._buf))
-            if restart != -1:  # a new frame began before this one ended: drop the cut-off one
-                self.dropped_partial += 1
-                del self._buf[:restart + 1]
-                searched = 0
-                continue
-            if end != -1:
-                if end > self._max:
-                    raise _FrameTooLarge(bytes(self._buf[:4096]), end)
-                body = bytes(self._buf[:end])
-                del self._buf[:end + 1]
-                if self._buf[:1] == CARRIAGE_RETURN:
-                    del self._buf[:1]
-                return _Frame(body)
-            searched = len(self._buf)
-            if searched > self._max:
-                raise _FrameTooLarge(bytes(self._buf[:4096]), searched)
-            if not await self._fill():
-                raise FramingError(f"connection closed inside a frame ({len(self._buf)} bytes, no end block)")
+            self.decoder.feed(chunk)
+            self._budget.update(self, self.decoder.buffered)
+            if self.evicted:
+                raise _Evicted
 
 
 @dataclass(frozen=True)
@@ -230,11 +255,6 @@ def build_ack(header: _Header, code: str, *, error: tuple[str, str] | None = Non
     return ("\r".join(segments) + "\r").encode("latin-1", "replace")
 
 
-def frame(message: bytes) -> bytes:
-    """Wrap ``message`` in MLLP start and end blocks."""
-    return START_BLOCK + message + END_BLOCK + CARRIAGE_RETURN
-
-
 class MllpGateway:
     """One MLLP listener feeding ``route``'s inbound queue (see the module docstring).
 
@@ -263,6 +283,9 @@ class MllpGateway:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self._budget = _BufferBudget(listener.max_buffered_bytes)
+        self._peers = PeerFilter(parse_networks(listener.allowed_peers))
+        self._tls: ssl.SSLContext | None = None
 
     async def start(self, *, declare: bool = True) -> None:
         """Declare the route's queues (unless ``declare`` is False) and start listening."""
@@ -270,15 +293,24 @@ class MllpGateway:
             from middleware.engine import declare_route_topology
 
             await declare_route_topology(self.broker, self.route, self.settings)
+        if self.listener.tls is not None:
+            try:
+                self._tls = server_context(self.listener.tls)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError([Problem(self.listener.file, self.listener.line,
+                                           f"ingest.mllp {self.listener.name}: tls: {exc}")]) from None
         try:
-            self._server = await asyncio.start_server(self._serve, self.listener.host, self.listener.port)
+            self._server = await asyncio.start_server(self._serve, self.listener.host, self.listener.port,
+                                                      limit=_STREAM_LIMIT)
         except OSError as exc:
             raise ConfigError([Problem(self.listener.file, self.listener.line,
                                        f"ingest.mllp {self.listener.name}: cannot listen on "
                                        f"{self.listener.host}:{self.listener.port}: {exc.strerror or exc}")]) from None
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("mllp listening", extra={"listener": self.listener.name, "host": self.listener.host,
-                                          "port": self.port, "queue": self.queue, "ack": self.listener.ack})
+                                          "port": self.port, "queue": self.queue, "ack": self.listener.ack,
+                                          "tls": self._tls is not None,
+                                          "max_connections": self.listener.max_connections})
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight messages finish (bounded), then close every connection."""
@@ -302,19 +334,49 @@ class MllpGateway:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
-        peer = _peer(writer)
-        frames = _FrameReader(reader, self.listener.max_message_bytes, self.listener.idle_timeout)
+        host, peer = _peer(writer)
         name = self.listener.name
+        # checked before any byte is read (and before a TLS handshake): nothing synchronous above yields
+        refusal = None
+        if not self._peers.allows(host):
+            refusal = "mllp peer not allowed, closing"
+        elif len(self._connections) >= self.listener.max_connections:
+            refusal = "mllp max_connections reached, closing"
+        if refusal is not None:
+            log.warning(refusal, extra={"listener": name, "peer": peer,
+                                        "max_connections": self.listener.max_connections})
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
+        self._connections.add(task)
+        if hasattr(writer.transport, "max_size"):  # CPython's selector transport: recv() size
+            writer.transport.max_size = _RECV_SIZE
+        frames = _FrameReader(reader, writer, self.listener, self._budget)
         count = 0
         try:
+            if self._tls is not None:
+                try:
+                    await writer.start_tls(self._tls, ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT)
+                except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
+                    log.warning("mllp tls handshake failed, closing", extra={
+                        "listener": name, "peer": peer, "error": _tls_reason(exc)})
+                    return
             while not self._stopping:
                 try:
                     item = await frames.next()
                 except _ConnectionIdle:
                     log.info("mllp connection idle, closing", extra={"listener": name, "peer": peer})
                     break
-                except _FrameTooLarge as exc:
+                except _FrameTimeout:
+                    log.warning("mllp frame not finished in time, closing", extra={
+                        "listener": name, "peer": peer, "frame_timeout": self.listener.frame_timeout})
+                    break
+                except _Evicted:
+                    log.warning("mllp buffer limit reached, dropping this connection's unfinished frame", extra={
+                        "listener": name, "peer": peer, "max_buffered_bytes": self.listener.max_buffered_bytes})
+                    break
+                except FrameTooLarge as exc:
                     log.warning("mllp frame too large, closing", extra={
                         "listener": name, "peer": peer, "bytes": exc.size,
                         "max_message_bytes": self.listener.max_message_bytes})
@@ -330,11 +392,12 @@ class MllpGateway:
                     break
                 if item is None:
                     break
-                if frames.skipped or frames.dropped_partial:
+                decoder = frames.decoder
+                if decoder.skipped or decoder.dropped_partial:
                     log.warning("mllp bytes outside frames skipped", extra={
-                        "listener": name, "peer": peer, "skipped_bytes": frames.skipped,
-                        "cut_off_frames": frames.dropped_partial})
-                    frames.skipped = frames.dropped_partial = 0
+                        "listener": name, "peer": peer, "skipped_bytes": decoder.skipped,
+                        "cut_off_frames": decoder.dropped_partial})
+                    decoder.skipped = decoder.dropped_partial = 0
                 if self._stopping:  # arrived after stop(): not taken, the sender will resend
                     break
                 count += 1
@@ -354,6 +417,7 @@ class MllpGateway:
             pass
         finally:
             self._connections.discard(task)
+            self._budget.release(frames)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -365,7 +429,7 @@ class MllpGateway:
 
     # -- one message ------------------------------------------------------------------------
 
-    async def _handle(self, item: _Frame, peer: str) -> bytes | None:
+    async def _handle(self, item: Frame, peer: str) -> bytes | None:
         """Publish or dead-letter one frame; the ACK to send (None: send nothing)."""
         started = time.perf_counter()
         raw = item.body
@@ -439,8 +503,15 @@ def _answer(header: _Header, *, ok: bool) -> bool:
     return True  # AL, or empty MSH-15 with MSH-16 set
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
+def _peer(writer: asyncio.StreamWriter) -> tuple[str, str]:
+    """The peer's address, and ``address:port`` for logs."""
     info = writer.get_extra_info("peername")
     if isinstance(info, tuple) and len(info) >= 2:
-        return f"{info[0]}:{info[1]}"
-    return str(info)
+        return str(info[0]), f"{info[0]}:{info[1]}"
+    return str(info), str(info)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """Why a handshake failed, as OpenSSL names it (``TLSV1_ALERT_UNKNOWN_CA``) or the error's class."""
+    reason = getattr(exc, "reason", None)
+    return str(reason) if reason else type(exc).__name__

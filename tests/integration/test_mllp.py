@@ -5,7 +5,12 @@ framing errors, idle timeout, many connections, and python-hl7's ``mllp_send`` a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
+import logging
+import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -19,7 +24,7 @@ from middleware.broker import naming
 from middleware.broker.amqp import AmqpBroker
 from middleware.broker.base import Broker, OutgoingMessage
 from middleware.deadletter import DeadLetter
-from middleware.ingest import MllpListener
+from middleware.ingest import MllpListener, MllpTls
 from middleware.ingest.mllp import MllpGateway
 from middleware.project import Project
 
@@ -27,6 +32,7 @@ from ..unit.test_mllp import Client, adt, frame, segments
 
 pytestmark = pytest.mark.rabbitmq
 
+REPO = Path(__file__).resolve().parents[2]
 MLLP_SEND = Path(sys.executable).parent / "mllp_send"
 
 Start = Callable[..., Awaitable[MllpGateway]]
@@ -368,3 +374,235 @@ async def test_engine_starts_configured_listeners_and_stops_them_first(rabbit_pr
     assert engine.gateways == []
     demo_engine = Engine(project, gateways=False)
     assert demo_engine.gateways == []
+
+
+# -- hardened listener: allowed_peers, max_connections, buffer budget, frame timeout, TLS ----------
+
+
+def mllp_logs(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "middleware.ingest.mllp" and r.getMessage() == event]
+
+
+async def test_allowed_peers_closes_other_addresses_at_accept(start_gateway: Start, broker: Broker,
+                                                              rabbit_project: Project,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "middleware.ingest.mllp")
+    gateway = await start_gateway(allowed_peers=("127.0.0.2/32", "10.0.0.0/8"))
+    allowed = await Client.connect(gateway.port, local_addr=("127.0.0.2", 0))
+    assert segments(await allowed.send(adt("PEER-OK")))["MSA"][1:3] == ["AA", "PEER-OK"]
+    await allowed.close()
+    other = await Client.connect(gateway.port, local_addr=("127.0.0.1", 0))
+    with contextlib.suppress(ConnectionError):
+        await other.send_raw(frame(adt("PEER-NO")))
+    assert await other.closed_by_peer()
+    await other.close()
+    [refused] = mllp_logs(caplog, "mllp peer not allowed, closing")
+    assert refused.peer.startswith("127.0.0.1:")  # type: ignore[attr-defined]
+    assert "PEER-NO" not in caplog.text and "Müller" not in caplog.text
+    assert [m.correlation_id for m in await drain(broker, inbound(rabbit_project))] == ["PEER-OK"]
+
+
+async def test_max_connections_closes_the_extra_ones_and_frees_the_slot_on_close(
+        start_gateway: Start, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "middleware.ingest.mllp")
+    gateway = await start_gateway(max_connections=2)
+    first, second = await Client.connect(gateway.port), await Client.connect(gateway.port)
+    for n, client in enumerate((first, second)):
+        assert segments(await client.send(adt(f"SLOT-{n}")))["MSA"][1] == "AA"
+    extra = await Client.connect(gateway.port)
+    assert await extra.closed_by_peer(timeout=2.0)
+    await extra.close()
+    assert len(mllp_logs(caplog, "mllp max_connections reached, closing")) == 1
+    await first.close()
+    await asyncio.sleep(0.2)
+    third = await Client.connect(gateway.port)
+    assert segments(await third.send(adt("SLOT-3")))["MSA"][1:3] == ["AA", "SLOT-3"]
+    assert segments(await second.send(adt("SLOT-4")))["MSA"][1] == "AA"
+    await third.close()
+    await second.close()
+
+
+async def test_buffer_budget_drops_the_biggest_half_open_frames_and_a_normal_sender_gets_aa(
+        start_gateway: Start, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "middleware.ingest.mllp")
+    gateway = await start_gateway(max_message_bytes=20_000, max_buffered_bytes=50_000)
+    half_open = []
+    for size in (15_000, 15_000, 15_000, 15_000, 19_000, 15_000):
+        client = await Client.connect(gateway.port)
+        await client.send_raw(b"\x0bMSH|^~\\&|" + b"x" * (size - 10))
+        half_open.append(client)
+        await asyncio.sleep(0.1)
+        assert gateway._budget.total <= 50_000
+    closed = [await c.closed_by_peer(timeout=0.5) for c in half_open]
+    assert sum(closed) == 3  # 96,000 bytes held: the 19,000 one and two others are dropped to fit 50,000
+    assert closed[4]
+    normal = await Client.connect(gateway.port)
+    assert segments(await normal.send(adt("AFTER-FLOOD")))["MSA"][1:3] == ["AA", "AFTER-FLOOD"]
+    assert len(mllp_logs(caplog, "mllp buffer limit reached, dropping this connection's unfinished frame")) >= 3
+    for client in [*half_open, normal]:
+        with contextlib.suppress(ConnectionError):
+            await client.close()
+    await asyncio.sleep(0.2)
+    assert gateway._budget.total == 0
+
+
+async def test_a_frame_trickled_slower_than_frame_timeout_is_closed(start_gateway: Start,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "middleware.ingest.mllp")
+    gateway = await start_gateway(frame_timeout=0.5, idle_timeout=5)
+    client = await Client.connect(gateway.port)
+    started = time.monotonic()
+    await client.send_raw(b"\x0bMSH|")
+    with contextlib.suppress(ConnectionError):
+        while time.monotonic() - started < 5 and not client.reader.at_eof():
+            await client.send_raw(b"x")  # never idle: a byte every 0.1 s
+            await asyncio.sleep(0.1)
+    assert await client.closed_by_peer(timeout=1.0)
+    assert 0.4 < time.monotonic() - started < 2.0
+    assert len(mllp_logs(caplog, "mllp frame not finished in time, closing")) == 1
+    await client.close()
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A CA, a server certificate for 127.0.0.1, and client contexts with and without certificates."""
+    import trustme
+
+    folder = tmp_path_factory.mktemp("certs")
+    ca, foreign = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    server.cert_chain_pems[0].write_to_path(str(folder / "server.pem"))
+    server.private_key_pem.write_to_path(str(folder / "server.key"))
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+
+    def client(cert_from: trustme.CA | None) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        if cert_from is not None:
+            cert_from.issue_cert("sender.example").configure_cert(context)
+        return context
+
+    return {"cert_file": str(folder / "server.pem"), "key_file": str(folder / "server.key"),
+            "ca_file": str(folder / "ca.pem"), "no_cert": client(None), "ca_cert": client(ca),
+            "foreign_cert": client(foreign)}
+
+
+async def tls_refused(port: int, context: ssl.SSLContext) -> bool:
+    """True when the gateway ends the TLS connection without answering a message."""
+    try:
+        client = await Client.connect(port, ssl=context, server_hostname="127.0.0.1")
+        await client.send_raw(frame(adt("TLS-REFUSED")))
+        got = await asyncio.wait_for(client.reader.read(), 5.0)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    return got == b""
+
+
+async def test_tls_with_a_server_certificate_serves_tls_and_refuses_plain_tcp(
+        start_gateway: Start, certificates: dict[str, Any], broker: Broker, rabbit_project: Project,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "middleware.ingest.mllp")
+    gateway = await start_gateway(tls=MllpTls(certificates["cert_file"], certificates["key_file"]))
+    client = await Client.connect(gateway.port, ssl=certificates["no_cert"], server_hostname="127.0.0.1")
+    assert segments(await client.send(adt("TLS-1")))["MSA"][1:3] == ["AA", "TLS-1"]
+    await client.close()
+    plain = await Client.connect(gateway.port)
+    await plain.send_raw(frame(adt("PLAIN-1")))
+    assert await plain.closed_by_peer()
+    await plain.close()
+    assert mllp_logs(caplog, "mllp tls handshake failed, closing")
+    assert [m.correlation_id for m in await drain(broker, inbound(rabbit_project))] == ["TLS-1"]
+
+
+async def test_mutual_tls_requires_a_client_certificate_signed_by_the_ca(
+        start_gateway: Start, certificates: dict[str, Any], broker: Broker, rabbit_project: Project) -> None:
+    gateway = await start_gateway(tls=MllpTls(certificates["cert_file"], certificates["key_file"],
+                                              certificates["ca_file"], require_client_cert=True))
+    client = await Client.connect(gateway.port, ssl=certificates["ca_cert"], server_hostname="127.0.0.1")
+    assert segments(await client.send(adt("MTLS-1")))["MSA"][1:3] == ["AA", "MTLS-1"]
+    await client.close()
+    assert await tls_refused(gateway.port, certificates["no_cert"])
+    assert await tls_refused(gateway.port, certificates["foreign_cert"])
+    assert [m.correlation_id for m in await drain(broker, inbound(rabbit_project))] == ["MTLS-1"]
+
+
+async def test_optional_client_certificates_are_checked_when_offered(
+        start_gateway: Start, certificates: dict[str, Any], broker: Broker, rabbit_project: Project) -> None:
+    gateway = await start_gateway(tls=MllpTls(certificates["cert_file"], certificates["key_file"],
+                                              certificates["ca_file"], require_client_cert=False))
+    for n, context in enumerate((certificates["no_cert"], certificates["ca_cert"])):
+        client = await Client.connect(gateway.port, ssl=context, server_hostname="127.0.0.1")
+        assert segments(await client.send(adt(f"OPT-{n}")))["MSA"][1] == "AA"
+        await client.close()
+    assert await tls_refused(gateway.port, certificates["foreign_cert"])
+    assert [m.correlation_id for m in await drain(broker, inbound(rabbit_project))] == ["OPT-0", "OPT-1"]
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set (VmHWM) in MiB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+async def test_300_half_open_1mb_frames_keep_the_engine_under_200_mb_and_a_sender_still_gets_aa(
+        broker: Broker, rabbit_env: dict[str, str], tmp_path: Path) -> None:
+    """The issue's figure: 300 frames of ~1 MB that never end took `middleware run` from 65 to 431 MB."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "middleware", "run", "--project", str(REPO), env=rabbit_env, cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    logs: list[dict[str, Any]] = []
+    listening = asyncio.get_running_loop().create_future()
+
+    async def read_logs() -> None:  # keep draining stderr: a full pipe would stall the engine
+        assert process.stderr is not None
+        async for line in process.stderr:
+            if line.startswith(b"{"):
+                entry = json.loads(line)
+                logs.append(entry)
+                if entry.get("event") == "mllp listening" and not listening.done():
+                    listening.set_result(entry["port"])
+
+    reader = asyncio.create_task(read_logs())
+    attackers: list[Client] = []
+    try:
+        port = await asyncio.wait_for(listening, 60)
+        await asyncio.sleep(0.5)
+        baseline = peak_rss_mib(process.pid)
+        chunk = b"x" * 65536
+
+        async def half_open(n: int) -> None:
+            client = await Client.connect(port)
+            attackers.append(client)
+            with contextlib.suppress(ConnectionError):
+                await client.send_raw(b"\x0b" + adt(f"HALF-{n}"))
+                for _ in range(15):  # ~1 MB, under max_message_bytes (1 MiB), and no end block
+                    await client.send_raw(chunk)
+
+        await asyncio.gather(*(half_open(n) for n in range(300)))
+        await asyncio.sleep(1.0)  # let the engine read what is still in flight
+        normal = await Client.connect(port)
+        ack = segments(await normal.send(adt("NORMAL-1"), timeout=30))
+        await normal.close()
+        peak = peak_rss_mib(process.pid)
+        print(f"middleware run peak RSS: {baseline:.0f} MiB idle, {peak:.0f} MiB after 300 half-open 1 MB frames")
+        assert ack["MSA"][1:3] == ["AA", "NORMAL-1"]
+        assert peak < 200, f"peak RSS {peak:.0f} MiB (idle {baseline:.0f} MiB)"
+        dropped = [e for e in logs if e.get("event", "").startswith("mllp buffer limit reached")]
+        assert len(dropped) > 200  # 64 MiB of the 300 MB are held; the rest were dropped
+        assert all("HALF-" not in json.dumps(e) for e in logs)  # no message content in the logs
+    finally:
+        for client in attackers:
+            with contextlib.suppress(Exception):
+                client.writer.transport.abort()
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 60)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader

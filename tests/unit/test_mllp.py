@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from middleware.broker import make_broker, naming
 from middleware.broker.base import Broker
-from middleware.ingest import MllpListener
+from middleware.ingest import MllpListener, MllpTls
 from middleware.ingest.mllp import MllpGateway, build_ack, read_header
 from middleware.project import Project, load_project
+
+from .test_project_validation import edit, line_of, problems
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "samples" / "adt-inbound" / "a01-admit.hl7"
@@ -55,8 +59,9 @@ class Client:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, host: str = "127.0.0.1") -> Client:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def connect(cls, port: int, host: str = "127.0.0.1", **options: Any) -> Client:
+        """``options`` go to :func:`asyncio.open_connection` (``ssl``, ``local_addr``, ...)."""
+        reader, writer = await asyncio.open_connection(host, port, **options)
         return cls(reader, writer)
 
     async def send_raw(self, data: bytes) -> None:
@@ -73,10 +78,13 @@ class Client:
         return await self.read_ack(timeout)
 
     async def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """True when the gateway closes the connection within ``timeout`` without sending anything."""
         try:
             return await asyncio.wait_for(self.reader.read(), timeout) == b""
         except ConnectionError:
             return True
+        except TimeoutError:
+            return False
 
     async def close(self) -> None:
         self.writer.close()
@@ -154,3 +162,61 @@ async def test_embedded_broker_aa_after_publish_and_body_unchanged(embedded: tup
     assert got.correlation_id == "EMB-1"
     assert got.headers["x-mw-ingest"] == "mllp:embedded"
     assert got.content_type == "x-application/hl7-v2+er7"
+
+
+# -- ingest.mllp settings: limits, allowed_peers and tls are checked by `validate` -----------------
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """A copy of the shipped project that a test may change."""
+    for folder in ("config", "routes", "connectors", "schemas"):
+        shutil.copytree(REPO / folder, tmp_path / "project" / folder)
+    return tmp_path / "project"
+
+
+def test_listener_limits_and_access_settings_are_loaded(project_copy: Path) -> None:
+    project = project_copy
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    (project / "certs").mkdir()
+    server.cert_chain_pems[0].write_to_path(str(project / "certs" / "server.pem"))
+    server.private_key_pem.write_to_path(str(project / "certs" / "server.key"))
+    ca.cert_pem.write_to_path(str(project / "certs" / "ca.pem"))
+    edit(project / "config" / "middleware.yaml", "      idle_timeout: 300\n",
+         "      idle_timeout: 300\n      frame_timeout: 20\n      max_connections: 7\n"
+         "      max_buffered_bytes: 8388608\n      allowed_peers: [10.1.0.0/16, 127.0.0.1, '::1']\n"
+         "      tls: {cert_file: certs/server.pem, key_file: certs/server.key, ca_file: certs/ca.pem,\n"
+         "            require_client_cert: true}\n")
+    [listener] = load_project(project, {}).settings.mllp
+    assert (listener.frame_timeout, listener.max_connections, listener.max_buffered_bytes) == (20, 7, 8388608)
+    assert listener.allowed_peers == ("10.1.0.0/16", "127.0.0.1", "::1")
+    assert listener.tls == MllpTls(cert_file=str(project / "certs" / "server.pem"),
+                                   key_file=str(project / "certs" / "server.key"),
+                                   ca_file=str(project / "certs" / "ca.pem"), require_client_cert=True)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("allowed_peers: [10.0.0.0/8, 10.0.0.300]",
+     "allowed_peers: '10.0.0.300' is not an IP address or CIDR network (e.g. 10.0.0.0/24)"),
+    ("max_buffered_bytes: 1000", "max_buffered_bytes: must be at least max_message_bytes (1048576)"),
+    ("tls: {cert_file: no/cert.pem, key_file: no/key.pem}", "tls: cannot load the certificate, key or CA: "),
+    ("tls:\n        cert_file: no/cert.pem\n        key_file: no/key.pem\n        require_client_cert: true",
+     "tls.require_client_cert: needs tls.ca_file (the CA that signs client certificates)"),
+    ("tls: {cert_file: a.pem}", "missing key: 'key_file' in ingest.mllp.0.tls"),
+    ("max_connections: 0", "ingest.mllp.0.max_connections: 0 is less than the minimum of 1"),
+    ("frame_timeout: 0", "ingest.mllp.0.frame_timeout: 0 is less than or equal to the minimum of 0"),
+], ids=["peer", "buffer", "tls-files", "client-cert-without-ca", "tls-key", "connections", "frame-timeout"])
+def test_invalid_listener_settings_are_file_line_problems(project_copy: Path, setting: str, message: str) -> None:
+    project = project_copy
+    config = project / "config" / "middleware.yaml"
+    edit(config, "      idle_timeout: 300\n", f"      idle_timeout: 300\n      {setting}\n")
+    key = setting.split(":")[0]
+    expected_line = line_of(config, "require_client_cert" if "require_client_cert" in message else key)
+    if key == "tls" and "require_client_cert" not in message and "missing" not in message:
+        expected_line = line_of(config, "tls:")
+    [problem] = problems(project)
+    assert problem.startswith(f"config/middleware.yaml:{expected_line}: ")
+    assert message in problem
