@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 from typing import Any
-from zoneinfo import ZoneInfo
 
+import orjson
+
+from middleware import dates
 from middleware.schemas import schema_urn
 
 # Fixed namespace: changing it would change every event id ever issued.
 EVENT_ID_NAMESPACE = uuid.UUID("6f1f2e1c-35a4-5d0b-9c39-2f7b8d0c4a11")
 
 
-def event_id(route: str, source_message_id: str, index: int) -> str:
-    """UUIDv5 of (route, source message id, event index): the same input yields the same id."""
-    return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{route}\x1f{source_message_id}\x1f{index}"))
+def event_id(route: str, source_identity: Sequence[str], event_type: str, index: int) -> str:
+    """UUIDv5 of (route, the message's source identity, event type, index of the event in the message).
+
+    ``source_identity`` is what tells the input apart from every other one (HL7 v2: MSH-3, MSH-4,
+    MSH-10, MSH-7; FHIR: resourceType, id, versionId or a content digest; plus batch id and position
+    for a record of a batch); ``event_type`` is the full CloudEvents type (``patient.admitted.v1``).
+    The same input gives the same ids; a different sender, resource version or event type other ones.
+    The parts are JSON-encoded, so no choice of characters in them can make two inputs collide.
+    """
+    name = orjson.dumps([route, list(source_identity), event_type, index]).decode()
+    return str(uuid.uuid5(EVENT_ID_NAMESPACE, name))
 
 
 def resolve_correlation_id(amqp_correlation_id: str | None, message_id: str | None,
@@ -28,29 +40,31 @@ def resolve_correlation_id(amqp_correlation_id: str | None, message_id: str | No
     return str(uuid.uuid4())
 
 
-def rfc3339(iso: str | None, tz: ZoneInfo) -> str | None:
-    """Turn an ISO 8601 date or date-time into RFC 3339; naive times are read in ``tz``.
-
-    Returns None for partial dates ("1980", "1980-01") that have no RFC 3339 form.
-    """
-    if not iso or len(iso) < 10:
+def rfc3339(iso: str | None, tz: dt.tzinfo) -> str | None:
+    """The envelope ``time`` for an ISO 8601 value: a date-time keeps its fraction digits as sent and
+    its offset (a naive one is read in ``tz``, the same rule as ``as: datetime`` in ``data``); a date
+    is midnight in ``tz``. None for a year or year-month (no RFC 3339 form) or an invalid value."""
+    if not iso:
         return None
     try:
-        moment = dt.datetime.fromisoformat(iso)
-    except ValueError:
+        when = dates.parse(iso)
+    except dates.DateFormatError:
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=tz)
-    return moment.isoformat().replace("+00:00", "Z")
+    if when.precision is dates.Precision.DAY:
+        when = dataclasses.replace(when, hour=0, minute=0, second=0)
+    elif when.precision is not dates.Precision.DATETIME:
+        return None
+    return when.in_zone(tz).iso()
 
 
-def build_event(*, route: str, event_type: str, major: int, index: int, source_message_id: str,
+def build_event(*, route: str, event_type: str, major: int, index: int, source_identity: Sequence[str],
                 data: dict[str, Any], subject: str | None, time: str, correlation_id: str) -> dict[str, Any]:
     """A structured-mode CloudEvent whose ``data`` has already passed its schema."""
+    cloud_type = f"{event_type}.v{major}"
     event: dict[str, Any] = {
         "specversion": "1.0",
-        "id": event_id(route, source_message_id, index),
-        "type": f"{event_type}.v{major}",
+        "id": event_id(route, source_identity, cloud_type, index),
+        "type": cloud_type,
         "source": f"urn:middleware:route:{route}",
         "time": time,
         "datacontenttype": "application/json",

@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from middleware import dates
 from middleware.errors import MappingError
 from middleware.formats import Format, PathAccessor
-from middleware.formats.hl7v2 import hl7_date_to_iso, hl7_timestamp_to_iso
 
 FIELD_KEYS = frozenset({"path", "value", "template", "as", "lookup", "default", "required", "each", "map"})
 CONDITION_KEYS = frozenset({"message_type", "equals", "exists", "missing"})
 _TEMPLATE_PART = re.compile(r"\{([^{}]+)\}")
-_HL7_DTM = re.compile(r"\d{4,14}(\.\d{1,4})?([+-]\d{4})?")
 
 
 class SpecError(ValueError):
@@ -61,20 +60,6 @@ class LookupTable:
 # -- conversions ------------------------------------------------------------------------------
 
 
-def _to_date(value: Any) -> str:
-    text = str(value)
-    if _HL7_DTM.fullmatch(text):
-        return hl7_date_to_iso(text)
-    return dt.date.fromisoformat(text[:10]).isoformat()
-
-
-def _to_datetime(value: Any) -> str:
-    text = str(value)
-    if _HL7_DTM.fullmatch(text):
-        return hl7_timestamp_to_iso(text)
-    return dt.datetime.fromisoformat(text).isoformat()
-
-
 def _to_decimal(value: Any) -> int | float:
     number = Decimal(str(value).strip())
     if not number.is_finite():
@@ -94,8 +79,8 @@ def _to_bool(value: Any) -> bool:
 
 CONVERSIONS: dict[str, Callable[[Any], Any]] = {
     "string": str,
-    "date": _to_date,
-    "datetime": _to_datetime,
+    "date": dates.to_date,  # HL7 DT/DTM/TS or ISO 8601 (FHIR), strict, precision kept (see middleware.dates)
+    "datetime": dates.to_datetime,  # likewise; naive times get the engine's time zone in _finish
     "int": lambda v: int(str(v).strip()),
     "decimal": _to_decimal,
     "bool": _to_bool,
@@ -168,6 +153,7 @@ def compile_condition(spec: Any, fmt: Format) -> Condition:
 
 
 _UNSET: Any = object()
+_NEEDED_PRECISION = {"date": dates.Precision.DAY, "datetime": dates.Precision.DATETIME}
 
 
 @dataclass(frozen=True)
@@ -199,11 +185,12 @@ class FieldRule:
     each: tuple[Format, str] | None = None  # (format, scope expression) for ``each:`` rules
     children: tuple[FieldRule, ...] = ()
 
-    def evaluate(self, doc: Any) -> Any:
-        """The target's value for ``doc`` (``_UNSET`` when there is none); raises MappingError."""
+    def evaluate(self, doc: Any, tz: dt.tzinfo | None = None) -> Any:
+        """The target's value for ``doc`` (``_UNSET`` when there is none); raises MappingError.
+        ``tz`` is the engine's time zone, given to naive date-times (``as: datetime``)."""
         if self.each is not None:
-            return self._evaluate_each(doc)
-        raw = self._raw(doc)
+            return self._evaluate_each(doc, tz)
+        raw = self._most_precise(doc) if self.convert in _NEEDED_PRECISION and len(self.paths) > 1 else self._raw(doc)
         if raw is _UNSET:
             if self.default is not _UNSET:
                 return self.default
@@ -214,8 +201,8 @@ class FieldRule:
         if self.convert == "string" and self.lookup is None and isinstance(raw, str) and self.constant is _UNSET:
             return raw  # HL7 values and templates are strings already: nothing to convert
         if isinstance(raw, list):
-            return [self._finish(item) for item in raw]
-        return self._finish(raw)
+            return [self._finish(item, tz) for item in raw]
+        return self._finish(raw, tz)
 
     @property
     def target_parts(self) -> tuple[tuple[str, ...], str]:
@@ -227,13 +214,13 @@ class FieldRule:
             object.__setattr__(self, "_target_parts", cached)
         return cached
 
-    def _evaluate_each(self, doc: Any) -> Any:
+    def _evaluate_each(self, doc: Any, tz: dt.tzinfo | None) -> Any:
         assert self.each is not None
         fmt, scope = self.each
         items = []
         for index, item in enumerate(fmt.each(doc, scope), start=1):
             try:
-                data = apply_rules(self.children, item)
+                data = apply_rules(self.children, item, tz=tz)
             except MappingError as exc:
                 exc.message = f"{self.target}[{index}].{exc.message}"  # which item of the list failed
                 raise
@@ -258,9 +245,37 @@ class FieldRule:
                 return values if accessor.multiple else values[0]
         return _UNSET
 
-    def _finish(self, value: Any) -> Any:
+    def _most_precise(self, doc: Any) -> Any:
+        """``{path: [A, B], as: datetime}``: the first value precise enough for the target (a time of day
+        for ``datetime``, a day for ``date``), else the first value at its own precision. A year-only
+        PV1-44 so gives way to a full EVN-6; a value that is not a date at all is an error, never skipped."""
+        needed = _NEEDED_PRECISION[self.convert]
+        first: Any = _UNSET
+        for accessor in self.paths:
+            values = accessor.read(doc)
+            if not values:
+                continue
+            if accessor.multiple:
+                return values if first is _UNSET else first
+            try:
+                precision = dates.parse(values[0]).precision
+            except dates.DateFormatError as exc:
+                raise MappingError(f"{self.target}: {accessor.expr} is not a valid {self.convert}: {exc}",
+                                   hint="fix the source value or change `as:`") from None
+            if precision >= needed:
+                return values[0]
+            if first is _UNSET:
+                first = values[0]
+        return first
+
+    def _finish(self, value: Any, tz: dt.tzinfo | None = None) -> Any:
         try:
-            converted = CONVERSIONS[self.convert](value) if self.constant is _UNSET else value
+            if self.constant is not _UNSET:
+                converted = value
+            elif self.convert == "datetime":
+                converted = dates.to_datetime(value, tz)
+            else:
+                converted = CONVERSIONS[self.convert](value)
         except (ValueError, KeyError, InvalidOperation, ArithmeticError) as exc:
             detail = f": {exc}" if isinstance(exc, ValueError) and str(exc) else ""
             raise MappingError(f"{self.target}: {self.source} is not a valid {self.convert}{detail}",
@@ -334,11 +349,12 @@ def _compile_each(target: str, spec: dict[str, Any], fmt: Format, lookups: Mappi
     return FieldRule(target, f"each {scope}", each=(fmt, scope), children=rules, required=bool(spec.get("required")))
 
 
-def apply_rules(rules: tuple[FieldRule, ...], doc: Any) -> dict[str, Any]:
-    """Build the event data: nested dicts from the dotted targets; absent values left out."""
+def apply_rules(rules: tuple[FieldRule, ...], doc: Any, tz: dt.tzinfo | None = None) -> dict[str, Any]:
+    """Build the event data: nested dicts from the dotted targets; absent values left out. ``tz`` is
+    the engine's time zone for naive date-times (None leaves them naive)."""
     data: dict[str, Any] = {}
     for rule in rules:
-        value = rule.evaluate(doc)
+        value = rule.evaluate(doc, tz)
         if value is _UNSET:
             continue
         node = data

@@ -105,6 +105,8 @@ class MessageContext:
     header_correlation_id: str | None = None  # X-Correlation-ID header
     message_id: str | None = None  # AMQP message_id
     received_at: dt.datetime | None = None
+    batch_id: str | None = None  # x-mw-batch-id header: the batch a record was split from
+    batch_position: str | None = None  # x-mw-batch-position header: the record's place in it
 
 
 @dataclass
@@ -115,6 +117,16 @@ class Outcome:
     events: list[dict[str, Any]] = field(default_factory=list)
     filtered: bool = False
     message_type: str | None = None
+
+
+def source_identity(doc: Any, raw: bytes, context: MessageContext) -> tuple[str, ...]:
+    """What event ids are derived from: the document's own identity (each format says what it is; a
+    digest of the bytes for a format that does not), plus the batch id and position of a batch record."""
+    identify = getattr(doc, "source_identity", None)
+    parts = tuple(identify()) if callable(identify) else ("sha256:" + hashlib.sha256(raw).hexdigest(),)
+    if context.batch_id is not None or context.batch_position is not None:
+        parts += ("batch", context.batch_id or "", context.batch_position or "")
+    return parts
 
 
 def transform(route: Route, raw: bytes, context: MessageContext | None = None,
@@ -143,12 +155,12 @@ def transform(route: Route, raw: bytes, context: MessageContext | None = None,
                                hint="add an events rule for it, or exclude it with the route's filter")
         if route.match == "first":
             rules = rules[:1]
-        source_id = doc.message_id or context.message_id or hashlib.sha256(raw).hexdigest()
+        identity = source_identity(doc, raw, context)
         received = (context.received_at or dt.datetime.now(dt.UTC)).isoformat().replace("+00:00", "Z")
         time = rfc3339(doc.occurred_at(), tz) or received
         for index, rule in enumerate(rules):
             try:
-                data = apply_rules(rule.fields, doc)
+                data = apply_rules(rule.fields, doc, tz=tz)
             except MappingError as exc:
                 exc.message = f"rule {rule.name}: {exc.message}"
                 raise
@@ -157,7 +169,7 @@ def transform(route: Route, raw: bytes, context: MessageContext | None = None,
             stage = "map"
             outcome.events.append(build_event(
                 route=route.name, event_type=rule.type, major=rule.version, index=index,
-                source_message_id=source_id, data=data, subject=rule.render_subject(data),
+                source_identity=identity, data=data, subject=rule.render_subject(data),
                 time=time, correlation_id=correlation_id))
         return outcome
     except PipelineError as exc:

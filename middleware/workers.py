@@ -27,6 +27,13 @@ from middleware.route import MessageContext, Route, transform
 
 log = logging.getLogger("middleware.worker")
 
+
+def _header_text(value: object) -> str | None:
+    """A header value as text (AMQP headers may arrive as bytes or numbers); None when absent."""
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
 EVENT_CONTENT_TYPE = "application/cloudevents+json"
 
 
@@ -53,6 +60,8 @@ class RouteWorker:
             header_correlation_id=str(header_cid) if header_cid else None,
             message_id=message.message_id,
             received_at=dt.datetime.now(dt.UTC),
+            batch_id=_header_text(message.headers.get("x-mw-batch-id")),
+            batch_position=_header_text(message.headers.get("x-mw-batch-position")),
         )
         started = time.perf_counter()
         try:

@@ -25,6 +25,13 @@ class Document(Protocol):
         """When the business event occurred, ISO 8601 (offset kept when the source has one)."""
 
 
+    def source_identity(self) -> tuple[str, ...]:
+        """The parts that tell this message apart from every other one, from any sender (HL7 v2: MSH-3,
+        MSH-4, MSH-10, MSH-7; FHIR: resourceType, id, versionId or a content digest). Event ids are
+        derived from it (:func:`middleware.envelope.event_id`); a document without this method is
+        identified by a digest of its raw bytes."""
+
+
 class PathAccessor(Protocol):
     """A compiled source expression; compile once, read many documents."""
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import hashlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -103,13 +104,18 @@ def _get(node: Any, keys: tuple[str, ...]) -> Any:
 
 
 def _timing(resource: Any) -> str | None:
+    """The first timing with a time of day, else the first date (a date-only effectiveDateTime does not
+    hide a full ``issued``)."""
     if not isinstance(resource, dict):
         return None
+    fallback = None
     for keys in TIMINGS.get(str(resource.get("resourceType")), ()):
         value = _get(resource, keys)
         if isinstance(value, str) and value:
-            return value
-    return None
+            if "T" in value:
+                return value
+            fallback = fallback or value
+    return fallback
 
 
 def _entry_resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
@@ -162,6 +168,18 @@ class FhirDocument:
                 if isinstance(url, str) and url:
                     return url
         return None
+
+    def source_identity(self) -> tuple[str, ...]:
+        """What makes this resource version unique (event ids are derived from it): resourceType, id and
+        meta.versionId, or without a versionId a digest of the resource's content (keys sorted, so the
+        same resource sent with other whitespace or key order keeps its identity)."""
+        root = self.root
+        version = _get(root, ("meta", "versionId"))
+        if not isinstance(version, str | int) or isinstance(version, bool) or version == "":
+            content = orjson.dumps(root, option=orjson.OPT_SORT_KEYS)
+            version = "sha256:" + hashlib.sha256(content).hexdigest()
+        kind, rid = root.get("resourceType"), root.get("id")
+        return str(kind or ""), rid if isinstance(rid, str) else "", str(version)
 
     def occurred_at(self) -> str | None:
         root = self.root

@@ -12,12 +12,13 @@ fields: component 5; ``[3.1=X]`` reads a subcomponent / component).
 
 from __future__ import annotations
 
-import datetime as dt
+import hashlib
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from middleware import dates
 from middleware.errors import ParseError
 from middleware.formats import register
 
@@ -27,11 +28,6 @@ _PATH = re.compile(
     r"(?:-(?P<field>\d+)(?:\[(?P<repsel>[^\]]*)\])?(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?"
 )
 _SELECTOR = re.compile(r"(?P<index>\d+)|(?P<all>\*)|(?P<key>\d+(?:\.\d+)?)=(?P<value>[^\]]*)")
-_TIMESTAMP = re.compile(
-    r"(?P<y>\d{4})(?:(?P<mo>\d{2})(?:(?P<d>\d{2})(?:(?P<h>\d{2})(?:(?P<mi>\d{2})(?:(?P<s>\d{2})"
-    r"(?:\.(?P<frac>\d{1,4}))?)?)?)?)?)?(?P<tz>[+-]\d{4})?"
-)
-
 # MSH-18 values (HL7 table 0211) and the Python codec for each; absent means UTF-8 (a superset of
 # the standard's ASCII default, which is what senders that omit MSH-18 actually send).
 CHARSETS = {
@@ -194,16 +190,31 @@ class Hl7Message:
     def version(self) -> str | None:
         return self.get("MSH-12.1")
 
+    def source_identity(self) -> tuple[str, ...]:
+        """What makes this message unique among all senders' (event ids are derived from it): MSH-3
+        (sending application), MSH-4 (sending facility), MSH-10 (control id) and MSH-7 (time), as sent.
+        Without a control id, a digest of the segments stands in for it."""
+        msh = self.segments[0]
+        control_id = msh.field(10)
+        if not control_id:
+            control_id = "sha256:" + hashlib.sha256("\r".join(s.raw for s in self.segments).encode()).hexdigest()
+        return msh.field(3), msh.field(4), control_id, msh.field(7)
+
     def occurred_at(self) -> str | None:
-        """EVN-6 (event occurred), else EVN-2 (recorded), else MSH-7, as ISO 8601."""
+        """EVN-6 (event occurred), else EVN-2 (recorded), else MSH-7, as ISO 8601: the first that has a
+        time of day, else the first valid date (a year-only EVN-6 does not hide a full EVN-2)."""
+        fallback = None
         for expr in ("EVN-6", "EVN-2", "MSH-7"):
             value = self.get(expr)
             if value:
                 try:
-                    return hl7_timestamp_to_iso(value)
-                except ValueError:
+                    when = dates.parse_hl7(value)
+                except dates.DateFormatError:
                     continue
-        return None
+                if when.precision is dates.Precision.DATETIME:
+                    return when.iso()
+                fallback = fallback or when.iso()
+        return fallback
 
     def components(self, text: str) -> list[str]:
         return text.split(self.delimiters.component)
@@ -509,43 +520,21 @@ def parse(raw: bytes) -> Hl7Message:
 # -- timestamps -------------------------------------------------------------------------------
 
 
-def _timestamp_parts(text: str) -> re.Match[str]:
-    match = _TIMESTAMP.fullmatch(text.strip())
-    if not match:
-        raise ValueError("not an HL7 date/time (YYYY[MM[DD[HHMM[SS[.S]]]]][+/-ZZZZ])")
-    return match
-
-
 def hl7_date_to_iso(text: str) -> str:
-    """``19840312`` (or a longer timestamp) -> ``1984-03-12``; needs at least a full date."""
-    match = _timestamp_parts(text)
-    if match["d"] is None:
-        raise ValueError("a date needs year, month and day")
-    return dt.date(int(match["y"]), int(match["mo"]), int(match["d"])).isoformat()
+    """``19840312`` -> ``1984-03-12``, ``197405`` -> ``1974-05``: the date part at the precision sent.
+
+    Raises :class:`middleware.dates.DateFormatError` (a ``ValueError``) for anything that is not a DT/DTM.
+    """
+    return dates.parse_hl7(text).truncate(dates.Precision.DAY).iso()
 
 
 def hl7_timestamp_to_iso(text: str) -> str:
-    """``20261124082500+0100`` -> ``2026-11-24T08:25:00+01:00``; a date alone stays a date.
+    """``20261124082500+0100`` -> ``2026-11-24T08:25:00+01:00``; ``1974`` stays ``1974`` (precision as sent).
 
-    Precision is kept as sent (minutes give ``HH:MM:00``); the offset is kept when present.
+    Minutes alone give ``HH:MM:00``; fraction digits and the offset are kept as sent. Raises
+    :class:`middleware.dates.DateFormatError` (a ``ValueError``) for anything that is not a DTM / TS.
     """
-    match = _timestamp_parts(text)
-    if match["d"] is None:
-        raise ValueError("a timestamp needs at least year, month and day")
-    date = dt.date(int(match["y"]), int(match["mo"]), int(match["d"]))
-    if match["h"] is None:
-        return date.isoformat()
-    fraction = match["frac"] or ""
-    moment = dt.datetime(date.year, date.month, date.day, int(match["h"]), int(match["mi"] or 0),
-                         int(match["s"] or 0))
-    out = moment.isoformat() + (f".{fraction}" if fraction else "")  # fraction digits as sent
-    offset = match["tz"]
-    if offset:
-        hours, minutes = int(offset[1:3]), int(offset[3:5])
-        if hours > 23 or minutes > 59:
-            raise ValueError("UTC offset out of range")
-        out += f"{offset[0]}{offset[1:3]}:{offset[3:5]}"
-    return out
+    return dates.parse_hl7(text).iso()
 
 
 @register("hl7v2")

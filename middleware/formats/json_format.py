@@ -7,6 +7,7 @@ the top-level ``resourceType`` or ``type`` string when present; ``message_id`` t
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,12 @@ class JsonDocument:
     def message_id(self) -> str | None:
         value = self.data.get("id") if isinstance(self.data, dict) else None
         return str(value) if isinstance(value, str | int) else None
+
+    def source_identity(self) -> tuple[str, ...]:
+        """What makes this document unique (event ids are derived from it): its type, its ``id`` and a
+        digest of its content (keys sorted), since a JSON payload has no version of its own."""
+        content = orjson.dumps(self.data, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        return self.message_type or "", self.message_id or "", "sha256:" + hashlib.sha256(content).hexdigest()
 
     def occurred_at(self) -> str | None:
         return None

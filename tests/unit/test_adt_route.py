@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -40,7 +41,10 @@ def test_a01_becomes_patient_admitted_with_catalogue_fields(project: Project) ->
     assert event["correlationid"] == "corr-1"
     # EVN-6 absent -> EVN-2 (recorded), offset kept
     assert event["time"] == "2026-11-24T08:29:00+01:00"
-    assert event["id"] == str(uuid.uuid5(EVENT_ID_NAMESPACE, "adt-inbound\x1fDEMO-A01-0001\x1f0"))
+    # id: UUIDv5 of route, source identity (MSH-3, MSH-4, MSH-10, MSH-7 as sent), event type, index
+    identity = ["EPIC", "GHH", "DEMO-A01-0001", "20261124083000+0100"]
+    name = json.dumps(["adt-inbound", identity, "patient.admitted.v1", 0], separators=(",", ":"), ensure_ascii=False)
+    assert event["id"] == str(uuid.uuid5(EVENT_ID_NAMESPACE, name))
     data = event["data"]
     # PID-3 repetition with identifier type MR wins over the first repetition (PI)
     assert data["patient"]["mrn"] == "MRN-4711"

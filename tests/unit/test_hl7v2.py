@@ -138,7 +138,8 @@ def test_timestamps() -> None:
     assert hl7_timestamp_to_iso("20261124082501.1234-0530") == "2026-11-24T08:25:01.1234-05:30"
     assert hl7_timestamp_to_iso("20261124") == "2026-11-24"
     assert hl7_date_to_iso("198403121200+0100") == "1984-03-12"
-    for bad in ("2026", "202613", "20261131", "20261124256000", "2026112408+2500", "abc"):
+    assert (hl7_timestamp_to_iso("2026"), hl7_timestamp_to_iso("202605")) == ("2026", "2026-05")  # precision kept
+    for bad in ("19840312XYZ", "202613", "20261131", "20261124256000", "2026112408+2500", "abc"):
         with pytest.raises(ValueError):
             hl7_timestamp_to_iso(bad)
 
