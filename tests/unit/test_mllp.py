@@ -167,6 +167,16 @@ async def test_embedded_broker_aa_after_publish_and_body_unchanged(embedded: tup
 # -- ingest.mllp settings: limits, allowed_peers and tls are checked by `validate` -----------------
 
 
+def set_listener_option(config: Path, text: str) -> None:
+    """Put ``text`` (YAML lines of the shipped listener, indented after the first) after ``idle_timeout``,
+    replacing the lines of the keys it sets."""
+    keys = {line.strip().split(":")[0] for line in text.splitlines()}
+    kept = [line for line in config.read_text().splitlines(keepends=True)
+            if not (line.startswith("      ") and line.strip().split(":")[0] in keys)]
+    config.write_text("".join(kept))
+    edit(config, "      idle_timeout: 300", f"      {text}\n      idle_timeout: 300")
+
+
 @pytest.fixture
 def project_copy(tmp_path: Path) -> Path:
     """A copy of the shipped project that a test may change."""
@@ -185,11 +195,11 @@ def test_listener_limits_and_access_settings_are_loaded(project_copy: Path) -> N
     server.cert_chain_pems[0].write_to_path(str(project / "certs" / "server.pem"))
     server.private_key_pem.write_to_path(str(project / "certs" / "server.key"))
     ca.cert_pem.write_to_path(str(project / "certs" / "ca.pem"))
-    edit(project / "config" / "middleware.yaml", "      idle_timeout: 300\n",
-         "      idle_timeout: 300\n      frame_timeout: 20\n      max_connections: 7\n"
-         "      max_buffered_bytes: 8388608\n      allowed_peers: [10.1.0.0/16, 127.0.0.1, '::1']\n"
-         "      tls: {cert_file: certs/server.pem, key_file: certs/server.key, ca_file: certs/ca.pem,\n"
-         "            require_client_cert: true}\n")
+    set_listener_option(project / "config" / "middleware.yaml",
+                        "frame_timeout: 20\n      max_connections: 7\n"
+                        "      max_buffered_bytes: 8388608\n      allowed_peers: [10.1.0.0/16, 127.0.0.1, '::1']\n"
+                        "      tls: {cert_file: certs/server.pem, key_file: certs/server.key, ca_file: certs/ca.pem,\n"
+                        "            require_client_cert: true}")
     [listener] = load_project(project, {}).settings.mllp
     assert (listener.frame_timeout, listener.max_connections, listener.max_buffered_bytes) == (20, 7, 8388608)
     assert listener.allowed_peers == ("10.1.0.0/16", "127.0.0.1", "::1")
@@ -212,7 +222,7 @@ def test_listener_limits_and_access_settings_are_loaded(project_copy: Path) -> N
 def test_invalid_listener_settings_are_file_line_problems(project_copy: Path, setting: str, message: str) -> None:
     project = project_copy
     config = project / "config" / "middleware.yaml"
-    edit(config, "      idle_timeout: 300\n", f"      idle_timeout: 300\n      {setting}\n")
+    set_listener_option(config, setting)
     key = setting.split(":")[0]
     expected_line = line_of(config, "require_client_cert" if "require_client_cert" in message else key)
     if key == "tls" and "require_client_cert" not in message and "missing" not in message:
