@@ -22,8 +22,7 @@ import calendar
 import datetime as dt
 import enum
 import re
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 MAX_LENGTH = 40  # longer than any legal value in either grammar: refused before any regex runs
 
@@ -36,6 +35,7 @@ _ISO = re.compile(
     r"(?:\.(?P<frac>\d{1,9}))?)?(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?"
 )
 _MAX_OFFSET_MINUTES = 18 * 60
+_DAYS = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February checked for leap years apart
 
 
 class DateFormatError(ValueError):
@@ -51,9 +51,8 @@ class Precision(enum.IntEnum):
     DATETIME = 4
 
 
-@dataclass(frozen=True, slots=True)
-class When:
-    """A checked date or date-time with its precision; absent parts are None.
+class When(NamedTuple):
+    """A checked date or date-time with its precision; absent parts are None (a tuple: cheap to build).
 
     ``offset`` is the UTC offset in minutes (None: naive, or a date without time). ``fraction`` holds the
     fraction-of-second digits as sent ("" when none).
@@ -83,21 +82,15 @@ class When:
 
     def iso(self) -> str:
         """ISO 8601 / RFC 3339 text at this value's precision (``1974``, ``1974-05``, ``…T08:25:00.4+01:00``)."""
-        out = f"{self.year:04d}"
-        if self.month is None:
-            return out
-        out += f"-{self.month:02d}"
-        if self.day is None:
-            return out
-        out += f"-{self.day:02d}"
-        if self.hour is None:
-            return out
-        out += f"T{self.hour:02d}:{self.minute or 0:02d}:{self.second or 0:02d}"
-        if self.fraction:
-            out += f".{self.fraction}"
-        if self.offset is not None:
-            out += _offset_text(self.offset)
-        return out
+        year, month, day, hour, minute, second, fraction, offset = self
+        if hour is not None:
+            out = f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute or 0:02d}:{second or 0:02d}"
+            if fraction:
+                out += "." + fraction
+            return out if offset is None else out + _offset_text(offset)
+        if day is not None:
+            return f"{year:04d}-{month:02d}-{day:02d}"
+        return f"{year:04d}" if month is None else f"{year:04d}-{month:02d}"
 
     def truncate(self, precision: Precision) -> When:
         """This value cut to ``precision`` (a date-time to its date, as written); never adds precision."""
@@ -114,7 +107,7 @@ class When:
         local = dt.datetime(self.year, self.month, self.day, self.hour, self.minute or 0, self.second or 0,
                             tzinfo=tz)
         delta = local.utcoffset()
-        return replace(self, offset=0 if delta is None else int(delta.total_seconds()) // 60)
+        return self._replace(offset=0 if delta is None else int(delta.total_seconds()) // 60)
 
 
 def _offset_text(minutes: int) -> str:
@@ -126,18 +119,19 @@ def _offset_text(minutes: int) -> str:
 
 
 def _checked(match: re.Match[str], offset: int | None) -> When:
-    def number(group: str) -> int | None:
-        text = match[group]
-        return None if text is None else int(text)
-
-    year, month, day = number("y"), number("mo"), number("d")
-    hour, minute, second = number("h"), number("mi"), number("s")
-    assert year is not None
+    y, mo, d, h, mi, s, fraction = match.group("y", "mo", "d", "h", "mi", "s", "frac")
+    year = int(y)
+    month = None if mo is None else int(mo)
+    day = None if d is None else int(d)
+    hour = None if h is None else int(h)
+    minute = None if mi is None else int(mi)
+    second = None if s is None else int(s)
     if year < 1:
         raise DateFormatError("year 0000 does not exist")
     if month is not None and not 1 <= month <= 12:
         raise DateFormatError("month out of range (01-12)")
-    if day is not None and month is not None and not 1 <= day <= calendar.monthrange(year, month)[1]:
+    if day is not None and month is not None and not 1 <= day <= (
+            _DAYS[month] if month != 2 or day < 29 else 28 + calendar.isleap(year)):
         raise DateFormatError("day out of range for its month")
     if hour is not None and hour > 23:
         raise DateFormatError("hour out of range (00-23)")
@@ -147,7 +141,7 @@ def _checked(match: re.Match[str], offset: int | None) -> When:
         raise DateFormatError("second out of range (00-59)")
     if hour is None:
         offset = None  # an offset on a date alone says nothing about the date
-    return When(year, month, day, hour, minute, second, match["frac"] or "", offset)
+    return When(year, month, day, hour, minute, second, fraction or "", offset)
 
 
 def _offset_minutes(sign: str, hours: str, minutes: str) -> int:
@@ -169,32 +163,35 @@ def _text(value: Any) -> str:
 
 def parse_hl7(value: Any) -> When:
     """An HL7 v2 DT / DTM / TS value (``YYYY[MM[DD[HH[MM[SS[.S…]]]]]][+/-ZZZZ]``); raises DateFormatError."""
-    text = _text(value)
-    match = _HL7.fullmatch(text)
-    if match is None:
-        raise DateFormatError("not an HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
-    zone = match["tz"]
-    offset = _offset_minutes(zone[0], zone[1:3], zone[3:5]) if zone else None
-    return _checked(match, offset)
+    return _hl7(_text(value))
 
 
 def parse_iso(value: Any) -> When:
     """An ISO 8601 date / dateTime / instant as FHIR writes them; raises DateFormatError."""
+    return _iso(_text(value))
+
+
+def parse(value: Any) -> When:
+    """A value in either grammar: ISO 8601 when it has ``-`` after the year or a ``T``, else HL7 v2."""
     text = _text(value)
+    return _iso(text) if text[4:5] == "-" or "T" in text else _hl7(text)
+
+
+def _hl7(text: str) -> When:
+    match = _HL7.fullmatch(text)
+    if match is None:
+        raise DateFormatError("not an HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
+    zone = match["tz"]
+    return _checked(match, _offset_minutes(zone[0], zone[1:3], zone[3:5]) if zone else None)
+
+
+def _iso(text: str) -> When:
     match = _ISO.fullmatch(text)
     if match is None:
         raise DateFormatError("not an ISO 8601 date/time (YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm:ss±hh:mm)")
     zone = match["tz"]
     offset = None if not zone else 0 if zone == "Z" else _offset_minutes(zone[0], zone[1:3], zone[4:6])
     return _checked(match, offset)
-
-
-def parse(value: Any) -> When:
-    """A value in either grammar: ISO 8601 when it has ``-`` after the year or a ``T``, else HL7 v2."""
-    text = _text(value)
-    if "T" in text or text[4:5] == "-":
-        return parse_iso(text)
-    return parse_hl7(text)
 
 
 def to_date(value: Any) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Sequence
@@ -51,7 +50,7 @@ def rfc3339(iso: str | None, tz: dt.tzinfo) -> str | None:
     except dates.DateFormatError:
         return None
     if when.precision is dates.Precision.DAY:
-        when = dataclasses.replace(when, hour=0, minute=0, second=0)
+        when = when._replace(hour=0, minute=0, second=0)
     elif when.precision is not dates.Precision.DATETIME:
         return None
     return when.in_zone(tz).iso()
