@@ -116,7 +116,7 @@ class TokenCache:
         try:
             answer = orjson.loads(body)
             token = answer["access_token"]
-            lifetime = float(answer.get("expires_in") or DEFAULT_LIFETIME)
+            lifetime = max(float(answer.get("expires_in") or DEFAULT_LIFETIME), 1.0)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             raise self._error(f"{where} answered without a usable access_token", False,
                               hint="the endpoint must answer JSON with access_token (RFC 6749 section 5.1)") from None

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import trustme
+from typer.testing import CliRunner
 
+from middleware.cli import app
 from middleware.delivery import make_connector
 from middleware.delivery.http import HttpConnector
 from middleware.project import check_project, load_project
@@ -55,6 +57,14 @@ def test_credentials_in_url_beside_an_authorization_header_are_rejected_at_the_h
     assert found == [f"{CDR}:{line_of(path, 'Authorization:')}: url https://***@cdr.example.org/events carries "
                      "credentials (user:password@) and headers.Authorization sets them again: keep one of the two"]
     assert "pa%2Fss" not in found[0]
+
+
+def test_validate_command_exits_1_naming_the_credentials_conflict(project: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CDR_URL", "https://svc:pw@cdr.example.org/events")
+    result = CliRunner().invoke(app, ["validate", "--project", str(project)])
+    assert result.exit_code == 1
+    assert f"{CDR}:{line_of(project / CDR, 'Authorization:')}: url https://***@cdr.example.org/events" in result.stdout
 
 
 def test_credentials_in_url_alone_are_valid(project: Path) -> None:
