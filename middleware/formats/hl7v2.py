@@ -194,7 +194,7 @@ class Hl7Message:
         """What makes this message unique among all senders' (event ids are derived from it): MSH-3
         (sending application), MSH-4 (sending facility), MSH-10 (control id) and MSH-7 (time), as sent.
         Without a control id, a digest of the segments stands in for it."""
-        msh = self.segments[0]
+        msh = self._index["MSH"][0]  # also in an ``each`` / group view, whose segments start elsewhere
         control_id = msh.field(10)
         if not control_id:
             control_id = "sha256:" + hashlib.sha256("\r".join(s.raw for s in self.segments).encode()).hexdigest()
