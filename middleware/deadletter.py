@@ -8,14 +8,21 @@ error-class, error, attempts, first-failure, last-failure, correlation-id, repla
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
+import os
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
+from middleware.observe import mask_secrets
 
 PREFIX = "x-mw-"
 REASON_HEADERS = frozenset(PREFIX + name for name in (
@@ -72,7 +79,7 @@ def dead_letter_body(
         f"{PREFIX}route": route,
         f"{PREFIX}stage": stage,
         f"{PREFIX}error-class": type(error).__name__,
-        f"{PREFIX}error": str(error)[:_MAX_ERROR_TEXT],
+        f"{PREFIX}error": mask_secrets(str(error))[:_MAX_ERROR_TEXT],  # a URL in it may carry a password
         f"{PREFIX}attempts": attempts,
         f"{PREFIX}first-failure": first_failure or now,
         f"{PREFIX}last-failure": now,
@@ -257,3 +264,63 @@ async def replay(browse_: Browse, item: Held, target: str) -> OutgoingMessage:
     await browse_.broker.publish(outgoing, queue=target)
     await browse_.ack(item)
     return outgoing
+
+
+# -- exporting dead letters ---------------------------------------------------------------------------
+
+def masked_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """``headers`` for display: every text value with the URLs in it masked (an older dead letter's
+    ``x-mw-error`` may still carry a password)."""
+    return {k: mask_secrets(v) if isinstance(v, str) else v for k, v in headers.items()}
+
+
+def export_record(item: Held) -> dict[str, Any]:
+    """One dead letter as ``dlq export`` writes it: reason, ids, headers (URLs masked) and the exact
+    body (``body_base64``, plus ``body_text`` when it is UTF-8)."""
+    letter, message = item.letter, item.message
+    record: dict[str, Any] = {
+        "id": item.id, "queue": item.queue, "route": letter.route, "stage": letter.stage,
+        "connector": letter.connector, "error_class": letter.error_class, "error": mask_secrets(letter.error),
+        "attempts": letter.attempts, "first_failure": letter.first_failure, "last_failure": letter.last_failure,
+        "correlation_id": letter.correlation_id, "replay_queue": replay_target(letter),
+        "message_id": message.message_id, "content_type": message.content_type,
+        "headers": masked_headers(letter.headers), "bytes": len(letter.body),
+        "body_base64": base64.b64encode(letter.body).decode("ascii"),
+    }
+    with contextlib.suppress(UnicodeDecodeError):
+        record["body_text"] = letter.body.decode("utf-8")
+    return record
+
+
+def write_private_file(path: Path, data: bytes, *, force: bool = False) -> None:
+    """Write ``data`` to a new file at ``path`` readable by its owner only (0600), fsynced.
+
+    Never through a symbolic link (not even a dangling one) and never over an existing file unless
+    ``force``; then a regular file is replaced by a new one renamed over it (never truncated in
+    place). Raises OSError, ``strerror`` saying why."""
+    if path.is_symlink():
+        raise OSError(errno.ELOOP, "it is a symbolic link (not followed)", str(path))
+    if path.exists() and not force:
+        raise FileExistsError(errno.EEXIST, "it exists (add --force to replace it)", str(path))
+    if path.exists() and not path.is_file():
+        raise IsADirectoryError(errno.EISDIR, "it is not a regular file", str(path))
+    target = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp") if force else path
+    # O_EXCL: the file is ours and new; with O_NOFOLLOW no link planted meanwhile is followed
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(target)
+        raise
+    os.close(fd)
+    if target != path:
+        os.replace(target, path)  # replaces the name (a link planted meanwhile too), never writes through it
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

@@ -112,5 +112,9 @@ class BrokerError(MiddlewareError):
     """The message broker is unreachable or refused an operation."""
 
 
+class AuditError(MiddlewareError):
+    """The audit log cannot be written: the audited action (reveal, export, replay, purge) is not done."""
+
+
 class EngineStopping(MiddlewareError):
     """Work arrived after shutdown began: the message goes back to its queue, unharmed."""

@@ -10,13 +10,14 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
 import traceback
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -183,13 +184,77 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> Any:
     return runner
 
 
+# -- secrets in URLs ------------------------------------------------------------------------------
+
+MASK = "***"
+_URL_START = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://\S+")
+# a host (name, IPv4 or [IPv6]) with an optional port, then the end of the authority
+_HOST = re.compile(r"(?:\[[0-9A-Za-z:.%]*\]|[A-Za-z0-9._~%\-]+)(?::[0-9]*)?(?=[^A-Za-z0-9._~%\-:@]|$)")
+_SECRET_PARAMS = frozenset({
+    "token", "access_token", "refresh_token", "id_token", "auth", "key", "api_key", "apikey", "password",
+    "passwd", "pwd", "secret", "client_secret", "sig", "signature", "credential", "credentials",
+})
+_SECRET_SUFFIXES = ("token", "_key", "apikey", "secret", "password", "signature")
+
+
+def _split_userinfo(rest: str) -> tuple[str, str]:
+    """(userinfo, everything after its ``@``) of what follows ``scheme://``; userinfo "" if none.
+
+    A password may hold any character (``/ # ? @ :`` too), so the userinfo ends at the LAST ``@``
+    that is followed by a host; the user name (before the first ``:``) holds none of ``/ ? #``,
+    and neither does a userinfo without a ``:``. When in doubt this masks: an ``@`` in the path of
+    ``https://host:8443/users/a@b.example`` (an ``@`` after a ``host:port``, or after a userinfo)
+    reads as the end of a password."""
+    at = len(rest)
+    while (at := rest.rfind("@", 0, at)) >= 0:
+        userinfo = rest[:at]
+        user, colon, _ = userinfo.partition(":")
+        if _HOST.match(rest, at + 1) and not any(c in user for c in "/?#") and (colon or user == userinfo):
+            return userinfo, rest[at + 1:]
+    return "", rest
+
+
+def _secret_param(name: str) -> bool:
+    name = unquote(name).strip().lower().replace("-", "_")
+    return name in _SECRET_PARAMS or name.endswith(_SECRET_SUFFIXES)
+
+
+def _mask_params(text: str) -> str:
+    """``a=1&token=abc`` -> ``a=1&token=***``: the values of secret-named parameters masked."""
+    parts = []
+    for part in text.split("&"):
+        name, eq, value = part.partition("=")
+        parts.append(f"{name}={MASK}" if eq and value and _secret_param(name) else part)
+    return "&".join(parts)
+
+
 def safe_url(url: str) -> str:
-    """``url`` fit for logs and messages: credentials masked (``***@``), the query (it may hold
-    tokens) dropped."""
-    parts = urlsplit(url)
-    if not parts.scheme or not parts.netloc:
+    """``url`` fit for logs, headers and terminals: userinfo masked (``***@host``) whatever its
+    characters, and the values of secret query (or fragment) parameters masked (``token=***``:
+    token, access_token, api_key, apikey, key, password, secret, sig, signature, ``*_token``,
+    ``*_key``, ..., any case). A URL without secrets comes back unchanged; text that is no
+    ``scheme://`` URL too."""
+    start = _URL_START.match(url)
+    if not start:
         return url
-    host = parts.netloc.rsplit("@", 1)[-1]
-    if "@" in parts.netloc:
-        host = f"***@{host}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    userinfo, rest = _split_userinfo(url[start.end():])
+    end = len(rest)
+    for delimiter in "/?#":
+        found = rest.find(delimiter)
+        if 0 <= found < end:
+            end = found
+    host, tail = rest[:end], rest[end:]
+    tail, hash_, fragment = tail.partition("#")
+    path, question, query = tail.partition("?")
+    masked = [start.group(1), f"{MASK}@" if userinfo else "", host, path]
+    masked += [question, _mask_params(query), hash_, _mask_params(fragment)]
+    return "".join(masked)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` (an error message, a log line) with every ``scheme://`` URL in it passed through
+    :func:`safe_url`; a URL ends at whitespace."""
+    if "://" not in text:
+        return text
+    return _URL_IN_TEXT.sub(lambda m: safe_url(m.group()), text)

@@ -49,6 +49,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     mllp: tuple[MllpListener, ...] = ()
+    audit_path: Path = Path("var/audit.log")  # anchored to the project folder by the loader
 
     @property
     def tz(self) -> ZoneInfo:
@@ -197,6 +198,7 @@ class _Loader:
                 "drain_timeout": engine.get("drain_timeout"),
                 "metrics_host": metrics.get("host"),
                 "metrics_port": metrics.get("port"),
+                "audit_path": (data.get("audit") or {}).get("path"),
                 "mllp": tuple(self._mllp_listener(doc, n, entry)
                               for n, entry in enumerate((data.get("ingest") or {}).get("mllp") or [])) or None,
             }
@@ -213,6 +215,7 @@ class _Loader:
                                          "(no TLS): use amqps:// in broker.url or MIDDLEWARE_BROKER_URL"))
         values["queue_prefix"] = self.env.get("MIDDLEWARE_QUEUE_PREFIX", values.get("queue_prefix"))
         settings = Settings(**{k: v for k, v in values.items() if v is not None})
+        settings = replace(settings, audit_path=(self.root / settings.audit_path).absolute())  # links not resolved
         return _anchor_embedded_broker(settings, self.root)
 
     def _tls(self, doc: YamlDoc, at: PathKey, block: Mapping[str, Any] | None) -> TlsOptions | None:

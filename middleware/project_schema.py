@@ -125,6 +125,11 @@ CONFIG: dict[str, Any] = {
                 "port": {"type": "integer", "minimum": 0, "maximum": 65535},
             },
         },
+        "audit": {  # middleware.audit.AuditLog
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"path": {"type": "string", "minLength": 1}},
+        },
     },
 }
 

@@ -3,7 +3,9 @@
 Dead letters live in one queue per route (``<prefix><route>.dlq``). Every command reads them
 without losing any: it fetches them unacked, works, then gives back those it did not consume, in
 place and unchanged. Bodies are never logged and are masked unless ``--reveal``; ``export`` always
-writes them (the operator's explicit ask).
+writes them (the operator's explicit ask), to a new 0600 file. ``show --reveal``, ``export``,
+``replay`` and ``purge`` append a record to the audit log (:mod:`middleware.audit`); if it cannot
+be written, nothing is revealed or changed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import base64
 import contextlib
 import datetime as dt
 import json
-import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from middleware.audit import AuditLog
 from middleware.broker import make_broker, naming
 from middleware.broker.base import Broker
 from middleware.cli.common import JsonOption, ProjectOption, fail, open_project, print_json
@@ -35,11 +37,15 @@ from middleware.deadletter import (
     Browse,
     Held,
     browse,
+    export_record,
+    masked_headers,
     replay,
     replay_message,
     replay_target,
+    write_private_file,
 )
-from middleware.errors import BrokerError
+from middleware.errors import BrokerError, MiddlewareError
+from middleware.observe import mask_secrets
 from middleware.project import Project
 
 T = TypeVar("T")
@@ -171,8 +177,30 @@ def _run(coroutine: Awaitable[T]) -> T:
 
     try:
         return asyncio.run(wrapper())
-    except BrokerError as exc:
+    except MiddlewareError as exc:  # the broker, or the audit log
+        fail(mask_secrets(str(exc)))
+
+
+def _audit_log(project: Project) -> AuditLog:
+    """The project's audit log; exits with one ``error:`` line if a record could not be appended."""
+    log = AuditLog(project.settings.audit_path)
+    try:
+        log.check()
+    except MiddlewareError as exc:
         fail(str(exc))
+    return log
+
+
+def _record(audit: AuditLog, command: str, ids: list[str], **details: Any) -> None:
+    """Append an audit record, or exit with one ``error:`` line."""
+    try:
+        audit.append(command, ids, **details)
+    except MiddlewareError as exc:
+        fail(str(exc))
+
+
+def _routes_of(items: list[Held]) -> list[str]:
+    return sorted({item.letter.route for item in items})
 
 
 def _summary(item: Held) -> dict[str, Any]:
@@ -266,6 +294,7 @@ def show(
     loaded = open_project(project)
     filters = Filters(ids=tuple(ids))
     queues = _queues(loaded, route)
+    audit = _audit_log(loaded) if reveal else None
 
     async def work(_: Broker, browses: list[Browse]) -> list[Held]:
         return _matched(browses)
@@ -274,26 +303,29 @@ def show(
     missing = [wanted for wanted in ids if not any(i.id == wanted or i.id.startswith(wanted) for i in found)]
     if missing:
         fail(f"no dead letter with id {missing[0]!r} (see `middleware dlq list`)")
+    if audit is not None:  # recorded before any body is shown
+        _record(audit, "dlq show --reveal", [i.id for i in found], routes=_routes_of(found))
     for item in found:
         letter = item.letter
+        error, headers = mask_secrets(letter.error), masked_headers(letter.headers)
         if as_json:
-            record = {**_summary(item), "error": letter.error, "content_type": item.message.content_type,
-                      "message_id": item.message.message_id, "headers": letter.headers}
+            record = {**_summary(item), "error": error, "content_type": item.message.content_type,
+                      "message_id": item.message.message_id, "headers": headers}
             record.update(_body_fields(letter.body) if reveal else {"body": _masked(letter.body)})
             print_json(record)
             continue
         typer.echo(f"id:             {item.id}")
         typer.echo(f"queue:          {item.queue}")
         for key, value in (("route", letter.route), ("stage", letter.stage), ("connector", letter.connector),
-                           ("error class", letter.error_class), ("error", letter.error),
+                           ("error class", letter.error_class), ("error", error),
                            ("attempts", letter.attempts), ("first failure", letter.first_failure),
                            ("last failure", letter.last_failure), ("correlation id", letter.correlation_id),
                            ("message id", item.message.message_id), ("replay to", replay_target(letter)),
                            ("content type", item.message.content_type)):
             typer.echo(f"{key + ':':<16}{'' if value is None else value}")
         typer.echo("headers:")
-        for key in sorted(letter.headers):
-            typer.echo(f"  {key}: {letter.headers[key]}")
+        for key in sorted(headers):
+            typer.echo(f"  {key}: {headers[key]}")
         if reveal:
             typer.echo(f"body ({len(letter.body)} bytes):")
             typer.echo(render_body(letter.body))
@@ -320,20 +352,26 @@ def replay_(
     loaded = open_project(project)
     filters = _filters(stage, error, since, correlation_id, ids)
     queues = _queues(loaded, route)
+    audit = None if dry_run else _audit_log(loaded)  # a dry run changes nothing and shows no body
 
     async def work(_: Broker, browses: list[Browse]) -> tuple[list[dict[str, Any]], list[str]]:
         done: list[dict[str, Any]] = []
         problems: list[str] = []
-        for held in browses:
-            for item in held.matched:
-                target = replay_target(item.letter)
-                if not target:
-                    problems.append(f"{item.id}: no x-mw-replay-queue header; left in {item.queue}")
-                    continue
-                outgoing = (replay_message(item.message, held.queue) if dry_run
-                            else await replay(held, item, target))
-                done.append({**_summary(item), "to": target, "replay_count": outgoing.headers[REPLAY_COUNT],
-                             "dry_run": dry_run})
+        try:
+            for held in browses:
+                for item in held.matched:
+                    target = replay_target(item.letter)
+                    if not target:
+                        problems.append(f"{item.id}: no x-mw-replay-queue header; left in {item.queue}")
+                        continue
+                    outgoing = (replay_message(item.message, held.queue) if dry_run
+                                else await replay(held, item, target))
+                    done.append({**_summary(item), "to": target, "replay_count": outgoing.headers[REPLAY_COUNT],
+                                 "dry_run": dry_run})
+        finally:  # what was replayed is recorded even if a later replay failed
+            if audit is not None:
+                audit.append("dlq replay", [row["id"] for row in done], routes=sorted({r["route"] for r in done}),
+                             to=sorted({r["to"] for r in done}))
         return done, problems
 
     done, problems = _run(_with_letters(loaded, queues, filters, limit, scan, work))
@@ -373,6 +411,8 @@ def purge(
         fail("purge deletes dead letters for good: add --yes (or run it at a terminal to confirm)")
     loaded = open_project(project)
     queues = _queues(loaded, route)
+    audit = _audit_log(loaded)
+    routes = {queue: name for name, queue in queues}
 
     def confirm(counts: dict[str, int]) -> bool:
         if yes or not sum(counts.values()):
@@ -387,7 +427,14 @@ def purge(
             counts = {queue: await _depth(broker, queue) for _, queue in queues}
             if not confirm(counts):
                 raise typer.Abort()
-            return {queue: (await broker.purge(queue) if n else 0) for queue, n in counts.items()}
+            purged: dict[str, int] = {}
+            try:
+                for queue, n in counts.items():
+                    purged[queue] = await broker.purge(queue) if n else 0
+            finally:  # a whole-queue purge names no ids: the record says which queues and how many
+                audit.append("dlq purge", [], count=sum(purged.values()), scope="all",
+                             routes=sorted(routes[q] for q, n in purged.items() if n), queues=purged)
+            return purged
         finally:
             await broker.close()
 
@@ -397,16 +444,20 @@ def purge(
             counts[held.queue] = len(held.matched)
         if not confirm(counts):
             raise typer.Abort()
-        for held in browses:
-            for item in held.matched:
-                await held.ack(item)
+        removed: list[Held] = []
+        try:
+            for held in browses:
+                for item in held.matched:
+                    await held.ack(item)
+                    removed.append(item)
+        finally:
+            audit.append("dlq purge", [item.id for item in removed], routes=_routes_of(removed))
         return counts
 
     if not filters.narrowing and limit is None:
         counts = _run(purge_all())
     else:
         counts = _run(_with_letters(loaded, queues, filters, limit or scan * len(queues), scan, work))
-    routes = {queue: name for name, queue in queues}
     if as_json:
         print_json({"purged": {routes[q]: n for q, n in counts.items()}, "total": sum(counts.values())})
         return
@@ -422,32 +473,37 @@ def export(
     out: Path | None = typer.Option(None, "--out", "-o", dir_okay=False,
                                     help="Write JSON lines to this file (default: stdout)."),
     remove: bool = typer.Option(False, "--remove", help="Delete the exported dead letters once written (fsynced)."),
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists (never a symbolic link)."),
     route: list[str] | None = RouteOption, stage: str | None = StageOption, error: str | None = ErrorOption,
     since: str | None = SinceOption, correlation_id: str | None = CorrelationOption, limit: int = LimitOption,
     scan: int = ScanOption, project: Path = ProjectOption,
 ) -> None:
     """Write dead letters as JSON lines: headers and the body (base64, plus body_text when UTF-8).
-    Bodies are always included; the dead letters stay in place unless --remove."""
+    Bodies are always included; the dead letters stay in place unless --remove. --out creates a new
+    file readable by its owner only (0600); an existing file needs --force, a symbolic link is refused."""
+    if out is not None and out.is_symlink():  # checked again, race-free, when the file is created
+        fail(f"cannot write {out}: it is a symbolic link (not followed)")
+    if out is not None and out.exists() and not force:
+        fail(f"cannot write {out}: it exists (add --force to replace it)")
     loaded = open_project(project)
     filters = _filters(stage, error, since, correlation_id)
     queues = _queues(loaded, route)
+    audit = _audit_log(loaded)
 
     async def work(_: Broker, browses: list[Browse]) -> int:
         items = _matched(browses)
-        lines = [json.dumps({**_summary(item), "error": item.letter.error, "message_id": item.message.message_id,
-                             "content_type": item.message.content_type, "headers": item.letter.headers,
-                             **_body_fields(item.letter.body)}, default=str) + "\n" for item in items]
+        text = "".join(json.dumps(export_record(item), default=str) + "\n" for item in items)
+        # recorded before any body leaves
+        audit.append("dlq export", [item.id for item in items], routes=_routes_of(items),
+                     out=str(out.absolute()) if out is not None else "stdout", remove=remove)
         if out is None:
-            sys.stdout.write("".join(lines))
+            sys.stdout.write(text)
             sys.stdout.flush()
         else:
             try:
-                with out.open("w", encoding="utf-8") as stream:
-                    stream.writelines(lines)
-                    stream.flush()
-                    os.fsync(stream.fileno())
-            except OSError as exc:
-                raise BrokerError(f"cannot write {out}: {exc.strerror or exc}") from None
+                write_private_file(out, text.encode("utf-8"), force=force)
+            except OSError as exc:  # the dead letters stay where they were
+                fail(f"cannot write {out}: {exc.strerror or exc}")
         if remove:
             for held in browses:
                 for item in held.matched:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import getpass
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from middleware.broker import OutgoingMessage, make_broker
 from middleware.broker.base import IncomingMessage
 from middleware.cli.dlq import render_body
-from middleware.deadletter import browse, dead_letter_body, letter_id, replay_message
+from middleware.deadletter import browse, dead_letter_body, letter_id, replay_message, write_private_file
+from middleware.errors import DeliveryError
 
 REPO = Path(__file__).resolve().parents[2]
 MALFORMED = (REPO / "samples" / "adt-inbound" / "malformed-no-msh.hl7").read_bytes()
@@ -42,9 +47,11 @@ def project(demo_project: Path, tmp_path: Path) -> Path:
     return root
 
 
-def dlq(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def dlq(project: Path, *args: str, check: bool = True, operator: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIDDLEWARE_")}
     env["MIDDLEWARE_BROKER_URL"] = f"filesystem://{project / 'var' / 'demo' / 'broker'}"
+    if operator:
+        env["MIDDLEWARE_OPERATOR"] = operator
     result = subprocess.run([sys.executable, "-m", "middleware", "dlq", *args, "--project", str(project)],
                             capture_output=True, text=True, timeout=60, env=env, cwd=project, stdin=subprocess.DEVNULL)
     if check:
@@ -122,7 +129,7 @@ def test_export_writes_exact_bytes_and_keeps_the_dead_letters_unless_remove(proj
     assert base64.b64decode(record["body_base64"]) == MALFORMED and record["body_text"] == MALFORMED.decode()
     assert record["headers"]["x-mw-stage"] == "parse"
     assert spool(project) == before
-    dlq(project, "export", "--stage", "parse", "--remove", "--out", str(out))
+    dlq(project, "export", "--stage", "parse", "--remove", "--out", str(out), "--force")
     assert len(out.read_text().splitlines()) == 3
     assert json.loads(dlq(project, "list", "--json").stdout) == []
 
@@ -175,3 +182,146 @@ def test_replay_message_drops_reasons_and_counts_replays() -> None:
 def test_render_body_puts_segments_on_lines_and_escapes_binary() -> None:
     assert render_body(b"MSH|^~\\&|A\rPID|1\r\n") == "MSH|^~\\&|A\nPID|1\n"
     assert render_body(b"\x0bok\xff\x1c") == "\\x0bok\\xff\\x1c"
+
+
+# -- audit log ---------------------------------------------------------------------------------------
+
+def audit(project: Path) -> list[dict[str, Any]]:
+    path = project / "var" / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_show_reveal_is_audited_before_the_body_is_shown_and_plain_show_is_not(project: Path) -> None:
+    [row] = json.loads(dlq(project, "list", "--route", "adt-inbound", "--json").stdout)
+    dlq(project, "show", row["id"])
+    assert audit(project) == []  # masked: nothing disclosed, nothing recorded
+    dlq(project, "show", row["id"][:8], "--reveal", operator="dr.ops")
+    [record] = audit(project)
+    assert record["command"] == "dlq show --reveal" and record["operator"] == "dr.ops"
+    assert record["ids"] == [row["id"]] and record["count"] == 1 and record["routes"] == ["adt-inbound"]
+    assert record["os_user"] and dt.datetime.fromisoformat(record["ts"]).tzinfo is not None
+    assert stat.S_IMODE((project / "var" / "audit.log").stat().st_mode) == 0o600
+    assert "MRN-0000" not in (project / "var" / "audit.log").read_text()  # ids and counts, never a body
+    dlq(project, "show", row["id"], "--reveal", "--json")
+    assert [r["command"] for r in audit(project)] == ["dlq show --reveal"] * 2  # appended, not rewritten
+    assert audit(project)[1]["operator"] == getpass.getuser()  # no MIDDLEWARE_OPERATOR: the OS user
+
+
+def test_export_replay_and_purge_each_append_who_what_and_which_ids(project: Path, tmp_path: Path) -> None:
+    rows = {r["route"]: r for r in json.loads(dlq(project, "list", "--json").stdout)}
+    out = tmp_path / "export.jsonl"
+    dlq(project, "export", "--route", "fhir-inbound", "--out", str(out), operator="a")
+    dlq(project, "export", "--route", "results-inbound", operator="a")  # to stdout: audited all the same
+    dlq(project, "replay", "--all", "--route", "adt-inbound", "--dry-run")  # changes nothing: not audited
+    dlq(project, "replay", rows["adt-inbound"]["id"], operator="b")
+    dlq(project, "purge", "--route", "results-inbound", "--stage", "parse", "--yes", operator="c")
+    dlq(project, "purge", "--all", "--yes", operator="d")
+    records = audit(project)
+    assert [(r["command"], r["operator"], r["ids"], r["count"]) for r in records] == [
+        ("dlq export", "a", [rows["fhir-inbound"]["id"]], 1),
+        ("dlq export", "a", [rows["results-inbound"]["id"]], 1),
+        ("dlq replay", "b", [rows["adt-inbound"]["id"]], 1),
+        ("dlq purge", "c", [rows["results-inbound"]["id"]], 1),
+        ("dlq purge", "d", [], 1),  # a whole-queue purge: the queues and how many
+    ]
+    assert records[0]["out"] == str(out) and records[1]["out"] == "stdout"
+    assert records[2]["to"] == ["ehr.adt"] and records[3]["routes"] == ["results-inbound"]
+    assert records[4]["scope"] == "all" and records[4]["queues"]["fhir-inbound.dlq"] == 1
+
+
+def test_the_audit_log_path_comes_from_the_config(project: Path, tmp_path: Path) -> None:
+    config = project / "config" / "middleware.yaml"
+    config.write_text(config.read_text().replace("path: var/audit.log", f"path: {tmp_path / 'ops' / 'dlq.log'}"))
+    [row] = json.loads(dlq(project, "list", "--route", "adt-inbound", "--json").stdout)
+    dlq(project, "show", row["id"], "--reveal")
+    [record] = [json.loads(line) for line in (tmp_path / "ops" / "dlq.log").read_text().splitlines()]
+    assert record["ids"] == [row["id"]] and not (project / "var" / "audit.log").exists()
+
+
+def test_nothing_is_revealed_or_changed_when_the_audit_log_cannot_be_written(project: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.log"
+    elsewhere.write_text("keep\n")
+    (project / "var" / "audit.log").symlink_to(elsewhere)  # never written through a link
+    [row] = json.loads(dlq(project, "list", "--route", "adt-inbound", "--json").stdout)
+    before = spool(project)
+    for args in (("show", row["id"], "--reveal"), ("export",), ("replay", row["id"]), ("purge", "--all", "--yes")):
+        result = dlq(project, *args, check=False)
+        assert result.returncode == 1 and result.stderr.startswith("error: cannot open the audit log"), args
+        assert len(result.stderr.strip().splitlines()) == 1 and "MRN-0000" not in result.stdout
+    assert spool(project) == before and elsewhere.read_text() == "keep\n"
+
+
+# -- export files --------------------------------------------------------------------------------------
+
+def test_export_creates_a_0600_file_and_never_overwrites_without_force(project: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dead.jsonl"
+    dlq(project, "export", "--route", "adt-inbound", "--out", str(out))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    first = out.read_bytes()
+    refused = dlq(project, "export", "--out", str(out), check=False)
+    assert refused.returncode == 1 and refused.stderr == f"error: cannot write {out}: it exists (add --force to " \
+                                                         "replace it)\n"
+    assert out.read_bytes() == first
+    out.chmod(0o644)
+    dlq(project, "export", "--out", str(out), "--force")
+    assert len(out.read_text().splitlines()) == 3 and stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_export_never_follows_a_symbolic_link(project: Path, tmp_path: Path, force: bool) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_text("do not touch\n")
+    target.chmod(0o644)
+    link = tmp_path / "dead.jsonl"
+    link.symlink_to(target)
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "would-be-created.jsonl")
+    for out in (link, dangling):
+        result = dlq(project, "export", "--out", str(out), *(["--force"] if force else []), check=False)
+        assert result.returncode == 1 and result.stderr == f"error: cannot write {out}: it is a symbolic link " \
+                                                           "(not followed)\n"
+    assert target.read_text() == "do not touch\n" and stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert link.is_symlink() and not (tmp_path / "would-be-created.jsonl").exists()
+    assert audit(project) == []  # refused before anything was read
+
+
+def test_write_private_file_refuses_a_link_planted_after_the_check(tmp_path: Path) -> None:
+    """The O_EXCL | O_NOFOLLOW open, not only the CLI's early check, keeps a link's target untouched."""
+    target = tmp_path / "precious.txt"
+    target.write_text("do not touch\n")
+    (tmp_path / "out.jsonl").symlink_to(target)
+    with pytest.raises(OSError):
+        write_private_file(tmp_path / "out.jsonl", b"x")
+    write_private_file(tmp_path / "new.jsonl", b"data\n")
+    assert (tmp_path / "new.jsonl").read_bytes() == b"data\n" and target.read_text() == "do not touch\n"
+    with pytest.raises(FileExistsError):
+        write_private_file(tmp_path / "new.jsonl", b"other")
+    write_private_file(tmp_path / "new.jsonl", b"other", force=True)
+    assert (tmp_path / "new.jsonl").read_bytes() == b"other"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "out.jsonl", "precious.txt"]  # no temp left
+
+
+# -- secrets in dead letters -------------------------------------------------------------------------
+
+def test_dead_letter_error_text_masks_a_password_with_slash_hash_and_question_mark() -> None:
+    error = DeliveryError("case-management: POST https://svc:p/a#s?w@sink.example/in?token=t0k failed",
+                          retryable=False)
+    letter = dead_letter_body(b"x", route="r", stage="deliver", error=error, replay_queue="q", correlation_id=None)
+    assert letter.headers["x-mw-error"] == "case-management: POST https://***@sink.example/in?token=*** failed"
+
+
+async def test_show_and_export_mask_a_password_an_older_dead_letter_still_carries(project: Path,
+                                                                                  tmp_path: Path) -> None:
+    raw = "POST https://svc:p/a#s?w@sink.example/in?access_token=t0k3n answered HTTP 400"
+    broker = make_broker(f"filesystem://{project / 'var' / 'demo' / 'broker'}")
+    await broker.connect()
+    await broker.publish(OutgoingMessage(body=b"{}", message_id="old-1", headers={
+        "x-mw-route": "adt-inbound", "x-mw-stage": "deliver", "x-mw-error-class": "DeliveryError", "x-mw-error": raw,
+        "x-mw-replay-queue": "adt-inbound.to.case-management", "x-mw-note": raw}), queue="adt-inbound.dlq")
+    await broker.close()
+    shown = dlq(project, "show", "old-1").stdout + dlq(project, "show", "old-1", "--json").stdout
+    out = tmp_path / "old.jsonl"
+    dlq(project, "export", "--route", "adt-inbound", "--out", str(out))
+    for text in (shown, out.read_text()):
+        assert "p/a#s?w" not in text and "t0k3n" not in text
+        assert "https://***@sink.example/in?access_token=***" in text
