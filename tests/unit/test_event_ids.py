@@ -91,6 +91,13 @@ def test_hl7_source_identity_is_msh_3_4_10_7_as_sent() -> None:
     assert message.source_identity() == ("LAB^1.2.3^ISO", "GHH", "X\\F\\1", "20261124083000")
 
 
+def test_an_each_view_keeps_the_message_identity() -> None:
+    hl7 = get_format("hl7v2")
+    message = hl7.parse(adt() + b"OBX|1|NM|K||5.9\rOBX|2|NM|NA||140\r")
+    views = hl7.each(message, "OBX")
+    assert len(views) == 2 and {v.source_identity() for v in views} == {message.source_identity()}
+
+
 # -- FHIR ---------------------------------------------------------------------------------------
 
 PATIENT = {"resourceType": "Patient", "id": "example", "meta": {"versionId": "1"},
