@@ -26,7 +26,8 @@ from middleware import dates
 from middleware.errors import MappingError
 from middleware.formats import Format, PathAccessor
 
-FIELD_KEYS = frozenset({"path", "value", "template", "as", "lookup", "default", "required", "each", "map"})
+FIELD_KEYS = frozenset({"path", "value", "template", "as", "lookup", "default", "required", "each", "map",
+                        "typed_by"})
 CONDITION_KEYS = frozenset({"message_type", "equals", "exists", "missing"})
 _TEMPLATE_PART = re.compile(r"\{([^{}]+)\}")
 
@@ -101,14 +102,24 @@ class Condition:
     missing: tuple[PathAccessor, ...]
 
     def matches(self, doc: Any) -> bool:
-        if self.message_types is not None and doc.message_type not in self.message_types:
-            return False
+        if self.message_types is not None and doc.message_type not in self.message_types and (
+                getattr(doc, "implied_message_type", None) not in self.message_types):
+            return False  # (a v2.1 ``ORU`` matches ``ORU^R01``: see Hl7Message.implied_message_type)
         for accessor, allowed in self.equals:
             if not any(str(v) in allowed for v in accessor.read(doc)):
                 return False
         return all(accessor.read(doc) for accessor in self.exists) and not any(
             accessor.read(doc) for accessor in self.missing
         )
+
+    def lacks_trigger(self, doc: Any) -> bool:
+        """The message type is a bare code whose trigger cannot be inferred (a v2.1 ``ADT`` without EVN-1)
+        while this condition names types of that code (``ADT^A01``): not a match, yet no clean mismatch."""
+        kind = doc.message_type
+        if self.message_types is None or not kind or "^" in kind or kind in self.message_types:
+            return False
+        return getattr(doc, "implied_message_type", None) is None and any(
+            t.startswith(f"{kind}^") for t in self.message_types)
 
 
 def _strings(spec: Any, key: str) -> list[str]:
@@ -184,6 +195,7 @@ class FieldRule:
     required: bool = False
     each: tuple[Format, str] | None = None  # (format, scope expression) for ``each:`` rules
     children: tuple[FieldRule, ...] = ()
+    typed: bool = False  # ``typed_by``: the accessor returns JSON values typed by the source's data type
 
     def evaluate(self, doc: Any, tz: dt.tzinfo | None = None) -> Any:
         """The target's value for ``doc`` (``_UNSET`` when there is none); raises MappingError.
@@ -198,6 +210,8 @@ class FieldRule:
                 raise MappingError(f"{self.target}: required value missing ({self.source} is empty)",
                                    hint="fix the source message or make the field optional")
             return _UNSET
+        if self.typed:
+            return raw
         if self.convert == "string" and self.lookup is None and isinstance(raw, str) and self.constant is _UNSET:
             return raw  # HL7 values and templates are strings already: nothing to convert
         if isinstance(raw, list):
@@ -302,6 +316,8 @@ def compile_field(target: str, spec: Any, fmt: Format, lookups: Mapping[str, Loo
             raise SpecError(f"{target}: unknown key {key!r} (use {', '.join(sorted(FIELD_KEYS))})", key)
     if "each" in spec or "map" in spec:
         return _compile_each(target, spec, fmt, lookups)
+    if "typed_by" in spec:
+        return _compile_typed(target, spec, fmt)
     sources = [k for k in ("path", "value", "template") if k in spec]
     if len(sources) != 1:
         raise SpecError(f"{target}: give exactly one of path, value, template, each")
@@ -330,6 +346,27 @@ def compile_field(target: str, spec: Any, fmt: Format, lookups: Mapping[str, Loo
         raise SpecError(f"{target}: path list is empty", "path")
     paths = tuple(_compile_expr(fmt, e, "path") for e in exprs)
     return FieldRule(target, " | ".join(str(e) for e in exprs), paths=paths, **common)
+
+
+def _compile_typed(target: str, spec: dict[str, Any], fmt: Format) -> FieldRule:
+    """``{path: OBX-5, typed_by: OBX-2}``: the value typed by its HL7 data type (see formats.hl7v2_values)."""
+    extra = sorted(set(spec) - {"path", "typed_by", "required", "default"})
+    if extra:
+        raise SpecError(f"{target}: typed_by takes only path, required and default (not {', '.join(extra)})",
+                        extra[0])
+    compile_typed = getattr(fmt, "compile_typed", None)
+    if compile_typed is None:
+        raise SpecError(f"{target}: typed_by is not available for format {fmt.name} (it is for hl7v2)", "typed_by")
+    expr, kind = spec.get("path"), spec["typed_by"]
+    if not isinstance(expr, str) or not isinstance(kind, str):
+        raise SpecError(f"{target}: typed_by needs path: SEG-FIELD and typed_by: SEG-FIELD, e.g. OBX-5 and OBX-2",
+                        "typed_by")
+    try:
+        accessor = compile_typed(expr, kind)
+    except ValueError as exc:
+        raise SpecError(f"{target}: {exc}", "typed_by") from None
+    return FieldRule(target, accessor.expr, paths=(accessor,), typed=True, default=spec.get("default", _UNSET),
+                     required=bool(spec.get("required")))
 
 
 def _compile_each(target: str, spec: dict[str, Any], fmt: Format, lookups: Mapping[str, LookupTable]) -> FieldRule:

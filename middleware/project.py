@@ -423,9 +423,16 @@ class _RouteCompiler:
                 if placeholder not in spec["map"]:
                     self.doc.problem((*at, "subject"), f"subject uses {{{placeholder}}}, which the map does not set")
         when = self._condition((*at, "when"), spec.get("when"))
+        for_each = spec.get("for_each")
+        if for_each is not None:
+            try:
+                self.format.each_scope(for_each)
+            except ValueError as exc:
+                self.doc.problem((*at, "for_each"), f"for_each: {exc}")
         if schema is None:
             return None
-        return EventRule(spec["type"], spec["version"], schema, tuple(fields), when, subject, self.doc.line(at))
+        return EventRule(spec["type"], spec["version"], schema, tuple(fields), when, subject, self.doc.line(at),
+                         for_each=for_each)
 
     def _delivery(self, index: int, spec: dict[str, Any]) -> DeliveryRule:
         name = spec["to"]

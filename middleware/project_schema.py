@@ -167,6 +167,7 @@ def route_schema(formats: list[str]) -> dict[str, Any]:
                         "type": {"type": "string", "pattern": "^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)+$"},
                         "version": {"type": "integer", "minimum": 1},
                         "subject": {"type": "string"},
+                        "for_each": {"type": "string", "minLength": 1},
                         "map": {
                             "type": "object",
                             "minProperties": 1,

@@ -43,10 +43,22 @@ class EventRule:
     when: Condition | None = None
     subject: str | None = None  # template over data paths, e.g. "Patient/{patient.mrn}"
     line: int = 0
+    for_each: str | None = None  # one event per group anchored at this (``ORC``, ``OBR``, ``PID``)
 
     @property
     def name(self) -> str:
         return f"{self.type}.v{self.version}"
+
+    def groups(self, fmt: Format, doc: Any) -> list[Any]:
+        """What this rule maps: the whole document, or with ``for_each`` one view per group (paths in
+        it read the group's segments, header segments such as MSH/EVN/PID the message's)."""
+        if self.for_each is None:
+            return [doc]
+        found = fmt.each(doc, self.for_each)
+        if not found:
+            raise MappingError(f"rule {self.name}: no {self.for_each} in the message (for_each: {self.for_each})",
+                               hint="fix the source message, or add a rule without for_each for such messages")
+        return found
 
     def render_subject(self, data: dict[str, Any]) -> str | None:
         if self.subject is None:
@@ -146,6 +158,14 @@ def transform(route: Route, raw: bytes, context: MessageContext | None = None,
         outcome = Outcome(correlation_id, message_type=doc.message_type)
         stage = "filter"
         if route.filter is not None and not route.filter.matches(doc):
+            unsplit = getattr(doc, "unsplit_reason", None)  # a FHIR Bundle: a container, not a resource
+            if unsplit:
+                raise FilterError(unsplit, hint="send its entries one per message (the HTTP ingest endpoint splits "
+                                                "bundles), or give the route rules for the Bundle's type")
+            if route.filter.lacks_trigger(doc):  # a v2.1 ``ADT`` without EVN-1: neither in nor out
+                raise FilterError(f"MSH-9 {doc.message_type} has no trigger event and none can be inferred",
+                                  hint=f"send the trigger (MSH-9.2 or EVN-1), or list {doc.message_type} in "
+                                       "the route's filter and give it an event rule")
             outcome.filtered = True
             return outcome
         stage = "map"
@@ -158,19 +178,28 @@ def transform(route: Route, raw: bytes, context: MessageContext | None = None,
         identity = source_identity(doc, raw, context)
         received = (context.received_at or dt.datetime.now(dt.UTC)).isoformat().replace("+00:00", "Z")
         time = rfc3339(doc.occurred_at(), tz) or received
-        for index, rule in enumerate(rules):
-            try:
-                data = apply_rules(rule.fields, doc, tz=tz)
-            except MappingError as exc:
-                exc.message = f"rule {rule.name}: {exc.message}"
-                raise
-            stage = "validate"
-            rule.schema.validate(data)
-            stage = "map"
-            outcome.events.append(build_event(
-                route=route.name, event_type=rule.type, major=rule.version, index=index,
-                source_identity=identity, data=data, subject=rule.render_subject(data),
-                time=time, correlation_id=correlation_id))
+        index = 0  # distinct per event of this message (with for_each: the group's position)
+        for rule in rules:
+            groups = rule.groups(route.format, doc)
+            for number, group in enumerate(groups, start=1):
+                where = f"{rule.for_each}[{number}] " if rule.for_each else ""
+                try:
+                    data = apply_rules(rule.fields, group, tz=tz)
+                except MappingError as exc:
+                    exc.message = f"rule {rule.name}: {where}{exc.message}"
+                    raise
+                stage = "validate"
+                try:
+                    rule.schema.validate(data)
+                except SchemaValidationError as exc:
+                    exc.message = f"{where}{exc.message}"
+                    raise
+                stage = "map"
+                outcome.events.append(build_event(
+                    route=route.name, event_type=rule.type, major=rule.version, index=index,
+                    source_identity=identity, data=data, subject=rule.render_subject(data),
+                    time=time, correlation_id=correlation_id))
+                index += 1
         return outcome
     except PipelineError as exc:
         raise exc.with_context(route=route.name, correlation_id=correlation_id or None) from None

@@ -157,6 +157,16 @@ class FhirDocument:
         return f"Bundle/{inner}" if isinstance(inner, str) else "Bundle"
 
     @property
+    def unsplit_reason(self) -> str | None:
+        """Why a Bundle that a route's filter does not take must not be dropped silently (its entries are
+        what routes read; splitting a Bundle into its entries is the HTTP ingest's job). None otherwise."""
+        if self.root.get("resourceType") != "Bundle":
+            return None
+        return (f"a FHIR Bundle of type {self.root.get('type')} with {len(_entry_resources(self.root))} entry "
+                "resource(s) reached a route that reads single resources: bundles are not split into their "
+                "entries here")
+
+    @property
     def message_id(self) -> str | None:
         value = self.root.get("id")
         if isinstance(value, str) and value:

@@ -20,7 +20,8 @@ from typing import Any
 
 from middleware import dates
 from middleware.errors import ParseError
-from middleware.formats import register
+from middleware.formats import hl7v2_groups, register
+from middleware.formats.hl7v2_values import TypedFieldPath
 
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
 _PATH = re.compile(
@@ -50,6 +51,9 @@ CHARSETS = {
     "KS X 1001": "euc-kr",
     "ISO IR87": "iso2022-jp",
 }
+
+# The trigger a v2.1 / v2.2 message code stood for when MSH-9 carried no trigger event (and no EVN-1).
+DEFAULT_TRIGGERS = {"ORU": "R01", "ORM": "O01", "ORR": "O02", "DFT": "P03"}
 
 _FORMATTING_ESCAPES = frozenset("HN")  # highlight on/off: removed
 _NULL = '""'  # the HL7 explicit null
@@ -145,16 +149,18 @@ class Hl7Message:
         self._index = index
         self._message_type: object = _UNREAD
 
-    def group(self, segments: list[Segment], scoped_ids: set[str], context: dict[str, Segment]) -> Hl7Message:
-        """A view for ``each:``: ``scoped_ids`` resolve to the ones among ``segments`` only, the ids in
-        ``context`` to the given (nearest preceding) segment, everything else as in the whole message."""
+    def group(self, segments: list[Segment], own: list[Segment], scoped_ids: set[str],
+              context: dict[str, Segment]) -> Hl7Message:
+        """A view of one group (see :mod:`.hl7v2_groups`): ``scoped_ids`` resolve to the ones among
+        ``own`` only, the ids in ``context`` to the given (nearest preceding) segment, everything else
+        as in the whole message. ``segments`` (own plus nested leaf groups) serve nested ``each``."""
         view = Hl7Message.__new__(Hl7Message)
         view.segments, view.delimiters, view.charset = segments, self.delimiters, self.charset
         index = dict(self._index)
         for segment_id, segment in context.items():
             index[segment_id] = [segment]
         for segment_id in scoped_ids:
-            index[segment_id] = [s for s in segments if s.id == segment_id]
+            index[segment_id] = [s for s in own if s.id == segment_id]
         view._index = index
         view._message_type = self._message_type
         return view
@@ -181,6 +187,17 @@ class Hl7Message:
         if not code:
             return None
         return f"{self.unescape(code)}^{self.unescape(event)}" if event else self.unescape(code)
+
+    @property
+    def implied_message_type(self) -> str | None:
+        """For an MSH-9 without a trigger event (v2.1 / v2.2 send ``ORU``, ``ADT``): the type it stands for,
+        ``ADT^A01`` with the trigger from EVN-1 (where those versions put it), else the code's only
+        trigger in those versions (``ORU`` -> ``ORU^R01``); None when the trigger is sent or unknown."""
+        code = self.message_type
+        if not code or "^" in code:
+            return None
+        trigger = self.get("EVN-1") or DEFAULT_TRIGGERS.get(code)
+        return f"{code}^{trigger}" if trigger else None
 
     @property
     def message_id(self) -> str | None:
@@ -555,33 +572,25 @@ class Hl7v2Format:
 
         check_structure(doc)
 
+    def compile_typed(self, expr: str, type_expr: str) -> TypedFieldPath:
+        """``{path: OBX-5, typed_by: OBX-2}``: the whole field, typed by another field of the same segment."""
+        path, kind = compile_path(expr), compile_path(type_expr)
+        if path.field is None or path.component is not None or path.repetition_selector != _Selector(index=1):
+            raise ValueError(f"typed_by reads a whole field: {expr!r} must be SEG-FIELD, e.g. OBX-5")
+        plain = kind.segment_selector == _Selector(index=1) and kind.repetition_selector == _Selector(index=1)
+        if kind.segment != path.segment or kind.field is None or kind.component is not None or not plain:
+            raise ValueError(f"typed_by names a field of the same segment as the path, e.g. {path.segment}-2")
+        return TypedFieldPath(f"{expr} typed by {type_expr}", path, kind.field)
+
     def each_scope(self, expr: str) -> None:
         path = compile_path(expr)
         if path.field is not None:
             raise ValueError(f"each: {expr!r} must name a segment (OBX, OBX[3=NM]), not a field")
 
     def each(self, doc: Any, expr: str) -> list[Any]:
-        """``each: OBX``: one view per OBX, holding it and the segments after it (its NTEs) up to the
-        next OBX or the next segment of a kind seen before the first OBX (the next ORC/OBR). In the
-        view, such "parent" segments resolve to the nearest one before the item (its own OBR), so
-        ``each`` nests: ``each: OBR`` with ``each: OBX`` inside reads each order's results."""
+        """``each: OBX`` / ``for_each: OBR``: one view per group anchored at the selected segments, its
+        membership following the HL7 message structure (:mod:`.hl7v2_groups`): an OBX with its NTEs, an
+        OBR with its ORC, OBXs and notes, a PID with its MRG. Groups nest (``each: OBX`` in an OBR group)."""
         message: Hl7Message = doc
         path = compile_path(expr if "[" in expr else f"{expr}[*]")
-        chosen = {id(s) for s in path.select_segments(message)}
-        groups: list[tuple[list[Segment], dict[str, Segment]]] = []
-        segments = message.segments
-        parents: set[str] = set()  # ids seen before the first item (MSH, PID, ORC, OBR...) end a group
-        nearest: dict[str, Segment] = {}
-        for start, segment in enumerate(segments):
-            if id(segment) not in chosen:
-                if not groups:
-                    parents.add(segment.id)
-                nearest[segment.id] = segment
-                continue
-            end = start + 1
-            while end < len(segments) and segments[end].id != segment.id and segments[end].id not in parents:
-                end += 1
-            context = {p: nearest[p] for p in parents if p in nearest and len(message.all(p)) > 1}
-            groups.append((segments[start:end], context))
-        scoped = {s.id for group, _ in groups for s in group}  # an OBX without NTEs must not see other OBXs' NTEs
-        return [message.group(group, scoped, context) for group, context in groups]
+        return hl7v2_groups.split(message, path.select_segments(message), path.segment)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
 
 from middleware.envelope import EVENT_ID_NAMESPACE
 from middleware.errors import MappingError, ParseError, PipelineError, SchemaValidationError
@@ -137,9 +139,21 @@ def test_unknown_patient_class_is_a_mapping_error_naming_the_table(project: Proj
     assert "patient_class" in str(raised.value) and "encounter.class" in str(raised.value)
 
 
+def test_missing_birth_date_still_admits(project: Project) -> None:
+    """Only identifiers are required (catalogue v1): an admission without a birth date is an event."""
+    [event] = run(project, sample("a01-admit.hl7").replace(b"|19840312|", b"||"))
+    assert "birth_date" not in event["data"]["patient"]
+
+
 def test_missing_required_field_is_a_validation_error(project: Project) -> None:
+    route = project.routes["adt-inbound"]
+    rule = route.events[0]  # patient.admitted v1, here with a schema that also requires a birth date
+    schema = json.loads(rule.schema.path.read_text())
+    schema["properties"]["patient"]["required"].append("birth_date")
+    strict = dataclasses.replace(rule.schema, validator=Draft202012Validator(schema), fast=None)
+    route = dataclasses.replace(route, events=(dataclasses.replace(rule, schema=strict), *route.events[1:]))
     with pytest.raises(SchemaValidationError) as raised:
-        run(project, sample("a01-admit.hl7").replace(b"|19840312|", b"||"))
+        transform(route, sample("a01-admit.hl7").replace(b"|19840312|", b"||"))
     assert raised.value.stage == "validate"
     assert "birth_date" in str(raised.value)
     assert "Müller" not in str(raised.value)  # never echo values (PHI) in errors
@@ -179,7 +193,7 @@ def test_corpus_adt_gives_its_event_or_a_typed_error(project: Project, corpus_fi
         assert exc.route == "adt-inbound"
         return
     if outcome.message_type in expected:
-        assert [e["type"] for e in outcome.events] == [expected[outcome.message_type]]
-        assert outcome.events[0]["data"]["patient"]["mrn"]
+        assert outcome.events and {e["type"] for e in outcome.events} == {expected[outcome.message_type]}
+        assert all(e["data"]["patient"]["mrn"] for e in outcome.events)  # A40: one event per PID/MRG pair
     else:
         assert outcome.filtered

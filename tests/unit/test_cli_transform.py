@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,15 @@ def test_transform_mapping_and_validation_errors_name_their_stage(tmp_path: Path
     assert result.stderr.decode().startswith("error: map: rule patient.admitted.v1: encounter.class")
     no_birth_date = tmp_path / "no-dob.hl7"
     no_birth_date.write_bytes((SAMPLES / "a01-admit.hl7").read_bytes().replace(b"|19840312|", b"||"))
-    result = middleware("transform", "adt-inbound", str(no_birth_date))
+    assert middleware("transform", "adt-inbound", str(no_birth_date)).returncode == 0  # optional in the catalogue
+    strict = tmp_path / "project"  # a project whose patient.admitted schema requires a birth date
+    for folder in ("config", "routes", "connectors", "schemas"):
+        shutil.copytree(REPO / folder, strict / folder)
+    schema_file = strict / "schemas" / "patient.admitted" / "1.json"
+    schema = json.loads(schema_file.read_text())
+    schema["properties"]["patient"]["required"].append("birth_date")
+    schema_file.write_text(json.dumps(schema))
+    result = middleware("transform", "--project", str(strict), "adt-inbound", str(no_birth_date))
     assert result.returncode == 1 and result.stdout == b""
     assert result.stderr.decode().startswith("error: validate: patient.admitted v1 data does not match")
     assert len(result.stderr.decode().splitlines()) == 1

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from middleware.errors import MappingError, ParseError
+from middleware.errors import FilterError, MappingError, ParseError
 from middleware.formats import format_names, get_format
 from middleware.formats.fhir import FhirDocument, check_structure, compile_path, parse
 from middleware.project import Project, load_project
@@ -384,10 +384,11 @@ def test_malformed_sample_fails_at_parse(project: Project) -> None:
     assert caught.value.route == "fhir-inbound" and "broken-1" not in str(caught.value)
 
 
-def test_other_resource_types_and_bundles_are_filtered(project: Project) -> None:
+def test_other_resource_types_are_filtered_and_bundles_dead_lettered(project: Project) -> None:
     route = project.routes["fhir-inbound"]
     assert transform(route, b'{"resourceType": "Encounter", "id": "e1"}').filtered
-    assert transform(route, b'{"resourceType": "Bundle", "type": "batch"}').filtered
+    with pytest.raises(FilterError, match="FHIR Bundle of type batch"):  # never dropped silently (issue 8)
+        transform(route, b'{"resourceType": "Bundle", "type": "batch"}')
 
 
 def test_missing_mrn_is_a_mapping_error(project: Project) -> None:

@@ -414,9 +414,8 @@ def test_list_shows_catalogue_producers_and_unused(project: Path) -> None:
     assert admitted["produced_by"] == [{"route": "adt-inbound", "message_types": ["ADT^A01"], "when": "ADT^A01"}]
     assert admitted["file"] == "schemas/patient.admitted/1.json" and admitted["unused"] is False
     assert admitted["description"] == "A patient was admitted (ADT^A01)."
-    assert "patient.name.family" in admitted["required"]
-    assert entries[("result.reported", 1)]["required"] == ["patient.mrn", "observations[].code",
-                                                          "observations[].status"]
+    assert admitted["required"] == ["patient.mrn"]  # catalogue v1: only identifiers are required
+    assert entries[("result.reported", 1)]["required"] == ["patient.mrn"]  # observations[].code: optional list
     assert {p["route"] for p in entries[("result.reported", 1)]["produced_by"]} == {"fhir-inbound",
                                                                                      "results-inbound"}
     lab = entries[("lab.cancelled", 1)]

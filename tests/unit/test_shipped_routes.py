@@ -65,24 +65,32 @@ def test_oru_gives_one_observation_per_obx_with_its_own_notes(project: Project) 
     assert event["type"] == "result.reported.v1"
     observations = event["data"]["observations"]
     assert [(o["code"], o["value"], o.get("unit"), o["status"]) for o in observations] == [
-        ("2093-3", "196", "mg/dL", "F"), ("2571-8", "162", "mg/dL", "F"), ("2085-9", "48", "mg/dL", "P")]
+        ("2093-3", 196, "mg/dL", "F"), ("2571-8", 162, "mg/dL", "F"), ("2085-9", 48, "mg/dL", "P")]
     assert [o.get("notes") for o in observations] == [
         None, ["Patient was not fasting\nrepeat fasting if clinically indicated"], None]
     assert event["data"]["order"] == {"id": "ORD-1001", "filler_id": "LAB-77", "code": "24331-1",
                                       "name": "Lipid panel"}
 
 
-def test_oru_without_obx_is_a_mapping_error_naming_the_list(project: Project) -> None:
+def test_oru_without_obx_still_reports_its_order(project: Project) -> None:
+    """OBX is optional in ORU_R01 (a status update of the order): only identifiers are required."""
     raw = b"\r".join(line for line in (SAMPLES / "results-inbound" / "oru-r01-lipid-panel.hl7").read_bytes()
                      .split(b"\r") if not line.startswith((b"OBX", b"NTE")))
-    with pytest.raises(MappingError, match="observations: required value missing"):
+    [event] = events(project, "results-inbound", raw)
+    assert "observations" not in event["data"] and event["data"]["order"]["id"] == "ORD-1001"
+
+
+def test_oru_without_obr_is_a_mapping_error_naming_the_group(project: Project) -> None:
+    raw = b"\r".join(line for line in (SAMPLES / "results-inbound" / "oru-r01-lipid-panel.hl7").read_bytes()
+                     .split(b"\r") if not line.startswith((b"OBR", b"ORC")))
+    with pytest.raises(MappingError, match=r"no OBR in the message \(for_each: OBR\)"):
         events(project, "results-inbound", raw)
 
 
 def test_bad_obx_value_names_the_item(project: Project) -> None:
     raw = (SAMPLES / "results-inbound" / "oru-r01-lipid-panel.hl7").read_bytes().replace(
         b"|||P|||20261124100000+0100", b"|||P|||2026-13-45")
-    with pytest.raises(MappingError, match=r"observations\[3\]\.observed_at"):
+    with pytest.raises(MappingError, match=r"OBR\[1\] observations\[3\]\.observed_at"):
         events(project, "results-inbound", raw)
 
 
@@ -92,7 +100,12 @@ def test_siu_s12_becomes_appointment_booked(project: Project) -> None:
     assert event["type"] == "appointment.booked.v1" and event["subject"] == "Appointment/APT-5001"
     assert appointment["start"] == "2026-12-01T09:30:00+01:00"
     assert appointment["duration"] == 30
-    assert appointment["providers"] == [{"id": "8812", "family": "Quinn", "given": "Michaela"}]
+    assert appointment["providers"] == [{"id": "8812", "family": "Quinn", "given": "Michaela", "role": "CARD",
+                                         "start": "2026-12-01T09:30:00+01:00"}]
+    assert appointment["services"] == [{"code": "93000", "name": "ECG", "coding_system": "CPT",
+                                        "start": "2026-12-01T09:30:00+01:00", "duration": 30, "duration_unit": "min"}]
+    assert appointment["locations"] == [{"point_of_care": "CARD1", "facility": "GHH",
+                                         "start": "2026-12-01T09:30:00+01:00"}]
 
 
 EXPECTED = {  # adt-inbound has its per-file corpus test in test_adt_route.py
@@ -116,6 +129,8 @@ def test_every_corpus_file_through_every_route(project: Project, route: str, cor
             continue
         if outcome.filtered:
             continue
-        assert [e["type"] for e in outcome.events] == [EXPECTED[route][outcome.message_type]], path.name
+        assert outcome.events, path.name
+        assert {e["type"] for e in outcome.events} == {EXPECTED[route][outcome.message_type]}, path.name
+        assert len({e["id"] for e in outcome.events}) == len(outcome.events), path.name  # one id per group
         produced += 1
     assert produced >= 3  # the corpus has at least a few messages of every kind each route handles
