@@ -3,7 +3,10 @@
 The file-backed broker is a spool folder, so a single machine needs no RabbitMQ:
 
 - ``<dir>/queues/``: one file per ready message, written to a temporary name, fsynced, then
-  renamed, so a reader never sees half a message and a power cut never loses a confirmed one;
+  renamed, so a reader never sees half a message and a power cut never loses a confirmed one.
+  File names sort in FIFO order. The consumer keeps an ordered in-memory index of them, so a get
+  costs the same with 100 or 100,000 messages queued (see :class:`_SpoolIndex`); temporary files
+  a killed publisher left behind are removed when the consuming engine starts;
 - ``<dir>/processing/``: a message a consumer holds; ack deletes it, a requeue moves it back.
   After a crash (even SIGKILL) the next consumer moves leftovers back to ``queues/``: nothing is
   lost, a message in flight is delivered again (at-least-once, as on RabbitMQ);
@@ -21,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import heapq
 import logging
+import math
 import os
 import threading
 import time
@@ -29,6 +34,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
@@ -41,7 +47,7 @@ from kombu.transport import filesystem
 from kombu.transport.virtual import Empty
 
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage, OutgoingMessage, QueueInfo
-from middleware.errors import BrokerError
+from middleware.errors import BrokerError, EngineStopping
 
 log = logging.getLogger("middleware.broker")
 
@@ -49,6 +55,60 @@ T = TypeVar("T")
 POLL_MIN, POLL_MAX = 0.005, 0.2  # seconds between polls of an empty queue (backs off)
 SPOOL_PROPERTY = "mw_spool_file"
 DEATH_HEADER = "x-mw-delivery-limit-exceeded"
+SCAN_BUDGET = 10  # a directory scan waits at least this many times its own duration: listing stays under ~10 %
+REFILL_AFTER = 0.02  # seconds: how soon an empty queue looks on disk again (other processes publish)
+STALE_AFTER = 1.0  # seconds: how often a non-empty index is refreshed, so other publishers' files keep FIFO order
+STALE_TMP_AGE = 2.0  # seconds: an unlocked temporary file older than this was left by a killed publisher
+
+
+class _SpoolIndex:
+    """The ready message files of ``queues/``, per queue, oldest first, kept in memory.
+
+    A get pops the oldest name of its queue (O(log n)), instead of listing the folder. Names this
+    process writes or moves back are pushed as it does so; files written by other processes are
+    found by a directory scan, made only when a queue's index runs dry (at most every
+    ``REFILL_AFTER``) or is older than ``STALE_AFTER``, and never sooner than ``SCAN_BUDGET`` times
+    the last scan's duration, so a huge backlog makes scans rarer, not gets slower. A popped name
+    whose file is gone (taken by another reader, purged) is skipped by the caller.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._heaps: dict[str, list[str]] = {}
+        self._scanned_at = -math.inf
+        self._scan_seconds = 0.0
+
+    def push(self, queue: str, name: str) -> None:
+        """A ready file this process just wrote or moved back into ``queues/``."""
+        if self._scanned_at != -math.inf:  # before the first scan, the scan will find it
+            heapq.heappush(self._heaps.setdefault(queue, []), name)
+
+    def pop(self, queue: str) -> str | None:
+        """The oldest known ready file of ``queue`` (None: none on disk either, as of the last scan)."""
+        heap = self._heaps.get(queue)
+        wait = max(STALE_AFTER if heap else REFILL_AFTER, SCAN_BUDGET * self._scan_seconds)
+        if time.monotonic() - self._scanned_at >= wait:
+            self._scan()
+            heap = self._heaps.get(queue)
+        return heapq.heappop(heap) if heap else None
+
+    def invalidate(self) -> None:
+        """Forget everything: the next pop scans (files were moved behind the index's back)."""
+        self._heaps.clear()
+        self._scanned_at = -math.inf
+
+    def _scan(self) -> None:
+        started = time.monotonic()
+        heaps: dict[str, list[str]] = {}
+        for name in os.listdir(self.folder):
+            queue, _, suffix = name.partition(".")[2].rpartition(".")
+            if suffix == "msg" and not name.startswith("."):  # ".<name>.tmp" is still being written
+                heaps.setdefault(queue, []).append(name)
+        for names in heaps.values():
+            names.sort()  # a sorted list is a heap
+        self._heaps = heaps
+        self._scanned_at = time.monotonic()
+        self._scan_seconds = self._scanned_at - started
 
 
 class _SpoolChannel(filesystem.Channel):
@@ -60,18 +120,21 @@ class _SpoolChannel(filesystem.Channel):
                               hint="use letters, digits, '.', '-' and '_' in queue names")
         name = f"{_sortable_now()}_{uuid.uuid4().hex}.{queue}.msg"
         _write_atomically(Path(self.data_folder_out), name, kombu.utils.json.dumps(payload).encode())
+        self.index.push(str(queue), name)
+
+    @cached_property
+    def index(self) -> _SpoolIndex:
+        """The ordered in-memory index of ``queues/`` (one per channel, used by its one thread)."""
+        return _SpoolIndex(Path(self.data_folder_in))
 
     def _get(self, queue: Any, timeout: Any = None) -> Any:
-        wanted = f"{queue}.msg"
         folder = Path(self.data_folder_in)
         processing = Path(self.transport_options["processing_folder"])
-        for name in sorted(os.listdir(folder)):
-            if name.partition(".")[2] != wanted:
-                continue
+        while (name := self.index.pop(str(queue))) is not None:
             try:
                 os.rename(folder / name, processing / name)
             except FileNotFoundError:
-                continue  # another reader took it
+                continue  # another reader took it, or it was purged
             payload = kombu.utils.json.loads((processing / name).read_bytes())
             payload.setdefault("properties", {})[SPOOL_PROPERTY] = name
             return payload
@@ -98,18 +161,43 @@ def _write_atomically(folder: Path, name: str, data: bytes) -> None:
     temporary = folder / f".{name}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until renamed: a locked temporary file has a live writer
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
+        os.rename(temporary, folder / name)
     finally:
         os.close(fd)
-    os.rename(temporary, folder / name)
     directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)  # the new name itself must survive a power cut, not only the bytes
     finally:
         os.close(directory)
+
+
+def _remove_stale_temporary_files(folder: Path) -> int:
+    """Delete ``.<name>.tmp`` files whose writer died (unlocked and not brand new); how many."""
+    removed = 0
+    for name in os.listdir(folder):
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        path = folder / name
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # renamed by its writer meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live publisher is writing it
+            if time.time() - os.fstat(fd).st_mtime >= STALE_TMP_AGE:  # not one created a moment ago
+                path.unlink(missing_ok=True)
+                removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 @dataclass
@@ -144,6 +232,10 @@ class KombuIncoming(IncomingMessage):
         self.settled = True
         await self._broker._run(self._broker._settle_sync, self, requeue)
 
+    async def hand_back(self) -> None:
+        self.settled = True  # back untouched: the spool file moves back, no delivery is counted
+        await self._broker._run(self._broker._release_sync, self)
+
 
 class KombuConsumer(Consumer):
     """Polls one queue; at most ``prefetch`` messages are handled at once."""
@@ -153,14 +245,16 @@ class KombuConsumer(Consumer):
         self._queue = queue
         self._handler = handler
         self._slots = asyncio.Semaphore(max(prefetch, 1))
-        self._stopped = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = self._closed = self._waiting_for_slot = False
+        self._tasks: dict[asyncio.Task[None], IncomingMessage] = {}
         self._poller = asyncio.create_task(self._poll(), name=f"consume {queue}")
 
     async def _poll(self) -> None:
         delay = POLL_MIN
         while not self._stopped:
+            self._waiting_for_slot = True  # nothing fetched: cancel() may interrupt this wait
             await self._slots.acquire()
+            self._waiting_for_slot = False
             try:
                 message = await self._broker.get(self._queue)
             except Exception:
@@ -179,12 +273,22 @@ class KombuConsumer(Consumer):
                 self._slots.release()
                 return
             task = asyncio.create_task(self._handle(message))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[task] = message
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
 
     async def _handle(self, message: IncomingMessage) -> None:
         try:
             await self._handler(message)
+        except EngineStopping:  # not a failure of the message: it goes back uncounted
+            if not getattr(message, "settled", True):
+                await message.hand_back()
         except Exception:
             log.exception("handler failed; message requeued", extra={"queue": self._queue,
                                                                     "correlation_id": message.correlation_id})
@@ -197,8 +301,27 @@ class KombuConsumer(Consumer):
         if self._stopped:
             return
         self._stopped = True
-        await self._poller
+        if self._waiting_for_slot:  # every slot is busy: do not wait for a handler to finish
+            self._poller.cancel()
+        await asyncio.wait([self._poller])
         self._broker._consumer_counts[self._queue] -= 1
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await self.cancel()
+        self._closed = True
+        held = list(self._tasks.items())
+        for task, _ in held:
+            task.cancel()
+        if held:
+            await asyncio.wait([task for task, _ in held])
+        unsettled = [message for _, message in held if not getattr(message, "settled", True)]
+        for message in unsettled:
+            await message.hand_back()
+        if unsettled:
+            log.warning("handlers still running at close were stopped; their messages were handed back",
+                        extra={"queue": self._queue, "messages": len(unsettled)})
 
 
 class KombuBroker(Broker):
@@ -337,6 +460,11 @@ class KombuBroker(Broker):
         if recovered:
             log.warning("recovered messages a stopped engine held; they are delivered again",
                         extra={"messages": recovered})
+            self._channel.index.invalidate()
+        removed = _remove_stale_temporary_files(self._folder / "queues")
+        if removed:
+            log.warning("removed temporary files left by killed publishers (never confirmed)",
+                        extra={"files": removed})
 
     async def get(self, queue: str) -> IncomingMessage | None:
         return await self._run(self._get_sync, queue)
@@ -377,9 +505,11 @@ class KombuBroker(Broker):
 
     def _move_back(self, name: str) -> None:
         assert self._folder is not None
-        self._held.pop(name, None)
+        queue = self._held.pop(name, None)
         with contextlib.suppress(FileNotFoundError):  # already settled
             os.rename(self._folder / "processing" / name, self._folder / "queues" / name)
+            if queue is not None and self._channel is not None:
+                self._channel.index.push(queue, name)
 
     async def queue_info(self, queue: str) -> QueueInfo:
         size = await self._run(self._channel._size, queue)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -358,3 +361,123 @@ async def test_embedded_broker_allows_one_consuming_engine(tmp_path: Path) -> No
     await consumer.cancel()
     await first.close()
     await second.close()
+
+
+async def _seed_backlog(folder: Path, queue: str, count: int) -> None:
+    """``count`` ready spool files for ``queue``, as another process publishing them would leave them.
+
+    One message goes through the broker; its file is copied under later FIFO names (no fsync per
+    copy: this builds a backlog quickly, it is not a publish).
+    """
+    seeder = make_broker(f"filesystem://{folder}")
+    await seeder.connect()
+    await seeder.declare_queue(queue)
+    await seeder.publish(OutgoingMessage(b"seed", correlation_id="0"), queue=queue)
+    await seeder.close()
+    queues = folder / "queues"
+    [original] = [name for name in os.listdir(queues) if name.endswith(f".{queue}.msg")]
+    data = (queues / original).read_bytes()
+    stamp = int(original.split("_")[0])
+    for n in range(1, count):
+        (queues / f"{stamp + n:020d}_{n:032x}.{queue}.msg").write_bytes(data)
+
+
+@pytest.mark.parametrize("backlog", [100, 3000])
+async def test_embedded_broker_get_does_not_list_the_folder_per_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backlog: int) -> None:
+    """Getting a message costs the same with a small or a large backlog: the folder is listed a
+    bounded number of times (index refreshes), never once per get."""
+    from middleware.broker import kombu_broker
+
+    folder = tmp_path / "broker"
+    await _seed_backlog(folder, "work", backlog)
+    listings = 0
+    real_listdir, real_scandir = os.listdir, os.scandir
+
+    def counting_listdir(path: Any = ".") -> list[str]:
+        nonlocal listings
+        listings += Path(path) == folder / "queues"
+        return real_listdir(path)
+
+    def counting_scandir(path: Any = ".") -> Any:
+        nonlocal listings
+        listings += Path(path) == folder / "queues"
+        return real_scandir(path)
+
+    client = make_broker(f"filesystem://{folder}")
+    await client.connect()
+    await client.declare_queue("work")
+    monkeypatch.setattr(os, "listdir", counting_listdir)
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    started = time.monotonic()
+    got = 0
+    while (message := await client.get("work")) is not None:
+        await message.ack()
+        got += 1
+    elapsed = time.monotonic() - started
+    await client.close()
+    assert got == backlog
+    # one initial scan, one when the queue ran dry, one refresh per STALE_AFTER seconds of work
+    assert listings <= 2 + elapsed / kombu_broker.STALE_AFTER, (listings, elapsed)
+
+
+async def test_embedded_broker_gets_in_fifo_order_and_sees_other_publishers(tmp_path: Path) -> None:
+    url = f"filesystem://{tmp_path}/broker"
+    consumer, publisher = make_broker(url), make_broker(url)  # two connections: two processes' views
+    await consumer.connect()
+    await publisher.connect()
+    await consumer.declare_queue("work")
+    for n in range(3):
+        await consumer.publish(OutgoingMessage(f"own {n}".encode()), queue="work")
+    first = await consumer.get("work")  # the consumer's index now holds the rest
+    assert first is not None and first.body == b"own 0"
+    await first.ack()
+    await publisher.publish(OutgoingMessage(b"from elsewhere"), queue="work")
+    again = await consumer.get("work")
+    assert again is not None and again.body == b"own 1"
+    await consumer._run(consumer._release_sync, again)  # type: ignore[attr-defined]  # given back untouched
+    bodies = []
+    deadline = time.monotonic() + 10
+    while len(bodies) < 3 and time.monotonic() < deadline:
+        message = await consumer.get("work")
+        if message is None:  # the other publisher's file is found when the index runs dry
+            await asyncio.sleep(0.01)
+            continue
+        bodies.append(message.body)
+        await message.ack()
+    assert bodies == [b"own 1", b"own 2", b"from elsewhere"]
+    await consumer.close()
+    await publisher.close()
+
+
+async def test_embedded_broker_removes_temporary_files_of_killed_publishers(tmp_path: Path) -> None:
+    """A publisher SIGKILLed mid-write leaves ``.<name>.tmp``; the consuming engine deletes it at
+    start, but never a file a live publisher is still writing (it holds a lock on it)."""
+    url = f"filesystem://{tmp_path}/broker"
+    client = make_broker(url)
+    await client.connect()
+    await client.declare_queue("work")
+    queues = tmp_path / "broker" / "queues"
+    stale = queues / ".00000000000000000001_dead.work.msg.tmp"
+    stale.write_bytes(b"half a mess")
+    live = queues / ".00000000000000000002_live.work.msg.tmp"
+    live.write_bytes(b"being writ")
+    fresh = queues / ".00000000000000000003_new.work.msg.tmp"  # created this instant, not locked yet
+    fresh.write_bytes(b"")
+    old = time.time() - 600
+    os.utime(stale, (old, old))
+    os.utime(live, (old, old))
+    writer = os.open(live, os.O_RDONLY)
+    fcntl.flock(writer, fcntl.LOCK_EX)
+    try:
+        async def ignore(message: IncomingMessage) -> None:
+            await message.ack()
+
+        consumer = await client.consume("work", ignore)
+        await consumer.cancel()
+        assert not stale.exists()
+        assert live.exists() and fresh.exists()
+        assert await depth(client, "work") == 0  # never taken for messages either
+    finally:
+        os.close(writer)
+        await client.close()
