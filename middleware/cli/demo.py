@@ -3,7 +3,9 @@
 Publishes every file of samples/<route>/ to that route's queue, runs the engine until idle and
 prints what happened per route and where the outputs went. Nothing leaves the machine: every
 http connector is pointed at a local sink the demo starts, and file connectors write under
-var/demo/out/.
+var/demo/out/. With ``MIDDLEWARE_BROKER_URL`` it runs on that RabbitMQ under its own queue
+prefix (``<queue_prefix>demo-<random>.``) and deletes every queue and exchange it declared when it
+ends. URLs are printed masked (:func:`middleware.observe.safe_url`).
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from aiohttp import web
 from rich.console import Console
 from rich.table import Table
 
-from middleware.broker import naming
+from middleware.broker import make_broker, naming
 from middleware.cli.common import JsonOption, ProjectOption, fail, open_project, print_json
 from middleware.cli.publish import publish_files
 from middleware.delivery.base import ConnectorSpec
-from middleware.engine import Engine
+from middleware.engine import Engine, project_queues
 from middleware.errors import BrokerError
-from middleware.observe import configure_logging
+from middleware.observe import configure_logging, mask_secrets, safe_url
 from middleware.project import Project
 
 
@@ -84,12 +86,37 @@ async def _wait_until_idle(engine: Engine, timeout: float) -> bool:
     return False
 
 
+def demo_topology(project: Project) -> tuple[list[str], list[str]]:
+    """(queues, exchanges) the demo declares for ``project``: every route's inbound, delivery and
+    dead-letter queue, and the events exchange."""
+    prefix = project.settings.queue_prefix
+    queues = project_queues(project) + [naming.dead_letter_queue(name, prefix) for name in sorted(project.routes)]
+    return list(dict.fromkeys(queues)), [naming.events_exchange(prefix)]
+
+
+async def remove_topology(project: Project) -> list[str]:
+    """Delete every queue and exchange of :func:`demo_topology` (messages in them too); their names."""
+    queues, exchanges = demo_topology(project)
+    broker = make_broker(project.settings.broker_url)
+    await broker.connect()
+    try:
+        for queue in queues:
+            await broker.delete_queue(queue)
+        for exchange in exchanges:
+            await broker.delete_exchange(exchange)
+    finally:
+        await broker.close()
+    return queues + exchanges
+
+
 async def run_demo(project: Project, timeout: float) -> dict[str, object]:
     """Run the tour; returns per-route counts and where outputs went."""
     demo_dir = project.root / "var" / "demo"
     out_dir = demo_dir / "out"
-    if "MIDDLEWARE_BROKER_URL" in os.environ:
-        settings = dataclasses.replace(project.settings, queue_prefix=f"demo-{uuid.uuid4().hex[:6]}.")
+    shared_broker = "MIDDLEWARE_BROKER_URL" in os.environ
+    if shared_broker:  # a broker others use: our own names, all removed at the end
+        prefix = f"{project.settings.queue_prefix}demo-{uuid.uuid4().hex[:6]}."
+        settings = dataclasses.replace(project.settings, queue_prefix=prefix)
     else:
         shutil.rmtree(demo_dir, ignore_errors=True)
         settings = dataclasses.replace(project.settings, broker_url=f"filesystem://{(demo_dir / 'broker').resolve()}")
@@ -98,6 +125,7 @@ async def run_demo(project: Project, timeout: float) -> dict[str, object]:
     await sink.start()
     engine = Engine(project, connector_specs=_demo_connectors(project, sink, out_dir), gateways=False)
     published: Counter[str] = Counter()
+    removed: list[str] = []
     try:
         await engine.start()
         for route in project.routes.values():
@@ -110,8 +138,12 @@ async def run_demo(project: Project, timeout: float) -> dict[str, object]:
             info = await engine.broker.queue_info(naming.dead_letter_queue(name, settings.queue_prefix))
             dead_letters[name] = info.messages
     finally:
-        await engine.stop()
-        await sink.close()
+        try:
+            await engine.stop()
+            await sink.close()
+        finally:
+            if shared_broker:
+                removed = await remove_topology(project)
     m = engine.metrics
     routes = [{
         "route": name,
@@ -128,12 +160,13 @@ async def run_demo(project: Project, timeout: float) -> dict[str, object]:
     for name, connector in sorted(engine.connectors.items()):
         if connector.spec.type == "http":
             count = sink.received[name]
-            where = f"local demo sink standing in for {project.connectors[name].options.get('url')}"
+            where = f"local demo sink standing in for {safe_url(str(project.connectors[name].options.get('url')))}"
         else:
             count = _count_lines(Path(connector.spec.options["path"]))
             where = connector.describe()
         outputs.append({"connector": name, "type": connector.spec.type, "events": count, "where": where})
-    return {"idle": idle, "routes": routes, "outputs": outputs, "broker": settings.broker_url}
+    return {"idle": idle, "routes": routes, "outputs": outputs, "broker": safe_url(settings.broker_url),
+            "queue_prefix": settings.queue_prefix, "removed": removed}
 
 
 def _count_lines(path: Path) -> int:
@@ -148,7 +181,7 @@ def demo(project: Path = ProjectOption, as_json: bool = JsonOption,
     try:
         report = asyncio.run(run_demo(loaded, timeout))
     except BrokerError as exc:
-        fail(str(exc))
+        fail(mask_secrets(str(exc)))
     if as_json:
         print_json(report)
     else:
@@ -173,10 +206,14 @@ def _print_report(report: dict[str, object]) -> None:
     assert isinstance(outputs, list)
     for out in outputs:
         console.print(f"  {out['connector']} ({out['type']}): {out['events']} event(s) -> {out['where']}")
+    removed = report["removed"]
     for row in routes:
-        if row["dead_letters_waiting"]:
+        if row["dead_letters_waiting"] and not removed:
             console.print(f"  dead letters: {row['dead_letters_waiting']} in queue {row['dead_letter_queue']} "
                           f"(original bytes + reason headers)")
+    if isinstance(removed, list) and removed:
+        console.print(f"Removed the demo's {len(removed)} queues and exchanges (prefix {report['queue_prefix']}) "
+                      "from RabbitMQ.")
 
 
 def register(app: typer.Typer) -> None:
