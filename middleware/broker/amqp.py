@@ -99,9 +99,13 @@ class AmqpBroker(Broker):
                 self.url, reconnect_interval=RECONNECT_SECONDS, ssl_context=ssl_context,
                 client_properties={"connection_name": self.connection_name})
             self._channel = await self._new_channel()
-        except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
-            raise BrokerError(f"cannot connect to RabbitMQ: {type(exc).__name__}: {exc}",
-                              hint="check MIDDLEWARE_BROKER_URL / broker.url and that RabbitMQ is running") from None
+        # EOFError: the server hung up mid-handshake (a TLS listener refusing our client certificate)
+        except (TimeoutError, aiormq.exceptions.AMQPError, OSError, EOFError) as exc:
+            hint = "check MIDDLEWARE_BROKER_URL / broker.url and that RabbitMQ is running"
+            if ssl_context is not None:
+                hint += ("; for TLS, broker.tls: ca_file (the server's CA) and cert_file (if the server "
+                         "requires client certificates)")
+            raise BrokerError(f"cannot connect to RabbitMQ: {type(exc).__name__}: {exc}", hint=hint) from None
         self._connection.close_callbacks.add(self._on_connection_closed)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
 
