@@ -137,7 +137,7 @@ class Segment:
 class Hl7Message:
     """A parsed HL7 v2 message: segments indexed by id, values unescaped as they are read."""
 
-    __slots__ = ("_index", "_message_type", "charset", "delimiters", "segments")
+    __slots__ = ("_index", "_message_type", "_whole", "charset", "delimiters", "segments")
 
     def __init__(self, segments: list[Segment], delimiters: Delimiters, charset: str) -> None:
         self.segments = segments
@@ -148,6 +148,7 @@ class Hl7Message:
             index.setdefault(segment.id, []).append(segment)
         self._index = index
         self._message_type: object = _UNREAD
+        self._whole: Hl7Message | None = None  # set on group views: the message they are part of
 
     def group(self, segments: list[Segment], own: list[Segment], scoped_ids: set[str],
               context: dict[str, Segment]) -> Hl7Message:
@@ -163,6 +164,7 @@ class Hl7Message:
             index[segment_id] = [s for s in own if s.id == segment_id]
         view._index = index
         view._message_type = self._message_type
+        view._whole = self._whole or self
         return view
 
     def all(self, segment_id: str) -> list[Segment]:
@@ -209,13 +211,14 @@ class Hl7Message:
 
     def source_identity(self) -> tuple[str, ...]:
         """What makes this message unique among all senders' (event ids are derived from it): MSH-3
-        (sending application), MSH-4 (sending facility), MSH-10 (control id) and MSH-7 (time), as sent.
-        Without a control id, a digest of the segments stands in for it."""
-        msh = self._index["MSH"][0]  # also in an ``each`` / group view, whose segments start elsewhere
-        control_id = msh.field(10)
-        if not control_id:
-            control_id = "sha256:" + hashlib.sha256("\r".join(s.raw for s in self.segments).encode()).hexdigest()
-        return msh.field(3), msh.field(4), control_id, msh.field(7)
+        (sending application), MSH-4 (sending facility), MSH-10 (control id) and MSH-7 (time), as sent,
+        plus a SHA-256 of the segments (line breaks and framing normalised by parsing). The digest keeps
+        two different messages apart even when a sender reuses a control id within one MSH-7; the same
+        message sent again, re-framed or with other line breaks, keeps its identity."""
+        whole = self._whole or self  # a group view answers for the whole message
+        msh = whole.segments[0]
+        digest = hashlib.sha256("\r".join(s.raw for s in whole.segments).encode()).hexdigest()
+        return msh.field(3), msh.field(4), msh.field(10), msh.field(7), f"sha256:{digest}"
 
     def occurred_at(self) -> str | None:
         """EVN-6 (event occurred), else EVN-2 (recorded), else MSH-7, as ISO 8601: the first that has a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -43,8 +44,10 @@ def test_a01_becomes_patient_admitted_with_catalogue_fields(project: Project) ->
     assert event["correlationid"] == "corr-1"
     # EVN-6 absent -> EVN-2 (recorded), offset kept
     assert event["time"] == "2026-11-24T08:29:00+01:00"
-    # id: UUIDv5 of route, source identity (MSH-3, MSH-4, MSH-10, MSH-7 as sent), event type, index
-    identity = ["EPIC", "GHH", "DEMO-A01-0001", "20261124083000+0100"]
+    # id: UUIDv5 of route, source identity (MSH-3, MSH-4, MSH-10, MSH-7 as sent + a digest), event type, index
+    segments = sample("a01-admit.hl7").decode().replace("\r\n", "\r").replace("\n", "\r").strip("\r").split("\r")
+    digest = hashlib.sha256("\r".join(s for s in segments if s).encode()).hexdigest()
+    identity = ["EPIC", "GHH", "DEMO-A01-0001", "20261124083000+0100", f"sha256:{digest}"]
     name = json.dumps(["adt-inbound", identity, "patient.admitted.v1", 0], separators=(",", ":"), ensure_ascii=False)
     assert event["id"] == str(uuid.uuid5(EVENT_ID_NAMESPACE, name))
     data = event["data"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -80,15 +81,27 @@ def test_another_event_type_from_the_same_source_identity_gets_another_id(projec
     assert admitted[0]["id"] != registered[0]["id"]
 
 
+def test_a_sender_reusing_a_control_id_within_one_timestamp_still_gives_two_patients_two_ids(
+        project: Project) -> None:
+    first = hl7_ids(project, adt(mrn="MRN-1", family="Doe"))
+    second = hl7_ids(project, adt(mrn="MRN-2", family="Roe"))  # same MSH-3, MSH-4, MSH-10 and MSH-7
+    assert len({*first, *second}) == 2
+
+
 def test_messages_without_a_control_id_are_told_apart_by_their_content(project: Project) -> None:
     first, second = adt(control_id="", mrn="MRN-1"), adt(control_id="", mrn="MRN-2")
     assert hl7_ids(project, first) == hl7_ids(project, first)
     assert hl7_ids(project, first) != hl7_ids(project, second)
 
 
-def test_hl7_source_identity_is_msh_3_4_10_7_as_sent() -> None:
-    message = get_format("hl7v2").parse(adt(sender="LAB^1.2.3^ISO", control_id="X\\F\\1"))
-    assert message.source_identity() == ("LAB^1.2.3^ISO", "GHH", "X\\F\\1", "20261124083000")
+def test_hl7_source_identity_is_msh_3_4_10_7_as_sent_and_a_digest_of_the_segments() -> None:
+    hl7 = get_format("hl7v2")
+    raw = adt(sender="LAB^1.2.3^ISO", control_id="X\\F\\1")
+    identity = hl7.parse(raw).source_identity()
+    assert identity[:4] == ("LAB^1.2.3^ISO", "GHH", "X\\F\\1", "20261124083000")
+    assert identity[4] == "sha256:" + hashlib.sha256(raw.rstrip(b"\r")).hexdigest()
+    reframed = b"\x0b" + raw.replace(b"\r", b"\r\n") + b"\x1c\r"  # MLLP framing, CRLF: the same message
+    assert hl7.parse(reframed).source_identity() == identity
 
 
 def test_an_each_view_keeps_the_message_identity() -> None:
