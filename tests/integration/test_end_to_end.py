@@ -153,7 +153,8 @@ async def test_run_with_a_taken_listener_port_fails_cleanly(broker: Broker, rabb
             env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    [line] = [entry for entry in result.stderr.splitlines() if entry.startswith("error:")]
+    entries = [json.loads(line) for line in result.stderr.splitlines()]  # stderr is JSON lines (--log-format json)
+    [line] = [entry["event"] for entry in entries if entry["level"] == "error"]
     assert str(port) in line and "config/middleware.yaml" in line
 
 
