@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import orjson
 
 from middleware.errors import DeliveryError
 from middleware.observe import safe_url
+
+log = logging.getLogger("middleware.delivery")
 
 DEFAULT_LIFETIME = 300.0  # seconds, when the token endpoint does not say (expires_in is optional)
 DEFAULT_REFRESH_MARGIN = 30.0
@@ -124,6 +127,8 @@ class TokenCache:
             raise self._error(f"{where} answered without a usable access_token", False,
                               hint="the endpoint must answer JSON with access_token (RFC 6749 section 5.1)")
         margin = min(creds.refresh_margin, lifetime / 2)
+        log.info("oauth2 token fetched", extra={"connector": self.connector, "expires_in": lifetime,
+                                                "refresh_in": round(lifetime - margin, 3), "fetches": self.fetches})
         return token, time.monotonic() + lifetime - margin
 
     def _error(self, message: str, retryable: bool, *, status: int | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -240,7 +241,9 @@ async def oauth_connector(servers: list[Server], authority: Authority, **oauth2:
     return connector
 
 
-async def test_token_is_fetched_once_for_many_deliveries_and_sent_as_bearer(servers: list[Server]) -> None:
+async def test_token_is_fetched_once_for_many_deliveries_and_sent_as_bearer(
+        servers: list[Server], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     authority = Authority()
     connector = await oauth_connector(servers, authority)
     try:
@@ -252,6 +255,10 @@ async def test_token_is_fetched_once_for_many_deliveries_and_sent_as_bearer(serv
     assert authority.calls == 1
     assert authority.seen == ["Bearer tok-1"] * 13
     assert authority.forms == [{"grant_type": "client_credentials", "scope": "events.write"}]
+    fetched = [r for r in caplog.records if r.getMessage() == "oauth2 token fetched"]
+    assert len(fetched) == 1 and fetched[0].__dict__["connector"] == "cdr"
+    logged = " ".join(str(r.__dict__) for r in caplog.records)
+    assert "tok-1" not in logged and "s3cr3t" not in logged  # neither the token nor the secret is logged
 
 
 async def test_token_is_fetched_again_before_it_expires(servers: list[Server]) -> None:
