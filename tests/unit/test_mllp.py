@@ -223,10 +223,8 @@ def test_invalid_listener_settings_are_file_line_problems(project_copy: Path, se
     project = project_copy
     config = project / "config" / "middleware.yaml"
     set_listener_option(config, setting)
-    key = setting.split(":")[0]
-    expected_line = line_of(config, "require_client_cert" if "require_client_cert" in message else key)
-    if key == "tls" and "require_client_cert" not in message and "missing" not in message:
-        expected_line = line_of(config, "tls:")
+    key = "  require_client_cert" if "require_client_cert" in message else setting.split(":")[0]
+    expected_line = line_of(config, f"      {key}:")  # the listener's key, not broker.tls
     [problem] = problems(project)
     assert problem.startswith(f"config/middleware.yaml:{expected_line}: ")
     assert message in problem
