@@ -4,6 +4,11 @@ Headers (all prefixed ``x-mw-``): route, stage (parse/filter/map/validate/delive
 error-class, error, attempts, first-failure, last-failure, correlation-id, replay-queue (where
 ``middleware dlq replay`` sends the body back). The original message's own headers are kept
 (for example ``x-mw-source-file`` and ``x-mw-batch-position`` of a message split from a batch).
+
+A message the broker itself dead-lettered at its delivery limit (RabbitMQ ``x-death`` with reason
+``delivery_limit``; the embedded broker's ``x-mw-delivery-limit-exceeded``: the engine was killed
+or lost its connection while handling it each time) carries none of those headers; reading it
+presents the same fields, taken from the broker's record (see :meth:`DeadLetter.from_message`).
 """
 
 from __future__ import annotations
@@ -117,13 +122,22 @@ class DeadLetter:
     headers: dict[str, Any]
 
     @classmethod
-    def from_message(cls, message: IncomingMessage) -> DeadLetter:
-        """Read the ``x-mw-`` headers of a consumed dead-letter message."""
+    def from_message(cls, message: IncomingMessage, *, route: str | None = None,
+                     delivery_limit: int | None = None) -> DeadLetter:
+        """Read the ``x-mw-`` headers of a consumed dead-letter message.
+
+        Without them, a broker's delivery-limit record is presented the same way (see
+        :func:`_from_broker_death`); ``route`` (the route whose dead-letter queue it was read from)
+        and ``delivery_limit`` (``engine.delivery_limit``) fill in what that record lacks."""
         h = message.headers
 
         def text(key: str) -> str:
             return str(h.get(PREFIX + key, ""))
 
+        if not text("stage"):
+            death = _broker_death(h)
+            if death is not None:
+                return _from_broker_death(message, death, route, delivery_limit)
         return cls(
             body=message.body, route=text("route"), stage=text("stage"), error_class=text("error-class"),
             error=text("error"), attempts=int(h.get(PREFIX + "attempts", 0) or 0),
@@ -133,6 +147,56 @@ class DeadLetter:
             connector=text("connector") or None,
             message_id=message.message_id, headers=dict(h),
         )
+
+
+LIMIT_ERROR_CLASS = "DeliveryLimitExceeded"
+
+
+def _broker_death(headers: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(source queue, time) if the broker dead-lettered this message at its delivery limit, else None."""
+    marked = headers.get(DELIVERY_LIMIT_HEADER)
+    if marked:
+        return str(marked), ""
+    deaths = headers.get("x-death")
+    for death in deaths if isinstance(deaths, list) else ():
+        if isinstance(death, Mapping) and str(death.get("reason", "")) == "delivery_limit":
+            when = death.get("time")
+            if isinstance(when, dt.datetime):
+                stamp = when.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            else:
+                stamp = str(when or "")
+            return str(death.get("queue", "")), stamp
+    return None
+
+
+def _from_broker_death(message: IncomingMessage, death: tuple[str, str], route: str | None,
+                       delivery_limit: int | None) -> DeadLetter:
+    """A broker-dead-lettered message as a dead letter: stage ``deliver`` if it came from a delivery
+    queue (an event: ``x-mw-route`` is set, the connector is in the queue name), else ``parse`` (the
+    route worker never finished with it); attempts from the embedded broker's count, else
+    ``delivery_limit`` + 1 (RabbitMQ delivers ``x-delivery-count`` 0 … limit), else 0 (unknown)."""
+    h = message.headers
+    queue, when = death
+    event_route = h.get(PREFIX + "route")
+    route = str(event_route) if event_route else (route or "")
+    connector = None
+    if event_route and f"{event_route}.to." in queue:
+        connector = queue.split(f"{event_route}.to.", 1)[1]
+    count = h.get("x-delivery-count")
+    if isinstance(count, int) and count > 0:
+        attempts = count
+    else:
+        attempts = delivery_limit + 1 if delivery_limit is not None else 0
+    times = f"{attempts} deliveries" if attempts else "its delivery limit"
+    return DeadLetter(
+        body=message.body, route=route, stage="deliver" if event_route else "parse",
+        error_class=LIMIT_ERROR_CLASS,
+        error=(f"dead-lettered by the broker from {queue} after {times} without an ack: the engine "
+               "stopped abruptly (killed, crashed or lost its connection) while handling it each time"),
+        attempts=attempts, first_failure="", last_failure=when, replay_queue=queue,
+        correlation_id=message.correlation_id, connector=connector, message_id=message.message_id,
+        headers=dict(h),
+    )
 
 
 # -- reading, replaying and removing dead letters (``middleware dlq``) ---------------------------
@@ -206,9 +270,11 @@ class Browse:
 
 
 async def browse(broker: Broker, queue: str, limit: int, *,
-                 match: Callable[[Held], bool] | None = None, scan: int = DEFAULT_SCAN) -> Browse:
+                 match: Callable[[Held], bool] | None = None, scan: int = DEFAULT_SCAN,
+                 route: str | None = None, delivery_limit: int | None = None) -> Browse:
     """Fetch dead letters from ``queue`` and hold them (unacked) until ``limit`` of them match
-    ``match`` (every one when None), ``scan`` were fetched or the queue is empty.
+    ``match`` (every one when None), ``scan`` were fetched or the queue is empty. ``route`` and
+    ``delivery_limit`` complete broker-dead-lettered ones (:meth:`DeadLetter.from_message`).
 
     Nothing is lost if the process dies meanwhile: the broker gives unacked messages back. Call
     :meth:`Browse.release` (then close the broker) when done."""
@@ -218,7 +284,8 @@ async def browse(broker: Broker, queue: str, limit: int, *,
             message = await broker.get(queue)
             if message is None:
                 break
-            item = Held(queue, letter_id(message), message, DeadLetter.from_message(message))
+            letter = DeadLetter.from_message(message, route=route, delivery_limit=delivery_limit)
+            item = Held(queue, letter_id(message), message, letter)
             result.held.append(item)
             if match is None or match(item):
                 result.matched.append(item)

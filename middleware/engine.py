@@ -115,7 +115,8 @@ class Engine:
                 worker = DeliveryWorker(route, self.connectors[rule.connector], self.broker, self.metrics,
                                         retry=rule.retry, prefix=prefix, delivery_limit=self.settings.delivery_limit)
                 await self._consume(worker.queue, worker.handle, prefetch)
-            route_worker = RouteWorker(route, self.broker, self.metrics, prefix=prefix, tz=tz)
+            route_worker = RouteWorker(route, self.broker, self.metrics, prefix=prefix, tz=tz,
+                                       delivery_limit=self.settings.delivery_limit)
             await self._consume(route_worker.queue, route_worker.handle, prefetch)
         log.info("engine started", extra={"routes": sorted(self.project.routes), "broker": safe_url(self.broker.url)})
 
@@ -130,17 +131,30 @@ class Engine:
             self.gateways.append(gateway)
 
     async def stop(self) -> None:
-        """Drain: stop the gateways, stop consuming, let in-flight messages finish (bounded), close."""
+        """Drain (DESIGN promise 6), then close.
+
+        Gateways stop first; every consumer is cancelled (no new deliveries; channels stay open, so
+        handlers in flight finish and ack); after at most ``engine.drain_timeout`` seconds the
+        consumers close: handlers still running are stopped and their messages handed back
+        uncounted (a shutdown never dead-letters a healthy message). Connectors and the broker
+        connection close last.
+        """
         for gateway in self.gateways:
             await gateway.stop()
         self.gateways.clear()
-        for consumer in self._consumers:
+        consumers, self._consumers = self._consumers, []
+        for consumer in consumers:
             await consumer.cancel()
-        self._consumers.clear()
+        draining = self.in_flight
+        if draining:
+            log.info("draining", extra={"in_flight": draining, "drain_timeout": self.settings.drain_timeout})
         try:
             await asyncio.wait_for(self._tracked.idle.wait(), timeout=self.settings.drain_timeout)
         except TimeoutError:
-            log.warning("drain timed out; unacked messages return to their queues", extra={"in_flight": self.in_flight})
+            log.warning("drain timed out; messages still in flight are handed back to their queues",
+                        extra={"in_flight": self.in_flight, "drain_timeout": self.settings.drain_timeout})
+        for consumer in consumers:
+            await consumer.close()
         for connector in self.connectors.values():
             await connector.close()
         await self.broker.close()

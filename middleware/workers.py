@@ -4,6 +4,11 @@ Acks follow DESIGN.md promise 1: an inbound message is acked only after every ev
 was confirmed by the broker, or after it was confirmed into the dead-letter queue; a delivery
 message only after the sink accepted it or it was confirmed into the dead-letter queue. If the
 broker fails mid-way the message is not acked and comes back (at-least-once).
+
+Every dead letter has a reason (DESIGN promise 7): on a message's last allowed delivery (RabbitMQ
+dead-letters a message returned with ``x-delivery-count`` = ``delivery_limit``), a failure that
+would give it back dead-letters it here instead, with stage, error and attempts. A stopping engine
+(:class:`EngineStopping`, a cancelled handler) is never such a failure.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
 from middleware.deadletter import dead_letter
 from middleware.delivery.base import Connector, Delivery, RetryPolicy
 from middleware.delivery.retry import send_with_retry
-from middleware.errors import BrokerError, DeliveryError, EngineStopping, PipelineError
+from middleware.errors import BrokerError, DeliveryError, EngineStopping, MiddlewareError, PipelineError
 from middleware.observe import Metrics
 from middleware.route import MessageContext, Route, transform
 
@@ -37,21 +42,43 @@ def _header_text(value: object) -> str | None:
 EVENT_CONTENT_TYPE = "application/cloudevents+json"
 
 
+def is_last_delivery(message: IncomingMessage, delivery_limit: int) -> bool:
+    """True if giving ``message`` back now would make the broker dead-letter it: RabbitMQ delivers
+    with ``x-delivery-count`` 0, 1, … ``delivery_limit`` and dead-letters the next return."""
+    return message.delivery_count >= delivery_limit
+
+
 class RouteWorker:
     """Consumes a route's inbound queue: parse -> filter -> map -> validate -> publish events -> ack."""
 
     def __init__(self, route: Route, broker: Broker, metrics: Metrics, *, prefix: str = "",
-                 tz: ZoneInfo | None = None) -> None:
+                 tz: ZoneInfo | None = None, delivery_limit: int = 10) -> None:
         self.route = route
         self.broker = broker
         self.metrics = metrics
         self.tz = tz or ZoneInfo("UTC")
+        self.delivery_limit = delivery_limit
         self.queue = naming.inbound_queue(route.source_queue, prefix)
         self.dead_letter_queue = naming.dead_letter_queue(route.name, prefix)
         self.exchange = naming.events_exchange(prefix)
 
     async def handle(self, message: IncomingMessage) -> None:
-        """Process one inbound message; raises only if the broker failed (message is then redelivered)."""
+        """Process one inbound message; raises only if the broker failed (message is then redelivered),
+        except on its last allowed delivery, where it is dead-lettered with stage ``parse`` (the
+        route worker never finished with it) and the error."""
+        try:
+            await self._route(message)
+        except EngineStopping:
+            raise
+        except Exception as exc:
+            if message.settled or not is_last_delivery(message, self.delivery_limit):
+                raise
+            log.warning("failed on its last allowed delivery", extra={
+                "route": self.route.name, "correlation_id": message.correlation_id,
+                "error_class": type(exc).__name__, "deliveries": message.delivery_count + 1})
+            await self._dead_letter(message, exc, stage="parse", attempts=message.delivery_count + 1)
+
+    async def _route(self, message: IncomingMessage) -> None:
         name = self.route.name
         self.metrics.received.labels(name).inc()
         header_cid = message.headers.get("X-Correlation-ID") or message.headers.get("x-correlation-id")
@@ -100,17 +127,19 @@ class RouteWorker:
             mandatory=bool(self.route.deliver),  # a route with deliveries must never lose an event unrouted
         )
 
-    async def _dead_letter(self, message: IncomingMessage, error: PipelineError) -> None:
-        stage = error.stage or "map"
+    async def _dead_letter(self, message: IncomingMessage, error: Exception, *, stage: str | None = None,
+                           attempts: int = 1) -> None:
+        stage = stage or getattr(error, "stage", None) or "map"
+        correlation_id = getattr(error, "correlation_id", None) or message.correlation_id
         await self.broker.publish(
             dead_letter(message, route=self.route.name, stage=stage, error=error, replay_queue=self.queue,
-                        correlation_id=error.correlation_id),
+                        correlation_id=correlation_id, attempts=attempts),
             queue=self.dead_letter_queue,
         )
         await message.ack()
         self.metrics.dead_lettered.labels(self.route.name, stage).inc()
         log.warning("dead-lettered", extra={"route": self.route.name, "stage": stage,
-                                            "correlation_id": error.correlation_id,
+                                            "correlation_id": correlation_id,
                                             "error_class": type(error).__name__})
 
 
@@ -129,7 +158,26 @@ class DeliveryWorker:
         self.dead_letter_queue = naming.dead_letter_queue(route.name, prefix)
 
     async def handle(self, message: IncomingMessage) -> None:
-        """Deliver one event; ack on success, dead-letter (then ack) on a final failure."""
+        """Deliver one event; ack on success, dead-letter (then ack) on a final failure.
+
+        A broker failure gives the message back, except on its last allowed delivery: then it is
+        dead-lettered here with the error (never for a stopping engine)."""
+        try:
+            await self._deliver(message)
+        except EngineStopping:
+            raise
+        except Exception as exc:
+            if message.settled or not is_last_delivery(message, self.delivery_limit):
+                raise
+            log.warning("failed on its last allowed delivery", extra={
+                "route": self.route.name, "connector": self.connector.name, "correlation_id": message.correlation_id,
+                "error_class": type(exc).__name__, "deliveries": message.delivery_count + 1})
+            delivery = Delivery(body=message.body, event_id=message.message_id or "",
+                                correlation_id=message.correlation_id or "", route=self.route.name,
+                                event_type=str(message.headers.get("x-mw-event-type", "")))
+            await self._dead_letter(message, delivery, exc, None, attempts=message.delivery_count + 1)
+
+    async def _deliver(self, message: IncomingMessage) -> None:
         labels = (self.route.name, self.connector.name)
         correlation_id = message.correlation_id or ""
         delivery = Delivery(
@@ -176,14 +224,16 @@ class DeliveryWorker:
         log.info("delivered", extra={"route": labels[0], "connector": labels[1], "correlation_id": correlation_id,
                                      "event_id": delivery.event_id, "attempts": attempts})
 
-    async def _dead_letter(self, message: IncomingMessage, delivery: Delivery, error: DeliveryError,
-                           first_failure: str | None) -> None:
+    async def _dead_letter(self, message: IncomingMessage, delivery: Delivery, error: Exception,
+                           first_failure: str | None, *, attempts: int | None = None) -> None:
         correlation_id = delivery.correlation_id or None
-        error.with_context(route=self.route.name, correlation_id=correlation_id)
+        if isinstance(error, MiddlewareError):
+            error.with_context(route=self.route.name, correlation_id=correlation_id)
+        attempts = attempts if attempts is not None else getattr(error, "attempts", 1)
         await self.broker.publish(
             dead_letter(message, route=self.route.name, stage="deliver", error=error, replay_queue=self.queue,
                         correlation_id=correlation_id, connector=self.connector.name,
-                        attempts=error.attempts, first_failure=first_failure),
+                        attempts=attempts, first_failure=first_failure),
             queue=self.dead_letter_queue,
         )
         await message.ack()
@@ -191,4 +241,4 @@ class DeliveryWorker:
         log.warning("dead-lettered", extra={"route": self.route.name, "connector": self.connector.name,
                                             "stage": "deliver", "correlation_id": correlation_id,
                                             "event_id": delivery.event_id, "error_class": type(error).__name__,
-                                            "status": error.status, "attempts": error.attempts})
+                                            "status": getattr(error, "status", None), "attempts": attempts})

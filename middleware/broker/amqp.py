@@ -9,6 +9,11 @@
 - A publish that fails because the connection dropped waits for the robust connection to come
   back and tries again (bounded); a lost confirm may therefore duplicate a message (at-least-once;
   event ids are deterministic, so sinks dedupe).
+- Stopping drains: ``basic.cancel`` first while the consumer's channel stays open (handlers finish
+  and ack), then the channel closes. Quorum queues count every return (``nack``/``reject`` with
+  requeue, and unacked messages of a closed channel) toward ``x-delivery-limit``, so a message a
+  stopping consumer still holds is handed back as a confirmed copy plus an ack of the original,
+  which RabbitMQ does not count: restarts never dead-letter healthy work.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage, OutgoingMessage, QueueInfo
-from middleware.errors import BrokerError
+from middleware.errors import BrokerError, EngineStopping
 from middleware.observe import safe_url
 from middleware.tls import TlsOptions, client_context
 
@@ -34,6 +39,8 @@ log = logging.getLogger("middleware.broker")
 
 PUBLISH_RETRY_SECONDS = 30.0
 RECONNECT_SECONDS = 1.0
+STOP_STEP_SECONDS = 5.0  # bound on each step of stopping a consumer (cancel, hand back, close): a dead
+# connection must not hang a shutdown; whatever was not handed back returns when the connection goes
 _SERIAL = itertools.count(1)
 _CONNECTION_ERRORS = (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
                       ConnectionError, asyncio.TimeoutError)
@@ -42,8 +49,11 @@ _CONNECTION_ERRORS = (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.C
 class AmqpIncoming(IncomingMessage):
     """An aio-pika message seen through the port."""
 
-    def __init__(self, message: AbstractIncomingMessage) -> None:
+    def __init__(self, message: AbstractIncomingMessage, *, queue: str | None = None,
+                 channel: AbstractRobustChannel | None = None) -> None:
         self._message = message
+        self._queue = queue  # where hand_back() puts the copy
+        self._channel = channel
         self.body = message.body
         self.headers = dict(message.headers or {})
         self.correlation_id = message.correlation_id
@@ -62,20 +72,74 @@ class AmqpIncoming(IncomingMessage):
         self.settled = True
         await self._message.reject(requeue=requeue)
 
+    async def hand_back(self) -> None:
+        if self._queue is None or self._channel is None:
+            await self.reject(requeue=True)
+            return
+        self.settled = True
+        raw = self._message
+        copy = aio_pika.Message(
+            body=raw.body, headers={k: v for k, v in self.headers.items() if k != "x-delivery-count"} or None,
+            content_type=raw.content_type, content_encoding=raw.content_encoding,
+            correlation_id=raw.correlation_id, message_id=raw.message_id, priority=raw.priority,
+            timestamp=raw.timestamp, type=raw.type, app_id=raw.app_id, reply_to=raw.reply_to,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await asyncio.wait_for(
+                self._channel.default_exchange.publish(copy, routing_key=self._queue, mandatory=True),
+                STOP_STEP_SECONDS)
+            await raw.ack()
+        except Exception as exc:  # unroutable, refused, timed out, connection gone
+            # unacked, it returns when the channel closes (counted once by the quorum queue)
+            log.warning("hand back failed; the broker requeues the message", extra={
+                "queue": self._queue, "error": type(exc).__name__, "correlation_id": self.correlation_id})
+
 
 class AmqpConsumer(Consumer):
-    """A subscription on its own channel (so its prefetch is its own)."""
+    """A subscription on its own channel (so its prefetch is its own); tracks its running handlers."""
 
-    def __init__(self, channel: AbstractRobustChannel, queue: aio_pika.abc.AbstractQueue, tag: str) -> None:
+    def __init__(self, channel: AbstractRobustChannel, queue: aio_pika.abc.AbstractQueue) -> None:
         self._channel = channel
         self._queue = queue
-        self._tag = tag
+        self.tag: str | None = None
+        self.running: dict[asyncio.Task[object], AmqpIncoming] = {}
+        self._cancelled = self._closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.running)
 
     async def cancel(self) -> None:
+        if self._cancelled or self.tag is None:
+            return
+        self._cancelled = True
+        try:  # basic.cancel only: the channel stays open so running handlers can still ack
+            await self._queue.cancel(self.tag, timeout=STOP_STEP_SECONDS)
+        except (*_CONNECTION_ERRORS, aiormq.exceptions.AMQPError) as exc:
+            log.warning("consumer cancel failed; closing its channel stops it", extra={
+                "queue": self._queue.name, "error": type(exc).__name__})
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await self.cancel()
+        self._closed = True
+        held = list(self.running.items())
+        for task, _ in held:
+            task.cancel()
+        if held:
+            await asyncio.wait([task for task, _ in held], timeout=STOP_STEP_SECONDS)
+        unsettled = [message for _, message in held if not message.settled]
+        if unsettled:
+            await asyncio.gather(*(message.hand_back() for message in unsettled))
+            log.warning("handlers still running at close were stopped; their messages were handed back", extra={
+                "queue": self._queue.name, "messages": len(unsettled)})
         try:
-            await self._queue.cancel(self._tag)
-        finally:
-            await self._channel.close()
+            await asyncio.wait_for(self._channel.close(), STOP_STEP_SECONDS)
+        except (*_CONNECTION_ERRORS, aiormq.exceptions.AMQPError) as exc:
+            log.warning("consumer channel close failed", extra={"queue": self._queue.name,
+                                                                "error": type(exc).__name__})
 
 
 class AmqpBroker(Broker):
@@ -214,10 +278,18 @@ class AmqpBroker(Broker):
         except aiormq.exceptions.ChannelNotFoundEntity:
             raise BrokerError(f"queue {queue!r} does not exist", hint="declare it first (the engine does)") from None
 
+        subscription = AmqpConsumer(channel, target)
+
         async def on_message(raw: AbstractIncomingMessage) -> None:
-            message = AmqpIncoming(raw)
+            message = AmqpIncoming(raw, queue=queue, channel=channel)
+            task = asyncio.current_task()
+            if task is not None:
+                subscription.running[task] = message
             try:
                 await handler(message)
+            except EngineStopping:  # not a failure of the message: it goes back uncounted
+                if not message.settled:
+                    await message.hand_back()
             except Exception:  # the broker failed mid-way: give the message back for another try
                 log.exception("handler failed; message requeued", extra={"queue": queue,
                                                                         "correlation_id": message.correlation_id})
@@ -226,14 +298,17 @@ class AmqpBroker(Broker):
                         await message.reject(requeue=True)
                     except Exception:  # channel gone: RabbitMQ requeues unacked messages by itself
                         log.warning("requeue failed; the broker will redeliver", extra={"queue": queue})
+            finally:
+                if task is not None:
+                    subscription.running.pop(task, None)
 
-        tag = await target.consume(on_message, no_ack=False)
-        return AmqpConsumer(channel, target, tag)
+        subscription.tag = await target.consume(on_message, no_ack=False)
+        return subscription
 
     async def get(self, queue: str) -> IncomingMessage | None:
         target = await self.channel.get_queue(queue, ensure=False)
         raw = await target.get(no_ack=False, fail=False)
-        return AmqpIncoming(raw) if raw is not None else None
+        return AmqpIncoming(raw, queue=queue, channel=self.channel) if raw is not None else None
 
     async def queue_info(self, queue: str) -> QueueInfo:
         channel = await self._connection.channel() if self._connection else None  # a 404 closes the channel

@@ -33,13 +33,26 @@ class IncomingMessage:
     content_type: str | None
     redelivered: bool
     delivery_count: int  # 0 on first delivery; from x-delivery-count (quorum queues) when known
+    settled: bool  # True once ack, reject or hand_back was called
 
     async def ack(self) -> None:
         """Remove the message from the queue."""
         raise NotImplementedError
 
     async def reject(self, requeue: bool = True) -> None:
-        """Give the message back (``requeue=True``) or drop it."""
+        """Give the message back (``requeue=True``) or drop it.
+
+        A requeue counts as a failed delivery: on its ``delivery_limit``-th redelivery's return the
+        broker dead-letters the message (RabbitMQ quorum queues; emulated by the embedded broker)."""
+        raise NotImplementedError
+
+    async def hand_back(self) -> None:
+        """Give the message back because this process is stopping, not because handling it failed.
+
+        Its next delivery does not count toward the delivery limit, so a shutdown never turns a
+        healthy message into a dead letter. On RabbitMQ a copy (same body, properties and headers)
+        is published to the queue and confirmed, then the original is acked: the message goes to
+        the back of the queue, and a crash in between leaves a duplicate, never a loss."""
         raise NotImplementedError
 
 
@@ -56,9 +69,26 @@ class QueueInfo:
 
 
 class Consumer:
-    """A running subscription; :meth:`cancel` stops new deliveries (in-flight ones finish)."""
+    """A running subscription, stopped in two steps so that a shutdown drains (DESIGN promise 6).
+
+    1. :meth:`cancel` stops new deliveries (``basic.cancel`` on RabbitMQ). The channel stays open:
+       handlers already running finish and can still ack or reject.
+    2. :meth:`close` ends the subscription: handlers still running are cancelled, the messages
+       they did not settle are handed back (:meth:`IncomingMessage.hand_back`: not counted as a
+       failed delivery), then the channel closes.
+    """
+
+    @property
+    def in_flight(self) -> int:
+        """Handlers running now."""
+        raise NotImplementedError
 
     async def cancel(self) -> None:
+        """Stop new deliveries; in-flight handlers keep running. Idempotent."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Cancel (if not yet), stop the handlers still running, hand back what they held, close. Idempotent."""
         raise NotImplementedError
 
 

@@ -153,12 +153,13 @@ async def _with_letters(project: Project, queues: list[tuple[str, str]], filters
     browses: list[Browse] = []
     try:
         remaining = limit
-        for _, queue in queues:
+        for route, queue in queues:
             if remaining <= 0:
                 break
             if not await _depth(broker, queue):
                 continue
-            held = await browse(broker, queue, remaining, match=filters, scan=scan)
+            held = await browse(broker, queue, remaining, match=filters, scan=scan, route=route,
+                                delivery_limit=project.settings.delivery_limit)  # for broker-dead-lettered ones
             browses.append(held)
             remaining -= len(held.matched)
         return await work(broker, browses)
@@ -178,7 +179,7 @@ def _run(coroutine: Awaitable[T]) -> T:
     try:
         return asyncio.run(wrapper())
     except MiddlewareError as exc:  # the broker, or the audit log
-        fail(mask_secrets(str(exc)))
+        fail(str(exc))
 
 
 def _audit_log(project: Project) -> AuditLog:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from enum import StrEnum
 from pathlib import Path
@@ -52,6 +53,17 @@ async def _serve_metrics(engine: Engine) -> Any:
     return runner
 
 
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    """First SIGTERM/SIGINT: drain. A second one: exit at once (128 + signal number), without
+    draining; the broker gives back what was unacked (RabbitMQ when the connection drops, the
+    embedded broker at the next start)."""
+    if stop.is_set():
+        log.warning("second signal: exiting without draining", extra={"signal": sig.name})
+        os._exit(128 + sig.value)
+    log.info("stopping: draining in-flight messages", extra={"signal": sig.name})
+    stop.set()
+
+
 async def run_engine(project: Project) -> None:
     """Bind the listeners, start the engine; return after a drained stop on SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
@@ -59,7 +71,7 @@ async def run_engine(project: Project) -> None:
     engine = Engine(project)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _on_signal, stop, sig)
     server = await _serve_metrics(engine)  # before anything connects or consumes
     try:
         try:
