@@ -43,9 +43,10 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": mask_secrets(record.getMessage()),  # a library's message may quote a URL
         }
-        entry.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED and v is not None})
+        entry.update({k: mask_secrets(v) if isinstance(v, str) else v
+                      for k, v in record.__dict__.items() if k not in _RESERVED and v is not None})
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__
             entry["stack"] = _stack(record.exc_info[2])
@@ -59,8 +60,9 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extra = [f"{k}={v}" for k, v in record.__dict__.items() if k not in _RESERVED and v is not None]
+        line = mask_secrets(super().format(record))
+        extra = [f"{k}={mask_secrets(str(v))}" for k, v in record.__dict__.items()
+                 if k not in _RESERVED and v is not None]
         if not extra:
             return line
         head, newline, rest = line.partition("\n")  # a traceback follows the first line

@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 import typer
 
 from middleware.errors import ConfigError, MiddlewareError
+from middleware.observe import mask_secrets
 from middleware.project import Project, load_project
 
 ProjectOption = typer.Option(
@@ -20,8 +21,8 @@ JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table."
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print ``error: <message>`` as one line on stderr and exit."""
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    """Print ``error: <message>`` as one line on stderr (URLs in it masked) and exit."""
+    typer.echo(f"error: {' '.join(mask_secrets(message).split())}", err=True)
     raise typer.Exit(code)
 
 

@@ -31,7 +31,7 @@ from middleware.cli.publish import publish_files
 from middleware.delivery.base import ConnectorSpec
 from middleware.engine import Engine, project_queues
 from middleware.errors import BrokerError
-from middleware.observe import configure_logging, mask_secrets, safe_url
+from middleware.observe import configure_logging, safe_url
 from middleware.project import Project
 
 
@@ -181,7 +181,7 @@ def demo(project: Path = ProjectOption, as_json: bool = JsonOption,
     try:
         report = asyncio.run(run_demo(loaded, timeout))
     except BrokerError as exc:
-        fail(mask_secrets(str(exc)))
+        fail(str(exc))
     if as_json:
         print_json(report)
     else:

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 
 from middleware.broker import OutgoingMessage, make_broker
 from middleware.broker.base import IncomingMessage
+from middleware.cli.common import fail
 from middleware.cli.dlq import render_body
 from middleware.deadletter import browse, dead_letter_body, letter_id, replay_message, write_private_file
 from middleware.errors import DeliveryError
@@ -325,3 +327,9 @@ async def test_show_and_export_mask_a_password_an_older_dead_letter_still_carrie
     for text in (shown, out.read_text()):
         assert "p/a#s?w" not in text and "t0k3n" not in text
         assert "https://***@sink.example/in?access_token=***" in text
+
+
+def test_every_cli_error_line_masks_the_urls_in_it(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(typer.Exit):
+        fail("cannot reach amqp://svc:p/a#s?w@rabbit:5672/ (quoted by a driver)")
+    assert capsys.readouterr().err == "error: cannot reach amqp://***@rabbit:5672/ (quoted by a driver)\n"

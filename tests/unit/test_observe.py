@@ -9,7 +9,7 @@ import aiohttp
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from middleware.observe import JsonFormatter, Metrics, mask_secrets, safe_url, serve_metrics
+from middleware.observe import JsonFormatter, Metrics, TextFormatter, mask_secrets, safe_url, serve_metrics
 
 
 async def test_metrics_and_health_endpoints() -> None:
@@ -56,6 +56,17 @@ def test_mask_secrets_masks_every_url_in_an_error_message() -> None:
     text = "case-management: POST https://svc:pa/ss@sink:8443/in?token=abc failed; see http://docs/x?sig=zz1 now"
     assert mask_secrets(text) == ("case-management: POST https://***@sink:8443/in?token=*** failed; "
                                   "see http://docs/x?sig=*** now")
+
+
+def test_log_lines_mask_urls_in_the_message_and_the_extra_fields() -> None:
+    record = logging.LogRecord("aiormq.connection", logging.WARNING, __file__, 1,
+                               "connection to %s lost", ("amqp://svc:p/w#1@rabbit:5672/",), None)
+    record.target = "https://sink.example/in?access_token=t0k3n"
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["event"] == "connection to amqp://***@rabbit:5672/ lost"
+    assert entry["target"] == "https://sink.example/in?access_token=***"
+    text = TextFormatter().format(record)
+    assert "p/w#1" not in text and "t0k3n" not in text and "amqp://***@rabbit:5672/" in text
 
 
 _SAFE = "abcdefghijklmnopqrstuvwxyz0123456789-._~"
