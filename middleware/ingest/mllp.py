@@ -336,15 +336,15 @@ class MllpGateway:
         assert task is not None
         host, peer = _peer(writer)
         name = self.listener.name
-        # checked before any byte is read (and before a TLS handshake): nothing synchronous above yields
-        refusal = None
+        # Checked before any byte is read. No await may come before start_tls below: the sender's
+        # first bytes (its TLS ClientHello) must reach the TLS layer, not the plain stream buffer.
+        refusal: tuple[str, dict[str, object]] | None = None
         if not self._peers.allows(host):
-            refusal = "mllp peer not allowed, closing"
+            refusal = "mllp peer not allowed, closing", {}
         elif len(self._connections) >= self.listener.max_connections:
-            refusal = "mllp max_connections reached, closing"
+            refusal = "mllp max_connections reached, closing", {"max_connections": self.listener.max_connections}
         if refusal is not None:
-            log.warning(refusal, extra={"listener": name, "peer": peer,
-                                        "max_connections": self.listener.max_connections})
+            log.warning(refusal[0], extra={"listener": name, "peer": peer, **refusal[1]})
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
