@@ -28,7 +28,8 @@ def rabbit_env(amqp_url: str, queue_prefix: str, sink: Sink, tmp_path: Path) -> 
             "CASE_MANAGEMENT_URL": sink.url, "CDR_URL": sink.url,
             "MLLP_PORT": "0", "METRICS_PORT": "0",  # 0: any free port
             "BED_BOARD_PATH": str(tmp_path / "bed-board.jsonl"),
-            "EVENT_ARCHIVE_PATH": str(tmp_path / "event-archive.jsonl")}
+            "EVENT_ARCHIVE_PATH": str(tmp_path / "event-archive.jsonl"),
+            "AUDIT_LOG": str(tmp_path / "audit.log")}  # dlq commands audit here, not in the repository
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import getpass
 import json
+import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 
 from middleware.broker import naming
-from middleware.broker.base import Broker
+from middleware.broker.base import Broker, OutgoingMessage
 from middleware.deadletter import DeadLetter, letter_id
 from middleware.engine import Engine
 from middleware.project import Project
@@ -177,3 +179,39 @@ async def test_export_writes_the_exact_bytes_and_leaves_the_queue(
     letters = await drain(broker, dlq_name(rabbit_project))
     assert [i for i, _ in letters] == [r["id"] for r in records]
     assert [base64.b64decode(r["body_base64"]) for r in records] == [letter.body for _, letter in letters]
+
+
+async def test_dlq_actions_are_audited_exports_are_private_and_urls_masked_on_rabbitmq(
+        engine: Engine, broker: Broker, rabbit_project: Project, cli: Cli, sink: Sink, tmp_path: Path) -> None:
+    await parse_and_deliver_dead_letters(cli, broker, rabbit_project, sink)
+    raw = "POST https://svc:p/a#s?w@sink.example/in?token=t0k3n answered HTTP 400"  # an older, unmasked reason
+    replay_to = naming.delivery_queue("adt-inbound", "case-management", rabbit_project.settings.queue_prefix)
+    await broker.publish(OutgoingMessage(body=b"{}", message_id="older-1", headers={
+        "x-mw-route": "adt-inbound", "x-mw-stage": "deliver", "x-mw-error-class": "DeliveryError", "x-mw-error": raw,
+        "x-mw-replay-queue": replay_to}), queue=dlq_name(rabbit_project))
+    await wait_depth(broker, dlq_name(rabbit_project), 3)
+    parse_row, deliver_row, older = await listed(cli)
+    shown = (await run(cli, "dlq", "show", older["id"])).stdout
+    assert "p/a#s?w" not in shown and "t0k3n" not in shown and "https://***@sink.example/in?token=***" in shown
+    await run(cli, "dlq", "show", parse_row["id"], "--reveal")
+    out = tmp_path / "export.jsonl"
+    await run(cli, "dlq", "export", "--stage", "deliver", "--out", str(out))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600 and "t0k3n" not in out.read_text()
+    again = await run(cli, "dlq", "export", "--out", str(out), check=False)
+    assert again.returncode == 1 and again.stderr.startswith(f"error: cannot write {out}: it exists")
+    target = tmp_path / "precious.txt"
+    target.write_text("untouched")
+    (tmp_path / "link.jsonl").symlink_to(target)
+    linked = await run(cli, "dlq", "export", "--out", str(tmp_path / "link.jsonl"), "--force", check=False)
+    assert linked.returncode == 1 and target.read_text() == "untouched"
+    await run(cli, "dlq", "replay", deliver_row["id"])
+    await run(cli, "dlq", "purge", "--stage", "parse", "--yes")
+    records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [(r["command"], r["ids"]) for r in records] == [
+        ("dlq show --reveal", [parse_row["id"]]),
+        ("dlq export", [deliver_row["id"], older["id"]]),
+        ("dlq replay", [deliver_row["id"]]),
+        ("dlq purge", [parse_row["id"]]),
+    ]
+    assert all(r["operator"] == getpass.getuser() and r["ts"].endswith("Z") for r in records)
+    assert stat.S_IMODE((tmp_path / "audit.log").stat().st_mode) == 0o600

@@ -52,6 +52,7 @@ def project(demo_project: Path, tmp_path: Path) -> Path:
 def dlq(project: Path, *args: str, check: bool = True, operator: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIDDLEWARE_")}
     env["MIDDLEWARE_BROKER_URL"] = f"filesystem://{project / 'var' / 'demo' / 'broker'}"
+    env.pop("AUDIT_LOG", None)  # the config's default: <project>/var/audit.log
     if operator:
         env["MIDDLEWARE_OPERATOR"] = operator
     result = subprocess.run([sys.executable, "-m", "middleware", "dlq", *args, "--project", str(project)],
@@ -233,7 +234,7 @@ def test_export_replay_and_purge_each_append_who_what_and_which_ids(project: Pat
 
 def test_the_audit_log_path_comes_from_the_config(project: Path, tmp_path: Path) -> None:
     config = project / "config" / "middleware.yaml"
-    config.write_text(config.read_text().replace("path: var/audit.log", f"path: {tmp_path / 'ops' / 'dlq.log'}"))
+    config.write_text(config.read_text().replace("${AUDIT_LOG:-var/audit.log}", str(tmp_path / "ops" / "dlq.log")))
     [row] = json.loads(dlq(project, "list", "--route", "adt-inbound", "--json").stdout)
     dlq(project, "show", row["id"], "--reveal")
     [record] = [json.loads(line) for line in (tmp_path / "ops" / "dlq.log").read_text().splitlines()]
