@@ -102,3 +102,20 @@ def test_any_chunking_gives_the_same_frames(messages: list[bytes], chunk: int) -
     assert [f.body for f in frames] == messages
     assert all(f.has_start for f in frames)
     assert decoder.buffered == 0
+
+
+_JUNK = st.binary(max_size=20).map(lambda b: b.replace(b"\x0b", b"").replace(b"\x1c", b""))
+
+
+@given(items=st.lists(st.tuples(_JUNK, _BODY), max_size=6), chunk=st.integers(min_value=1, max_value=50),
+       cut=st.booleans())
+def test_junk_and_cut_off_frames_decode_the_same_whatever_the_chunking(
+        items: list[tuple[bytes, bytes]], chunk: int, cut: bool) -> None:
+    data = b"".join(junk + frame(body) for junk, body in items)
+    if cut:  # a frame cut off by the next start block
+        data = b"\x0bMSH|cut-off" + data
+    whole, whole_decoder = decode(data, max_bytes=1000)
+    chunked, chunked_decoder = decode(data, max_bytes=1000, chunk=chunk)
+    assert [f.body for f in chunked] == [f.body for f in whole] == [body for _, body in items]
+    assert chunked_decoder.skipped == whole_decoder.skipped
+    assert chunked_decoder.dropped_partial == whole_decoder.dropped_partial == (1 if cut and items else 0)
