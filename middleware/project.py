@@ -27,6 +27,7 @@ from middleware.ingest import MllpListener, MllpTls
 from middleware.ingest.peers import parse_networks
 from middleware.ingest.tls import server_context
 from middleware.mapping import LookupTable, SpecError, compile_condition, compile_field
+from middleware.observe import mask_secrets
 from middleware.route import DeliveryRule, EventRule, Route, subject_placeholders
 from middleware.schemas import SchemaRegistry
 from middleware.tls import TlsOptions
@@ -178,7 +179,7 @@ class _Loader:
             doc.problem(path, f"{where or 'document'}: expected {' or '.join(types)}, "
                               f"got {type(error.instance).__name__}")
         else:
-            doc.problem(path, f"{where or 'document'}: {error.message}")
+            doc.problem(path, f"{where or 'document'}: {mask_secrets(error.message)}")  # it quotes the value
 
     def _settings(self) -> Settings | None:
         path = self.root / "config" / "middleware.yaml"

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
+from pathlib import Path
 
 import aiohttp
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from middleware.observe import JsonFormatter, Metrics, TextFormatter, mask_secrets, safe_url, serve_metrics
+from middleware.project import check_project
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def test_metrics_and_health_endpoints() -> None:
@@ -67,6 +73,16 @@ def test_log_lines_mask_urls_in_the_message_and_the_extra_fields() -> None:
     assert entry["target"] == "https://sink.example/in?access_token=***"
     text = TextFormatter().format(record)
     assert "p/w#1" not in text and "t0k3n" not in text and "amqp://***@rabbit:5672/" in text
+
+
+def test_validate_masks_a_url_it_quotes_in_a_problem(tmp_path: Path) -> None:
+    for folder in ("config", "routes", "connectors", "schemas"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    connector = tmp_path / "connectors" / "case-management.yaml"
+    connector.write_text(re.sub(r"(?m)^url: .*$", "url: ftp://svc:s3cr/et@sink.example/in", connector.read_text()))
+    _, problems = check_project(tmp_path, {})
+    assert [str(p) for p in problems] == [
+        "connectors/case-management.yaml:4: url: 'ftp://***@sink.example/in' does not match '^https?://'"]
 
 
 _SAFE = "abcdefghijklmnopqrstuvwxyz0123456789-._~"
