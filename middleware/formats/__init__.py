@@ -6,8 +6,9 @@ Each format is one module that registers itself under the name used in route YAM
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
 
 
 class Document(Protocol):
@@ -46,6 +47,37 @@ class PathAccessor(Protocol):
     def read(self, doc: Any) -> list[Any]:
         """Every value the expression selects in ``doc``, absent/empty values left out."""
 
+@dataclass(frozen=True)
+class Record:
+    """One record of an input (a message of a batch file, ...): published as one message.
+
+    ``position`` counts records from 1 (None: the input is one message, published byte for byte);
+    ``error`` says why the record cannot even be framed: it is dead-lettered, not published;
+    ``headers`` are the format's own, added to the message (``x-mw-`` names).
+    """
+
+    raw: bytes
+    position: int | None = None
+    error: str | None = None
+    headers: Mapping[str, str | int] = field(default_factory=dict)
+
+
+@dataclass
+class SplitInfo:
+    """What splitting learned about the whole input, filled in while its records are read."""
+
+    batch_id: str | None = None  # the sender's batch id (HL7 BHS-11 / FHS-11)
+    declared: int | None = None  # the record count the sender declared (HL7 BTS-1), when it did
+    records: int = 0  # records read so far
+    problems: list[str] = field(default_factory=list)  # e.g. a declared count that does not match
+
+
+def split_whole(stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
+    """The input is one message: a single record, byte for byte (formats without batches)."""
+    info.records = 1
+    yield Record(stream.read())
+
+
 
 class Format(Protocol):
     """What every input format provides."""
@@ -54,6 +86,13 @@ class Format(Protocol):
 
     def parse(self, raw: bytes) -> Any:
         """Parse ``raw`` into a :class:`Document`; raises :class:`middleware.errors.ParseError`."""
+    def split(self, stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
+        """The records of an input, read from ``stream`` as they are needed (linear, any size).
+
+        A batch file yields one record per message; a single message yields itself unchanged
+        (:func:`split_whole`). ``info`` is filled in while iterating.
+        """
+
 
     def compile_path(self, expr: str) -> PathAccessor:
         """Compile a source expression; raises ``ValueError`` saying what is wrong with it."""

@@ -46,12 +46,12 @@ import hashlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 from middleware.errors import ParseError
-from middleware.formats import register
+from middleware.formats import Record, SplitInfo, register, split_whole
 
 BUNDLE_TYPES = frozenset({"transaction", "batch", "collection", "message"})
 TIMINGS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -505,6 +505,9 @@ class FhirFormat:
 
     def parse(self, raw: bytes) -> FhirDocument:
         return parse(raw)
+
+    def split(self, stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
+        return split_whole(stream, info)
 
     def compile_path(self, expr: str) -> FhirPath:
         return compile_path(expr)

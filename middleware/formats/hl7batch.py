@@ -16,9 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from middleware.formats import Record, SplitInfo
+
 _ENVELOPE = (b"FHS", b"BHS", b"BTS", b"FTS")
 _CHUNK = 1 << 16
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,11 @@ class BatchItem:
 
     position: int
     raw: bytes
+
+    @property
+    def framed(self) -> bool:
+        """False for lines that are not a message (no MSH segment first): they cannot be published as one."""
+        return self.raw.startswith(b"MSH")
 
 
 @dataclass
@@ -41,19 +49,38 @@ class BatchSummary:
 
 
 def _segments(stream: BinaryIO) -> Iterator[bytes]:
-    """Segment lines of ``stream`` (CR, LF or CRLF), read in chunks; blank lines dropped."""
-    pending = b""
-    first = True
-    while chunk := stream.read(_CHUNK):
-        if first:
-            chunk = chunk.removeprefix(b"\xef\xbb\xbf")
-            first = False
-        pending += chunk
-        lines = _LINE_BREAK.split(pending)
-        pending = lines.pop()  # maybe incomplete (a CR of a CRLF may also be split: blank lines are dropped)
-        yield from (line for line in lines if line.strip())
-    if pending.strip():
-        yield pending
+    """Segment lines of ``stream`` (CR, LF or CRLF), read in chunks; blank lines dropped.
+
+    Linear in the input: only each new chunk is searched for line breaks, and the pieces of a
+    line longer than a chunk (a base64 PDF in OBX-5) are joined once, when the line ends.
+    """
+    pieces: list[bytes] = []  # the line being read, chunk by chunk
+    chunk = _read_past_bom(stream) or stream.read(_CHUNK)
+    while chunk:
+        lines = _LINE_BREAK.split(chunk)
+        if len(lines) > 1:
+            pieces.append(lines[0])
+            line = b"".join(pieces)
+            if line.strip():
+                yield line
+            yield from (line for line in lines[1:-1] if line.strip())
+            pieces = []
+        pieces.append(lines[-1])  # maybe incomplete (a CRLF split between chunks makes a blank line: dropped)
+        chunk = stream.read(_CHUNK)
+    line = b"".join(pieces)
+    if line.strip():
+        yield line
+
+
+def _read_past_bom(stream: BinaryIO) -> bytes:
+    """The first chunk of ``stream`` without a UTF-8 byte order mark, however small the reads."""
+    chunk = stream.read(_CHUNK)
+    while chunk and len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+        more = stream.read(_CHUNK)
+        if not more:
+            break
+        chunk += more
+    return chunk.removeprefix(_BOM)
 
 
 def _field(segment: bytes, number: int) -> str:
@@ -91,3 +118,30 @@ def iter_batch(stream: BinaryIO, summary: BatchSummary | None = None) -> Iterato
     yield from flush()
     if summary.declared is not None and summary.declared != summary.messages:
         summary.problems.append(f"BTS-1 declares {summary.declared} message(s), the batch holds {summary.messages}")
+
+
+def split_records(stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
+    """The records of an HL7 v2 input for publishing (``Format.split`` of ``hl7v2``).
+
+    A single message that is not enveloped is one record, byte for byte (read again from the
+    start, so ``stream`` must be seekable), whatever it holds: the route worker says why it does
+    not parse. A batch gives one record per message, numbered from 1; lines before the first MSH
+    are a record that cannot be framed (dead-lettered at publishing, naming its position).
+    """
+    summary = BatchSummary()
+    items = iter_batch(stream, summary)
+    first, second = next(items, None), next(items, None)
+    if second is None and not summary.enveloped:
+        stream.seek(0)
+        info.records = 1
+        yield Record(stream.read())
+        return
+    for item in (first, second, *items):
+        if item is None:
+            continue
+        info.batch_id = info.batch_id or summary.batch_id
+        info.records = item.position
+        error = None if item.framed else "lines before the first MSH segment of a batch are not an HL7 message"
+        yield Record(item.raw, item.position, error)
+    info.batch_id, info.declared = summary.batch_id, summary.declared
+    info.problems.extend(summary.problems)

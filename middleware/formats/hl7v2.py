@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, BinaryIO
 
 from middleware import dates
 from middleware.errors import ParseError
-from middleware.formats import hl7v2_groups, register
+from middleware.formats import Record, SplitInfo, hl7v2_groups, register
 from middleware.formats.hl7v2_values import TypedFieldPath
 
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
@@ -565,6 +566,12 @@ class Hl7v2Format:
 
     def parse(self, raw: bytes) -> Hl7Message:
         return parse(raw)
+
+    def split(self, stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
+        """HL7 batch files (FHS/BHS...BTS/FTS, or messages one after another): one record per message."""
+        from middleware.formats.hl7batch import split_records
+
+        return split_records(stream, info)
 
     def compile_path(self, expr: str) -> Hl7Path:
         return compile_path(expr)

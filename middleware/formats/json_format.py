@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 from middleware.errors import ParseError
-from middleware.formats import register
+from middleware.formats import Record, SplitInfo, register, split_whole
 
 _STEP = re.compile(r"([A-Za-z_$][\w$-]*)((?:\[(?:\d+|\*)\])*)")
 _INDEX = re.compile(r"\[(\d+|\*)\]")
@@ -84,6 +85,9 @@ class JsonFormat:
             return JsonDocument(orjson.loads(raw))
         except orjson.JSONDecodeError as exc:
             raise ParseError(f"not valid JSON: {exc}", hint="send a UTF-8 JSON document") from None
+
+    def split(self, stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
+        return split_whole(stream, info)
 
     def compile_path(self, expr: str) -> JsonPath:
         steps: list[tuple[str, tuple[int | None, ...]]] = []

@@ -77,3 +77,37 @@ def test_a_batch_given_as_one_message_is_a_typed_error() -> None:
         parse(b"FHS|^~\\&\r" + message(1))
     with pytest.raises(ParseError, match="2 messages in one"):
         parse(message(1) + message(2))
+
+
+class _CountingSplitter:
+    """Stands in for the line-break regex and counts the bytes it is asked to search."""
+
+    def __init__(self) -> None:
+        self.searched = 0
+
+    def split(self, data: bytes) -> list[bytes]:
+        self.searched += len(data)
+        return list(hl7batch.re.split(rb"\r\n|\r|\n", data))
+
+
+@pytest.mark.parametrize("chunk", [64, 1000, 1 << 16])
+def test_splitting_searches_each_byte_once_even_in_a_huge_segment(monkeypatch: pytest.MonkeyPatch,
+                                                                   chunk: int) -> None:
+    """Linear work: a 2 MB OBX-5 (a base64 PDF) is split across thousands of reads without the
+    pending bytes being searched again on every read."""
+    pdf = b"QUJD" * 500_000
+    big = (b"MSH|^~\\&|LIS|GHH|EHR|GHH|2026||ORU^R01|BIG|P|2.5\rPID|1||P1\r"
+           b"OBX|1|ED|PDF||^application^pdf^Base64^" + pdf + b"\r")
+    data = b"\xef\xbb\xbf" + message(1).replace(b"\r", b"\r\n") + big + message(3)
+    counter = _CountingSplitter()
+    monkeypatch.setattr(hl7batch, "_LINE_BREAK", counter)
+    monkeypatch.setattr(hl7batch, "_CHUNK", chunk)
+    assert split(data) == [(1, message(1)), (2, big), (3, message(3))]
+    assert counter.searched <= len(data)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 5])
+def test_a_byte_order_mark_cut_by_small_reads_is_still_removed(monkeypatch: pytest.MonkeyPatch,
+                                                               chunk: int) -> None:
+    monkeypatch.setattr(hl7batch, "_CHUNK", chunk)
+    assert split(b"\xef\xbb\xbf" + message(1) + message(2)) == [(1, message(1)), (2, message(2))]

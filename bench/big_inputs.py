@@ -1,0 +1,140 @@
+"""Benchmark: big inputs split and publish in time linear in their size.
+
+Generates, in a temporary folder, two inputs of about ``--mb`` megabytes each:
+
+  - one HL7 v2 ORU^R01 message whose OBX-5 holds a base64 "PDF" (a single 50 MB segment);
+  - an HL7 batch file (FHS/BHS ... BTS/FTS) of ADT^A01 messages (about 360 bytes each).
+
+For each it times the split alone (``Format.split`` of ``hl7v2``, reading the file in 64 KiB
+chunks), then split + publish through the one :class:`~middleware.ingest.publisher.Publisher`
+(confirmed publishes, 256 in flight) on ``memory://`` and on RabbitMQ when it answers. The
+baseline beside it is reading the file once (what any linear splitter must at least pay).
+The embedded ``filesystem://`` broker is left out: it fsyncs every message (about 5-10 ms each
+on this machine), so a big batch there is bound by the disk, not by splitting.
+
+Run: .venv/bin/python bench/big_inputs.py [--mb 50] [--url amqp://guest:guest@127.0.0.1:5672/]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from middleware.broker import make_broker  # noqa: E402
+from middleware.formats import SplitInfo, get_format  # noqa: E402
+from middleware.ingest.publisher import Publisher  # noqa: E402
+from middleware.project import load_project  # noqa: E402
+
+ADT = ("MSH|^~\\&|EHR|GHH|ADT|GHH|20260101120000||ADT^A01|MSG{n}|P|2.5\r"
+       "EVN|A01|20260101120000\r"
+       "PID|1||{n}^^^GHH^MR||DOE^JOHN^Q||19800101|M|||1 MAIN ST^^SPRINGFIELD^IL^62701\r"
+       "PV1|1|I|WARD^101^A||||1234^SMITH^JANE|||MED||||1|||||V{n}\r")
+
+
+def make_single(path: Path, megabytes: int) -> None:
+    """One ORU^R01 with a ``megabytes`` MB base64 document in OBX-5 (no line break inside it)."""
+    pdf = base64.b64encode(os.urandom(megabytes * 1_000_000 * 3 // 4))
+    path.write_bytes(b"MSH|^~\\&|LIS|GHH|EHR|GHH|20260101120000||ORU^R01|PDF-1|P|2.5\r"
+                     b"PID|1||12345^^^GHH^MR||DOE^JANE\rOBR|1|ORD-1|FIL-1|PDF^Report\r"
+                     b"OBX|1|ED|PDF^Report||^application^pdf^Base64^" + pdf + b"||||||F\r")
+
+
+def make_batch(path: Path, megabytes: int) -> int:
+    """An enveloped batch of ADT^A01 messages of about ``megabytes`` MB; returns the message count."""
+    count = 0
+    with path.open("wb") as out:
+        out.write(b"FHS|^~\\&|EHR|GHH||||||||FILE-1\rBHS|^~\\&|EHR|GHH||||||||BATCH-1\r")
+        while out.tell() < megabytes * 1_000_000:
+            count += 1
+            out.write(ADT.format(n=count).encode())
+        out.write(f"BTS|{count}\rFTS|1\r".encode())
+    return count
+
+
+def read_once(path: Path) -> float:
+    started = time.perf_counter()
+    with path.open("rb") as stream:
+        while stream.read(1 << 16):
+            pass
+    return time.perf_counter() - started
+
+
+def split_only(path: Path) -> tuple[float, int]:
+    started = time.perf_counter()
+    with path.open("rb") as stream:
+        records = sum(1 for _ in get_format("hl7v2").split(stream, SplitInfo()))
+    return time.perf_counter() - started, records
+
+
+async def publish(url: str, path: Path, prefix: str) -> tuple[float, int]:
+    """Seconds to split and publish ``path`` (confirmed) to adt-inbound's queue on ``url``."""
+    project = load_project(REPO, {**os.environ, "MIDDLEWARE_BROKER_URL": url, "MIDDLEWARE_QUEUE_PREFIX": prefix})
+    route = project.routes["adt-inbound"]
+    broker = make_broker(url)
+    await broker.connect()
+    publisher = Publisher(broker, route, project.settings)
+    try:
+        await publisher.declare()
+        started = time.perf_counter()
+        with path.open("rb") as stream:
+            result = await publisher.publish_stream(stream, source="bench", name=path.name)
+        elapsed = time.perf_counter() - started
+    finally:
+        if url.startswith("amqp"):
+            from middleware.engine import project_queues
+
+            for queue in [*project_queues(project), *(f"{prefix}{r}.dlq" for r in project.routes)]:
+                await broker.delete_queue(queue)
+            await broker.delete_exchange(f"{prefix}middleware.events")
+        await broker.close()
+    return elapsed, result.published
+
+
+async def rabbitmq_answers(url: str) -> bool:
+    broker = make_broker(url)
+    try:
+        await asyncio.wait_for(broker.connect(), 5)
+    except Exception:
+        return False
+    await broker.close()
+    return True
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=int, default=50, help="size of each generated input in MB")
+    parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/", help="RabbitMQ to publish to")
+    args = parser.parse_args()
+    brokers = ["memory://"] + ([args.url] if await rabbitmq_answers(args.url) else [])
+    if len(brokers) == 1:
+        print(f"RabbitMQ at {args.url} does not answer: memory:// only")
+    with tempfile.TemporaryDirectory(prefix="bench-big-") as tmp:
+        single, batch = Path(tmp) / "single.hl7", Path(tmp) / "batch.hl7"
+        make_single(single, args.mb)
+        count = make_batch(batch, args.mb)
+        print(f"inputs: one {single.stat().st_size / 1e6:.0f} MB ORU^R01 (base64 PDF in OBX-5); "
+              f"a {batch.stat().st_size / 1e6:.0f} MB batch of {count:,} ADT^A01")
+        print(f"{'input':<8} {'read once s':>11} {'split s':>8} {'records':>8}  split + publish (confirmed)")
+        for label, path in (("single", single), ("batch", batch)):
+            split_seconds, records = split_only(path)
+            figures = []
+            for url in brokers:
+                prefix = f"bench-{uuid.uuid4().hex[:6]}."
+                seconds, published = await publish(url, path, prefix)
+                scheme = url.split(":")[0]
+                figures.append(f"{scheme}: {seconds:.1f} s ({published / seconds:,.0f} msg/s)")
+            print(f"{label:<8} {read_once(path):>11.2f} {split_seconds:>8.2f} {records:>8,}  {'; '.join(figures)}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

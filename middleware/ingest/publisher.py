@@ -1,0 +1,282 @@
+"""The one way in: raw bytes onto a route's inbound queue, each confirmed by the broker.
+
+Every way a message arrives (the ``publish`` command, gateways, the Python API) goes through a
+:class:`Publisher`: it sets the correlation id and the ``x-mw-ingest`` source header, splits an
+input into records through its route's format (``Format.split``: an HL7 batch file gives one
+message per record), keeps many publishes in flight for throughput while knowing exactly which
+positions are confirmed, and dead-letters a record that cannot even be framed, with its reason.
+
+    publisher = Publisher(broker, route, settings)
+    await publisher.declare()
+    correlation_id = await publisher.publish(raw, source="mllp:adt")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from middleware.broker import Broker, OutgoingMessage, naming
+from middleware.deadletter import dead_letter_body
+from middleware.errors import BrokerError, ParseError
+from middleware.formats import Record, SplitInfo
+from middleware.project import Settings
+from middleware.route import Route
+
+log = logging.getLogger("middleware.ingest")
+
+INGEST_HEADER = "x-mw-ingest"  # who put the message on the queue: "publish", "mllp:<listener>", ...
+SOURCE_FILE_HEADER = "x-mw-source-file"
+BATCH_ID_HEADER = "x-mw-batch-id"
+BATCH_POSITION_HEADER = "x-mw-batch-position"
+CONTENT_TYPES = {"hl7v2": "x-application/hl7-v2+er7", "json": "application/json", "fhir": "application/fhir+json"}
+DEFAULT_WINDOW = 256  # publishes awaiting their confirm at once while splitting an input
+_READ_AHEAD = 256  # records split per trip to the reading thread
+_ids = random.Random()  # seeded from os.urandom once: ids need uniqueness, and urandom costs ~60 µs a call here
+
+
+def new_id() -> str:
+    """A random (version 4) UUID for a correlation or message id."""
+    return str(uuid.UUID(int=_ids.getrandbits(128), version=4))
+
+
+class FramingError(ParseError):
+    """A record of an input that is not a message at all (dead-lettered when publishing)."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """One record put on the inbound queue (or dead-lettered there, ``dead_lettered``), confirmed."""
+
+    correlation_id: str
+    position: int | None = None  # 1-based record number inside a batch; None for a single message
+    dead_lettered: bool = False
+    error: str | None = None  # why it could not be framed, when dead-lettered
+
+
+@dataclass
+class StreamResult:
+    """What publishing one input did. ``resume_from`` is set when it stopped early: every record
+    before that position is confirmed, none after it was taken (``--from`` starts there)."""
+
+    published: int = 0
+    dead_lettered: int = 0
+    skipped: int = 0  # records before ``start``
+    batch: bool = False  # the input was split into several records
+    info: SplitInfo = field(default_factory=SplitInfo)
+    resume_from: int | None = None
+    error: BrokerError | None = None  # why it stopped early, when the broker failed
+
+    @property
+    def complete(self) -> bool:
+        return self.resume_from is None
+
+
+class Publisher:
+    """Publishes raw inputs to one route's inbound queue with broker confirms.
+
+    ``window``: how many publishes of one input may await their confirm at once.
+    """
+
+    def __init__(self, broker: Broker, route: Route, settings: Settings, *, window: int = DEFAULT_WINDOW) -> None:
+        self.broker = broker
+        self.route = route
+        self.settings = settings
+        self.window = max(window, 1)
+        self.queue = naming.inbound_queue(route.source_queue, settings.queue_prefix)
+        self.dead_letter_queue = naming.dead_letter_queue(route.name, settings.queue_prefix)
+        self.content_type = CONTENT_TYPES.get(route.format.name, "application/octet-stream")
+
+    async def declare(self) -> None:
+        """Declare the route's queues (the same arguments as the engine's declarations)."""
+        from middleware.engine import declare_route_topology  # the engine imports gateways
+
+        await declare_route_topology(self.broker, self.route, self.settings)
+
+    async def publish(self, raw: bytes, *, source: str, correlation_id: str | None = None,
+                      headers: Mapping[str, Any] | None = None) -> str:
+        """Publish one message unchanged; returns its correlation id once the broker confirmed it."""
+        cid = correlation_id or new_id()
+        await self.broker.publish(self._message(raw, cid, {INGEST_HEADER: source, **(headers or {})}),
+                                  queue=self.queue)
+        return cid
+
+    async def dead_letter(self, raw: bytes, error: ParseError, *, source: str, correlation_id: str | None = None,
+                          headers: Mapping[str, Any] | None = None) -> str:
+        """Put ``raw``, which cannot be taken in, on the route's dead-letter queue with its reason."""
+        cid = correlation_id or new_id()
+        message = dead_letter_body(raw, headers={INGEST_HEADER: source, **(headers or {})},
+                                   content_type=self.content_type, message_id=new_id(),
+                                   route=self.route.name, stage=error.stage or "parse", error=error,
+                                   replay_queue=self.queue, correlation_id=cid)
+        await self.broker.publish(message, queue=self.dead_letter_queue)
+        return cid
+
+    async def publish_stream(self, stream: BinaryIO, *, source: str, name: str | None = None, start: int = 1,
+                             correlation_id: str | None = None, stop: asyncio.Event | None = None,
+                             on_published: Callable[[Published], None] | None = None) -> StreamResult:
+        """Split ``stream`` through the route's format and publish each record from position ``start``.
+
+        ``name`` (a file name) goes in ``x-mw-source-file`` on batch records. Setting ``stop``
+        ends it early, cleanly: no record is taken after that, the confirms in flight are awaited,
+        and ``resume_from`` says where to start again. A broker failure ends it the same way, with
+        ``error`` set. ``on_published`` is called once per record, in position order.
+        """
+        result = StreamResult()
+        records = self.route.format.split(stream, result.info)
+        in_flight: deque[tuple[Record, str, asyncio.Task[str]]] = deque()
+        next_position = start
+
+        async def settle(oldest_only: bool) -> None:
+            """Take finished publishes off the front, in order; a failure stops taking records."""
+            nonlocal next_position
+            while in_flight and (not oldest_only or in_flight[0][2].done() or len(in_flight) >= self.window):
+                record, cid, task = in_flight[0]
+                try:
+                    await task
+                except BrokerError as exc:
+                    result.error = result.error or exc
+                if result.error is not None:  # this and everything after it: not known to be confirmed
+                    in_flight.popleft()
+                    continue
+                in_flight.popleft()
+                if record.error is None:
+                    result.published += 1
+                else:
+                    result.dead_lettered += 1
+                next_position = (record.position or 0) + 1
+                if on_published is not None:
+                    on_published(Published(cid, record.position, record.error is not None, record.error))
+
+        exhausted = False
+        try:
+            while result.error is None and not (stop is not None and stop.is_set()):
+                batch = await asyncio.to_thread(_take, records, _READ_AHEAD)
+                exhausted = len(batch) < _READ_AHEAD
+                for index, record in enumerate(batch):
+                    if result.error is not None or (stop is not None and stop.is_set()):
+                        exhausted = False  # records left untaken
+                        break
+                    if record.position is not None:
+                        result.batch = True
+                        if record.position < start:
+                            result.skipped += 1
+                            continue
+                    cid = correlation_id or new_id()
+                    headers = self._record_headers(record, name, result.info)
+                    send = (self.publish(record.raw, source=source, correlation_id=cid, headers=headers)
+                            if record.error is None else
+                            self.dead_letter(record.raw, FramingError(record.error), source=source,
+                                             correlation_id=cid, headers=headers))
+                    in_flight.append((record, cid, asyncio.ensure_future(send)))
+                    await settle(oldest_only=True)
+                    exhausted = exhausted and index == len(batch) - 1
+                if exhausted:
+                    break
+            await settle(oldest_only=False)
+        finally:
+            for _, _, task in in_flight:  # cancelled from outside: nothing left running
+                task.cancel()
+        if result.error is not None or not exhausted:
+            result.resume_from = next_position
+        for problem in result.info.problems:
+            log.warning("batch envelope mismatch", extra={"file": name, "problem": problem})
+        return result
+
+    def _record_headers(self, record: Record, name: str | None, info: SplitInfo) -> dict[str, Any]:
+        headers: dict[str, Any] = dict(record.headers)
+        if record.position is not None:
+            headers[BATCH_POSITION_HEADER] = record.position
+            if name:
+                headers[SOURCE_FILE_HEADER] = name
+            if info.batch_id:
+                headers[BATCH_ID_HEADER] = info.batch_id
+        return headers
+
+    def _message(self, raw: bytes, correlation_id: str, headers: Mapping[str, Any]) -> OutgoingMessage:
+        return OutgoingMessage(body=raw, headers=dict(headers), correlation_id=correlation_id,
+                               message_id=new_id(), content_type=self.content_type)
+
+
+def _take(records: Iterator[Record], count: int) -> list[Record]:
+    """Up to ``count`` more records (reading the input: run in a thread)."""
+    return list(itertools.islice(records, count))
+
+
+class _CountingReader:
+    """A binary file that counts the bytes read from it (read by the progress display)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.bytes_read += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        position = self._stream.seek(offset, whence)
+        self.bytes_read = position
+        return position
+
+
+@dataclass
+class FileResult:
+    """One file of a :func:`publish_files` call: what publishing it did."""
+
+    path: Path
+    size: int
+    result: StreamResult = field(default_factory=StreamResult)
+
+
+@dataclass
+class FilesProgress:
+    """Live figures while :func:`publish_files` runs (the CLI draws its progress bar from them)."""
+
+    current: FileResult | None = None
+    reader: _CountingReader | None = None
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read if self.reader is not None else 0
+
+
+async def publish_files(publisher: Publisher, paths: list[Path], *, start: int = 1, correlation_id: str | None = None,
+                        stop: asyncio.Event | None = None,
+                        on_published: Callable[[Path, Published], None] | None = None,
+                        progress: FilesProgress | None = None) -> list[FileResult]:
+    """Publish files in order, each split into records; ``start`` applies to the first file.
+
+    Stops after the file that stopped early (``stop`` set, or the broker failed): the last
+    :class:`FileResult` then has ``resume_from``; files after it were not read.
+    """
+    done: list[FileResult] = []
+    for index, path in enumerate(paths):
+        if stop is not None and stop.is_set():
+            break
+        file = FileResult(path, path.stat().st_size)
+        done.append(file)
+        with path.open("rb") as raw:
+            reader = _CountingReader(raw)
+            if progress is not None:
+                progress.current, progress.reader = file, reader
+
+            def report(item: Published, path: Path = path) -> None:
+                if on_published is not None:
+                    on_published(path, item)
+
+            file.result = await publisher.publish_stream(
+                reader, source="publish", name=path.name, start=start if index == 0 else 1,  # type: ignore[arg-type]
+                correlation_id=correlation_id, stop=stop, on_published=report)
+        if not file.result.complete:
+            break
+    return done
