@@ -1,0 +1,156 @@
+"""Publishing: the Publisher (split, confirm, dead-letter what cannot be framed, stop and resume) and
+the ``publish`` command around it (summary, --from), on the embedded broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from middleware.broker import Broker, make_broker
+from middleware.deadletter import DeadLetter
+from middleware.ingest.publisher import Published, Publisher
+from middleware.project import load_project
+
+REPO = Path(__file__).resolve().parents[2]
+GARBAGE = b"THIS IS NOT HL7\r"
+
+
+def adt(n: int) -> bytes:
+    return (f"MSH|^~\\&|EHR|GHH|ADT|GHH|20260101120000||ADT^A01|MSG{n}|P|2.5\r"
+            f"EVN|A01|20260101120000\rPID|1||{n}^^^GHH^MR||DOE^JOHN||19800101|M\rPV1|1|I\r").encode()
+
+
+def batch(path: Path, count: int, *, preamble: bytes = b"") -> Path:
+    path.write_bytes(b"FHS|^~\\&|EHR\rBHS|^~\\&|EHR||||||||B-7\r" + preamble
+                     + b"".join(adt(n) for n in range(1, count + 1)) + f"BTS|{count}\rFTS|1\r".encode())
+    return path
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    values = {k: v for k, v in os.environ.items() if not k.startswith("MIDDLEWARE_")}
+    return {**values, "MIDDLEWARE_BROKER_URL": f"filesystem://{tmp_path}/broker", "AUDIT_LOG": str(tmp_path / "a.log")}
+
+
+def middleware(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "middleware", *args, "--project", str(REPO)],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+async def drain(url: str, queue: str) -> list[tuple[object, bytes, dict[str, object]]]:
+    """(batch position, body, headers) of every message on ``queue``, taken off it."""
+    broker = make_broker(url)
+    await broker.connect()
+    found = []
+    while (message := await broker.get(queue)) is not None:
+        found.append((message.headers.get("x-mw-batch-position"), message.body, message.headers))
+        await message.ack()
+    await broker.close()
+    return found
+
+
+def test_publish_prints_a_line_per_message_and_a_summary(env: dict[str, str], tmp_path: Path) -> None:
+    path = batch(tmp_path / "adt-batch.hl7", 5, preamble=GARBAGE)
+    result = middleware(env, "publish", str(path), "--queue", "ehr.adt")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()  # stdout is not a terminal: every record gets its line
+    assert [line.split()[1] for line in lines] == [f"{path}#{n}" for n in range(1, 7)]
+    assert "dead-lettered: lines before the first MSH" in lines[0]
+    [summary] = [line for line in result.stderr.splitlines() if line.startswith("published")]
+    assert summary.startswith("published 5 message(s) from 1 file(s) to ehr.adt, 1 dead-lettered at framing, in ")
+    url = env["MIDDLEWARE_BROKER_URL"]
+    queued = asyncio.run(drain(url, "ehr.adt"))
+    assert [(position, body) for position, body, _ in queued] == [(n + 1, adt(n)) for n in range(1, 6)]
+    assert all(h["x-mw-batch-id"] == "B-7" and h["x-mw-source-file"] == path.name and h["x-mw-ingest"] == "publish"
+               for _, _, h in queued)
+    [(position, body, headers)] = asyncio.run(drain(url, "adt-inbound.dlq"))
+    assert (position, body) == (1, GARBAGE)
+    assert headers["x-mw-stage"] == "parse" and headers["x-mw-error-class"] == "FramingError"
+    assert headers["x-mw-replay-queue"] == "ehr.adt" and headers["x-mw-correlation-id"] == lines[0].split()[0]
+
+
+def test_publish_from_resumes_a_batch_at_a_position(env: dict[str, str], tmp_path: Path) -> None:
+    path = batch(tmp_path / "adt-batch.hl7", 10)
+    result = middleware(env, "publish", str(path), "--queue", "ehr.adt", "--from", "7")
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[1] for line in result.stdout.splitlines()] == [f"{path}#{n}" for n in range(7, 11)]
+    assert "published 4 message(s)" in result.stderr
+    queued = asyncio.run(drain(env["MIDDLEWARE_BROKER_URL"], "ehr.adt"))
+    assert [(position, body) for position, body, _ in queued] == [(n, adt(n)) for n in range(7, 11)]
+
+
+def test_publish_with_json_prints_one_object_per_message(env: dict[str, str], tmp_path: Path) -> None:
+    path = batch(tmp_path / "adt-batch.hl7", 3)
+    result = middleware(env, "publish", str(path), "--queue", "ehr.adt", "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["position"], r["queue"], r["dead_lettered"]) for r in rows] == [(n, "ehr.adt", False) for n in (1, 2, 3)]
+
+
+@pytest.fixture
+async def publisher(tmp_path: Path) -> Publisher:
+    url = f"filesystem://{tmp_path}/broker"
+    project = load_project(REPO, {"MIDDLEWARE_BROKER_URL": url})
+    broker: Broker = make_broker(url)
+    await broker.connect()
+    publisher = Publisher(broker, project.routes["adt-inbound"], project.settings, window=8)
+    await publisher.declare()
+    return publisher
+
+
+async def test_a_stopped_stream_says_where_to_resume_and_resuming_there_loses_nothing(
+        publisher: Publisher, tmp_path: Path) -> None:
+    """Stop part way with publishes in flight: everything before ``resume_from`` is confirmed and
+    nothing from it on was taken; publishing again from there completes the batch exactly."""
+    path = batch(tmp_path / "adt-batch.hl7", 40)
+    stop = asyncio.Event()
+    seen: list[Published] = []
+
+    def count(item: Published) -> None:
+        seen.append(item)
+        if len(seen) == 13:
+            stop.set()
+
+    with path.open("rb") as stream:
+        first = await publisher.publish_stream(stream, source="test", name=path.name, stop=stop, on_published=count)
+    assert first.resume_from is not None and first.published == len(seen) == first.resume_from - 1
+    assert [item.position for item in seen] == list(range(1, first.resume_from))
+    with path.open("rb") as stream:
+        rest = await publisher.publish_stream(stream, source="test", name=path.name, start=first.resume_from)
+    assert rest.complete and rest.skipped == first.resume_from - 1 and rest.published == 40 - first.published
+    await publisher.broker.close()
+    queued = await drain(f"filesystem://{tmp_path}/broker", "ehr.adt")
+    assert [position for position, _, _ in queued] == list(range(1, 41))
+
+
+async def test_a_single_message_is_published_byte_for_byte(publisher: Publisher, tmp_path: Path) -> None:
+    raw = adt(1).replace(b"\r", b"\r\n")  # not normalised: the route worker gets what the sender sent
+    path = tmp_path / "one.hl7"
+    path.write_bytes(raw)
+    with path.open("rb") as stream:
+        result = await publisher.publish_stream(stream, source="test", name=path.name)
+    assert result.complete and result.published == 1 and not result.batch
+    await publisher.broker.close()
+    [(position, body, headers)] = await drain(f"filesystem://{tmp_path}/broker", "ehr.adt")
+    assert (position, body, headers.get("x-mw-source-file")) == (None, raw, None)
+
+
+async def test_a_record_that_cannot_be_framed_is_dead_lettered_with_its_reason(publisher: Publisher,
+                                                                              tmp_path: Path) -> None:
+    path = batch(tmp_path / "b.hl7", 1, preamble=GARBAGE)
+    with path.open("rb") as stream:
+        result = await publisher.publish_stream(stream, source="test", name=path.name)
+    assert (result.published, result.dead_lettered) == (1, 1)
+    message = await publisher.broker.get("adt-inbound.dlq")
+    assert message is not None
+    letter = DeadLetter.from_message(message)
+    assert letter.body == GARBAGE and letter.stage == "parse" and "before the first MSH" in letter.error
+    await message.ack()
+    await publisher.broker.close()
