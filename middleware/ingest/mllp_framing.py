@@ -138,6 +138,27 @@ class FrameDecoder:
 
     def _outside_frame(self) -> Frame | None:
         """Look for a start block (or a stray end block) in the bytes outside a frame."""
+        while self._pending and not self._head:  # the usual case: search the received chunk in place
+            chunk, pos = self._pending[0], self._pos
+            start = chunk.find(START_BLOCK, pos)
+            end = chunk.find(END_BLOCK, pos, start if start != -1 else len(chunk))
+            if end != -1:
+                body = chunk[pos:end].strip(b"\r\n")
+                self._advance(end + 1)
+                if body:
+                    return Frame(body, has_start=False)
+                continue
+            if start != -1:
+                self.skipped += len(chunk[pos:start].strip(b"\r\n"))
+                self._advance(start + 1)
+                self._in_frame = True
+                return None
+            self._head += chunk[pos:] if pos else chunk  # no block yet: keep it until one comes
+            self._advance(len(chunk))
+        return self._scan_head()
+
+    def _scan_head(self) -> Frame | None:
+        """The same search over bytes that arrived before any block did (junk, line breaks)."""
         head = self._head
         while self._pending:
             chunk = self._pending[0]
