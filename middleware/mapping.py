@@ -68,6 +68,13 @@ def _to_decimal(value: Any) -> int | float:
     return int(number) if number == number.to_integral_value() and "." not in str(value) else float(number)
 
 
+def _to_int(value: Any) -> int:
+    text = str(value).strip()
+    if not text.lstrip("+-").isdecimal():
+        raise ValueError("not a whole number")  # never the value itself: it may be PHI
+    return int(text)
+
+
 _BOOLS = {"y": True, "yes": True, "true": True, "t": True, "1": True,
           "n": False, "no": False, "false": False, "f": False, "0": False}
 
@@ -82,7 +89,7 @@ CONVERSIONS: dict[str, Callable[[Any], Any]] = {
     "string": str,
     "date": dates.to_date,  # HL7 DT/DTM/TS or ISO 8601 (FHIR), strict, precision kept (see middleware.dates)
     "datetime": dates.to_datetime,  # likewise; naive times get the engine's time zone in _finish
-    "int": lambda v: int(str(v).strip()),
+    "int": _to_int,
     "decimal": _to_decimal,
     "bool": _to_bool,
 }
