@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,13 +33,25 @@ def batch(path: Path, count: int, *, preamble: bytes = b"") -> Path:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
+def project(tmp_path: Path) -> Path:
+    """The shipped project with only its adt-inbound route (what these tests publish to)."""
+    folder = tmp_path / "project"
+    for name in ("config", "connectors", "schemas"):
+        shutil.copytree(REPO / name, folder / name)
+    (folder / "routes").mkdir()
+    shutil.copy(REPO / "routes" / "adt-inbound.yaml", folder / "routes")
+    return folder
+
+
+@pytest.fixture
+def env(tmp_path: Path, project: Path) -> dict[str, str]:
     values = {k: v for k, v in os.environ.items() if not k.startswith("MIDDLEWARE_")}
-    return {**values, "MIDDLEWARE_BROKER_URL": f"filesystem://{tmp_path}/broker", "AUDIT_LOG": str(tmp_path / "a.log")}
+    return {**values, "MIDDLEWARE_BROKER_URL": f"filesystem://{tmp_path}/broker", "AUDIT_LOG": str(tmp_path / "a.log"),
+            "MW_TEST_PROJECT": str(project)}
 
 
 def middleware(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "middleware", *args, "--project", str(REPO)],
+    return subprocess.run([sys.executable, "-m", "middleware", *args, "--project", env["MW_TEST_PROJECT"]],
                           capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -95,12 +108,12 @@ def test_publish_with_json_prints_one_object_per_message(env: dict[str, str], tm
 
 
 @pytest.fixture
-async def publisher(tmp_path: Path) -> Publisher:
+async def publisher(tmp_path: Path, project: Path) -> Publisher:
     url = f"filesystem://{tmp_path}/broker"
-    project = load_project(REPO, {"MIDDLEWARE_BROKER_URL": url})
+    loaded = load_project(project, {"MIDDLEWARE_BROKER_URL": url})
     broker: Broker = make_broker(url)
     await broker.connect()
-    publisher = Publisher(broker, project.routes["adt-inbound"], project.settings, window=8)
+    publisher = Publisher(broker, loaded.routes["adt-inbound"], loaded.settings, window=8)
     await publisher.declare()
     return publisher
 
@@ -154,3 +167,46 @@ async def test_a_record_that_cannot_be_framed_is_dead_lettered_with_its_reason(p
     assert letter.body == GARBAGE and letter.stage == "parse" and "before the first MSH" in letter.error
     await message.ack()
     await publisher.broker.close()
+
+
+def run_on_a_terminal(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """Run ``middleware`` with stdout and stderr on a pseudo-terminal, as a person at a shell does."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "middleware", *args, "--project", env["MW_TEST_PROJECT"]],
+                               stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
+                               env={**env, "TERM": "xterm-256color", "COLUMNS": "160"})
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    return process.wait(60), output.decode(errors="replace")
+
+
+def test_on_a_terminal_a_batch_shows_a_progress_bar_instead_of_a_line_per_message(
+        env: dict[str, str], tmp_path: Path) -> None:
+    path = batch(tmp_path / "adt-batch.hl7", 300)
+    code, output = run_on_a_terminal(env, "publish", str(path), "--queue", "ehr.adt")
+    assert code == 0, output
+    assert "msg/s" in output and "adt-batch.hl7" in output  # the bar: file, messages, rate
+    assert f"{path}#1" not in output  # no line per message
+    assert "published 300 message(s) from 1 file(s) to ehr.adt, 0 dead-lettered at framing" in output
+    code, output = run_on_a_terminal(env, "publish", str(path), "--queue", "ehr.adt", "--from", "299", "--verbose")
+    assert code == 0, output
+    assert f"{path}#299" in output and f"{path}#300" in output
+
+
+def test_when_piped_there_is_no_progress_bar(env: dict[str, str], tmp_path: Path) -> None:
+    path = batch(tmp_path / "adt-batch.hl7", 300)
+    result = middleware(env, "publish", str(path), "--queue", "ehr.adt")
+    assert result.returncode == 0, result.stderr
+    assert "msg/s" not in result.stderr and "\x1b[" not in result.stderr + result.stdout
+    assert len(result.stdout.splitlines()) == 300
