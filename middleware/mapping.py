@@ -109,9 +109,12 @@ class Condition:
     missing: tuple[PathAccessor, ...]
 
     def matches(self, doc: Any) -> bool:
-        if self.message_types is not None and doc.message_type not in self.message_types and (
-                getattr(doc, "implied_message_type", None) not in self.message_types):
-            return False  # (a v2.1 ``ORU`` matches ``ORU^R01``: see Hl7Message.implied_message_type)
+        types = self.message_types
+        if types is not None:
+            kind = doc.message_type
+            if kind not in types and (kind is None or "^" in kind  # a bare v2.1 ``ORU`` matches ``ORU^R01``:
+                                      or getattr(doc, "implied_message_type", None) not in types):  # see Hl7Message
+                return False
         for accessor, allowed in self.equals:
             if not any(str(v) in allowed for v in accessor.read(doc)):
                 return False
