@@ -30,7 +30,14 @@ Path grammar (FHIRPath subset):
 - ``[n]`` (0-based) indexes the collection built so far; ``.first()``, ``.last()``.
 - ``.where(a.b = 'x')``: keeps the items on which the dotted child path has a value equal to the
   literal (``'string'``, number, ``true``/``false``); ``.where(a.startsWith('x'))`` likewise.
+- ``.where(a.b.exists())``; the tested path may use functions (``where(getReferenceKey(Patient).exists())``).
 - ``.replace('from', 'to')``: on strings (``subject.reference.replace('Patient/', '')``).
+- ``.resolve()``: the resource a Reference (or reference string) points to, when the message holds it:
+  ``#p1`` in ``contained[]``, ``urn:uuid:...`` / an absolute URL by Bundle ``entry.fullUrl``, a relative
+  ``Patient/77662`` (or absolute ``https://.../Patient/77662/_history/2``) by type and id among the entries.
+- ``.getReferenceKey(Patient)``: the id a reference names (``Patient/77662`` and ``https://.../Patient/77662``
+  give ``77662``; a ``urn:uuid:`` entry gives its resource's id), only for references to that type (any
+  type without an argument). From SQL on FHIR v2.
 - ``A | B``: the union (values of A then of B).
 
 A path maps to **one value** (the first it selects) unless it ends with ``[*]``, this project's list
@@ -44,7 +51,7 @@ import codecs
 import functools
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -67,14 +74,18 @@ TIMINGS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 _TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _NAME = re.compile(r"\$this|[A-Za-z_][A-Za-z0-9_]*")
-_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 _STRING = r"'(?:[^'\\]|\\.)*'"
 _LITERAL = rf"{_STRING}|-?\d+(?:\.\d+)?|true|false"
-_WHERE_EQ = re.compile(rf"\s*({_DOTTED})\s*=\s*({_LITERAL})\s*")
-_WHERE_STARTS = re.compile(rf"\s*({_DOTTED})\.startsWith\(\s*({_STRING})\s*\)\s*")
+_WHERE_EQ = re.compile(rf"\s*(.+?)\s*=\s*({_LITERAL})\s*", re.DOTALL)
+_WHERE_STARTS = re.compile(rf"\s*(.+)\.startsWith\(\s*({_STRING})\s*\)\s*", re.DOTALL)
+_WHERE_EXISTS = re.compile(r"\s*(.+)\.exists\(\s*\)\s*", re.DOTALL)
 _REPLACE_ARGS = re.compile(rf"\s*({_STRING})\s*,\s*({_STRING})\s*")
 _ESCAPE = re.compile(r"\\(.)")
 _SAFE_LOC = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# A literal reference (FHIR R4 3.1.0.4.2): relative ``Patient/77662`` or absolute ``<base>/Patient/77662``,
+# optionally ``/_history/<version>``.
+_LITERAL_REFERENCE = re.compile(r"(?P<url>(?P<base>[A-Za-z][A-Za-z0-9+.-]*://\S*/)?(?P<type>[A-Z][A-Za-z]{1,63})/"
+                                r"(?P<id>[A-Za-z0-9.-]{1,64}))(?:/_history/[A-Za-z0-9.-]{1,64})?")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -210,11 +221,23 @@ def _as_document(doc: Any) -> FhirDocument:
 
 # -- paths ------------------------------------------------------------------------------------
 
-Step = Callable[[list[Any]], list[Any]]
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What resolve() and getReferenceKey() need besides their input values: the document (its Bundle
+    and scopes) and the nodes the path started from (contained references resolve against them). Other
+    steps get None: a path without those functions builds no context."""
+
+    doc: FhirDocument
+    starts: list[Any]
+
+
+Step = Callable[[list[Any], Any], list[Any]]  # (values, _Context or None) -> values
+_CONTEXTUAL = frozenset({"resolve", "getReferenceKey"})
 
 
 def _child(name: str) -> Step:
-    def step(values: list[Any]) -> list[Any]:
+    def step(values: list[Any], ctx: Any) -> list[Any]:
         out: list[Any] = []
         for value in values:
             if type(value) is dict:
@@ -230,19 +253,8 @@ def _child(name: str) -> Step:
     return step
 
 
-def _navigate(names: tuple[str, ...]) -> Step:
-    steps = [_child(n) for n in names]
-
-    def step(values: list[Any]) -> list[Any]:
-        for each in steps:
-            values = each(values)
-        return values
-
-    return step
-
-
 def _index(n: int) -> Step:
-    return lambda values: values[n:n + 1] if n >= 0 else values[n:][:1]
+    return lambda values, ctx: values[n:n + 1] if n >= 0 else values[n:][:1]
 
 
 def _literal(text: str) -> Any:
@@ -262,17 +274,25 @@ def _equal(value: Any, literal: Any) -> bool:
 
 
 def _where(expr: str, args: str) -> Step:
-    match = _WHERE_EQ.fullmatch(args)
-    if match:
-        path, literal = _navigate(tuple(match.group(1).split("."))), _literal(match.group(2))
-        return lambda values: [v for v in values if any(_equal(x, literal) for x in path([v]))]
+    test: Callable[[list[Any]], bool]
     match = _WHERE_STARTS.fullmatch(args)
-    if match:
-        path, prefix = _navigate(tuple(match.group(1).split("."))), _literal(match.group(2))
-        return lambda values: [v for v in values
-                               if any(isinstance(x, str) and x.startswith(prefix) for x in path([v]))]
-    raise ValueError(f"invalid FHIRPath {expr!r}: where() takes one comparison, "
-                     "e.g. where(type.coding.code = 'MR') or where(reference.startsWith('Patient/'))")
+    if match and not match.group(1).rstrip().endswith("="):
+        prefix = _literal(match.group(2))
+        test = lambda found: any(isinstance(x, str) and x.startswith(prefix) for x in found)  # noqa: E731
+    elif (match := _WHERE_EXISTS.fullmatch(args)) is not None:
+        test = bool
+    elif (match := _WHERE_EQ.fullmatch(args)) is not None and match.group(1).count("'") % 2 == 0:
+        literal = _literal(match.group(2))
+        test = lambda found: any(_equal(x, literal) for x in found)  # noqa: E731
+    else:
+        raise ValueError(f"invalid FHIRPath {expr!r}: where() takes one test, e.g. where(type.coding.code = 'MR'), "
+                         "where(reference.startsWith('Patient/')) or where(getReferenceKey(Patient).exists())")
+    branch, star = _compile_branch(expr, match.group(1).strip(), item=True)
+    if branch.resource_type is not None or star:
+        raise ValueError(f"invalid FHIRPath {expr!r}: inside where() the tested path is relative to each item "
+                         "(type.coding.code, not Patient.type...), without [*]")
+    steps = branch.steps
+    return lambda values, ctx: [v for v in values if test(_run(steps, [v], ctx))]
 
 
 def _replace(expr: str, args: str) -> Step:
@@ -280,7 +300,113 @@ def _replace(expr: str, args: str) -> Step:
     if not match:
         raise ValueError(f"invalid FHIRPath {expr!r}: replace() takes two strings, e.g. replace('Patient/', '')")
     old, new = _literal(match.group(1)), _literal(match.group(2))
-    return lambda values: [v.replace(old, new) if isinstance(v, str) else v for v in values]
+    return lambda values, ctx: [v.replace(old, new) if isinstance(v, str) else v for v in values]
+
+
+# -- references -------------------------------------------------------------------------------
+
+
+def parse_reference(text: str) -> tuple[str, str, str | None] | None:
+    """A literal reference -> (resource type, id, base URL or None when relative), else None
+    (``urn:uuid:...``, ``#p1``, a URL that does not end in Type/id)."""
+    match = _LITERAL_REFERENCE.fullmatch(text)
+    if match is None or not is_resource_type(match["type"]):
+        return None
+    return match["type"], match["id"], match["base"]
+
+
+def _reference_text(value: Any) -> str | None:
+    """The reference a Reference element (or a reference string) carries."""
+    if type(value) is dict:
+        value = value.get("reference")
+    return value if isinstance(value, str) and value else None
+
+
+def _contained(container: Any, local: str) -> dict[str, Any] | None:
+    if type(container) is not dict or not isinstance(container.get("resourceType"), str):
+        return None
+    if not local:
+        return container  # ``#`` alone: the container itself
+    contained = container.get("contained")
+    for resource in contained if isinstance(contained, list) else ():
+        if type(resource) is dict and resource.get("id") == local:
+            return resource
+    return None
+
+
+def resolve_reference(reference: str, doc: FhirDocument, containers: Sequence[Any] = ()) -> dict[str, Any] | None:
+    """The resource ``reference`` points to, when ``doc`` holds it; None otherwise.
+
+    ``#id`` is looked up in ``contained[]`` of ``containers`` (the resources a path started from), then of
+    the enclosing resources, innermost first. Anything else in the entries of a Bundle document: by
+    ``fullUrl`` (``urn:uuid:...``, absolute URLs; a version suffix ignored), and a relative reference also
+    by resource type and id.
+    """
+    if reference.startswith("#"):
+        for container in (*containers, *reversed(doc.scopes)):
+            found = _contained(container, reference[1:])
+            if found is not None:
+                return found
+        return None
+    root = doc.root
+    if root.get("resourceType") != "Bundle":
+        return None
+    literal = parse_reference(reference)
+    url = reference
+    if literal is not None and literal[2] is not None:
+        url = f"{literal[2]}{literal[0]}/{literal[1]}"  # without /_history/n
+    entries = root.get("entry")
+    for entry in entries if isinstance(entries, list) else ():
+        if type(entry) is not dict or type(entry.get("resource")) is not dict:
+            continue
+        resource = entry["resource"]
+        full_url = entry.get("fullUrl")
+        if full_url in (url, reference) or (literal is not None and literal[2] is None and (
+                resource.get("resourceType"), resource.get("id")) == literal[:2]):
+            return resource  # type: ignore[no-any-return]
+    return None
+
+
+def _resolve(values: list[Any], ctx: _Context) -> list[Any]:
+    out: list[Any] = []
+    for value in values:
+        reference = _reference_text(value)
+        found = resolve_reference(reference, ctx.doc, ctx.starts) if reference else None
+        if found is not None:
+            out.append(found)
+    return out
+
+
+def _reference_key(expr: str, args: str) -> Step:
+    kind = args.strip().strip("'") or None
+    if kind is not None and not is_resource_type(kind):
+        raise ValueError(f"invalid FHIRPath {expr!r}: getReferenceKey() takes a resource type, e.g. "
+                         "getReferenceKey(Patient)")
+
+    def step(values: list[Any], ctx: _Context) -> list[Any]:
+        out: list[Any] = []
+        for value in values:
+            reference = _reference_text(value)
+            if reference is None or reference.startswith("#"):
+                continue  # a contained resource's id is local to its container: not a key
+            literal = parse_reference(reference)
+            found_kind: Any
+            key: Any
+            if literal is not None:
+                found_kind, key = literal[0], literal[1]
+            else:
+                resource = resolve_reference(reference, ctx.doc)  # urn:uuid:... of a Bundle entry
+                if resource is None:
+                    continue
+                found_kind, key = resource.get("resourceType"), resource.get("id")
+            if isinstance(key, str) and key and (kind is None or found_kind == kind):
+                out.append(key)
+        return out
+
+    return step
+
+
+# -- compiling --------------------------------------------------------------------------------
 
 
 def _unquoted(expr: str, start: int = 0) -> Iterator[tuple[int, str, int]]:
@@ -313,17 +439,27 @@ def _split_union(expr: str) -> list[str]:
     return [expr[a + 1:b].strip() for a, b in bounds]
 
 
+def _run(steps: tuple[Step, ...], values: list[Any], ctx: Any) -> list[Any]:
+    for step in steps:
+        if not values:
+            return values
+        values = step(values, ctx)
+    return values
+
+
 @dataclass(frozen=True)
 class _Branch:
     resource_type: str | None  # None: relative to the current node
     steps: tuple[Step, ...]
+    contextual: bool = False  # uses resolve() / getReferenceKey(): steps get a _Context
 
     def read(self, doc: FhirDocument) -> list[Any]:
         values = [doc.data] if self.resource_type is None else _resources(doc, self.resource_type)
+        ctx = _Context(doc, values) if self.contextual else None
         for step in self.steps:
             if not values:
                 return values
-            values = step(values)
+            values = step(values, ctx)
         return values
 
 
@@ -336,8 +472,9 @@ def _resources(doc: FhirDocument, kind: str) -> list[Any]:
     return []
 
 
-def _compile_branch(expr: str, text: str) -> tuple[_Branch, bool]:
-    """One union member -> (branch, ends with [*])."""
+def _compile_branch(expr: str, text: str, *, item: bool = False) -> tuple[_Branch, bool]:
+    """One union member -> (branch, ends with [*]); ``item``: the path tested inside where(), which may
+    start with a function applied to the item (``getReferenceKey(Patient).exists()``)."""
     if not text:
         raise ValueError(f"invalid FHIRPath {expr!r}: empty path")
     steps: list[Step] = []
@@ -351,7 +488,7 @@ def _compile_branch(expr: str, text: str) -> tuple[_Branch, bool]:
         if i < len(text) and text[i] == "(":
             end = _close_paren(text, i)
             args, i = text[i + 1:end], end + 1
-            if first:
+            if first and not item:
                 raise ValueError(f"invalid FHIRPath {expr!r}: a path starts with a resource type or element name")
             steps.append(_function(expr, name, args))
         elif first and name == "$this":
@@ -378,24 +515,27 @@ def _compile_branch(expr: str, text: str) -> tuple[_Branch, bool]:
                 raise ValueError(f"invalid FHIRPath {expr!r}: an index is [n] (0-based) or a final [*]")
             i = end + 1
         if i == len(text):
-            return _Branch(resource_type, tuple(steps)), star
+            contextual = any(name in _CONTEXTUAL for name in re.findall(r"([A-Za-z]+)\(", text))
+            return _Branch(resource_type, tuple(steps), contextual), star
         if text[i] != ".":
             raise ValueError(f"invalid FHIRPath {expr!r}: unexpected {text[i]!r} (supported: a.b, [n], first(), "
-                             "last(), where(x = 'v'), replace('a', 'b'), A | B)")
+                             "last(), where(...), replace('a', 'b'), resolve(), getReferenceKey(Type), A | B)")
         i += 1
 
 
 def _function(expr: str, name: str, args: str) -> Step:
-    if name in ("first", "last"):
+    if name in ("first", "last", "resolve"):
         if args.strip():
             raise ValueError(f"invalid FHIRPath {expr!r}: {name}() takes no arguments")
-        return _index(0 if name == "first" else -1)
+        return _resolve if name == "resolve" else _index(0 if name == "first" else -1)
     if name == "where":
         return _where(expr, args)
     if name == "replace":
         return _replace(expr, args)
+    if name == "getReferenceKey":
+        return _reference_key(expr, args)
     raise ValueError(f"invalid FHIRPath {expr!r}: function {name}() is not supported "
-                     "(supported: first(), last(), where(), replace())")
+                     "(supported: first(), last(), where(), replace(), resolve(), getReferenceKey())")
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,10 @@ def test_single_unless_the_path_ends_with_star() -> None:
     ("Patient.name.exists()", "exists() is not supported"),
     ("Patient.name[*].given", "[*] may only end a path"),
     ("Patient.name[x]", "an index is"),
-    ("Patient.name.where(family)", "where() takes one comparison"),
+    ("Patient.name.where(family)", "where() takes one test"),
+    ("Patient.name.where(Patient.name.family = 'a')", "relative to each item"),
+    ("Observation.subject.getReferenceKey(Banana)", "takes a resource type"),
+    ("Observation.subject.resolve(1)", "takes no arguments"),
     ("Patient.name.where(family = 'a'", "unbalanced"),
     ("Patient.name.first(1)", "takes no arguments"),
     ("Patient.name + 1", "unexpected"),
@@ -396,3 +399,171 @@ def test_missing_mrn_is_a_mapping_error(project: Project) -> None:
     del raw["subject"]
     with pytest.raises(MappingError, match=r"patient\.mrn: required value missing"):
         events(project, json.dumps(raw).encode())
+
+
+# -- references and text (issue 8, point 7) ----------------------------------------------------
+
+MR = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
+OBS_BUNDLE: dict[str, Any] = {
+    "resourceType": "Bundle", "id": "b-1", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:0c3a9a41-7f55-4b8e-9d0e-5d0f3c1b2a01",
+         "resource": {"resourceType": "Patient", "id": "p-1",
+                      "identifier": [{"value": "SSN-1"}, {"type": MR, "value": "MRN-URN"}]}},
+        {"fullUrl": "https://ehr.example.org/fhir/Patient/77662",
+         "resource": {"resourceType": "Patient", "id": "77662", "identifier": [{"value": "MRN-ABS"}]}},
+        {"fullUrl": "urn:uuid:0c3a9a41-7f55-4b8e-9d0e-5d0f3c1b2a03",
+         "resource": {"resourceType": "Observation", "id": "o-1", "status": "final",
+                      "subject": {"reference": "urn:uuid:0c3a9a41-7f55-4b8e-9d0e-5d0f3c1b2a01"}}},
+        {"resource": {"resourceType": "Observation", "id": "o-2", "status": "final",
+                      "subject": {"reference": "https://ehr.example.org/fhir/Patient/77662/_history/3"}}},
+        {"resource": {"resourceType": "Observation", "id": "o-3", "status": "final",
+                      "subject": {"reference": "Patient/77662"}}},
+        {"resource": {"resourceType": "Observation", "id": "o-4", "status": "final",
+                      "subject": {"reference": "https://other.example.org/fhir/Patient/77662"}}},
+    ]}
+
+
+def entry_reads(expr: str) -> list[list[Any]]:
+    """``expr`` read in each Observation entry of OBS_BUNDLE (as ``each: Bundle.entry.resource`` does)."""
+    fmt = get_format("fhir")
+    items = fmt.each(doc(OBS_BUNDLE), "Bundle.entry.resource.where(resourceType = 'Observation')")
+    return [compile_path(expr).read(item) for item in items]
+
+
+def test_resolve_finds_bundle_entries_by_urn_absolute_url_and_relative_reference() -> None:
+    assert entry_reads("Observation.subject.resolve().id") == [["p-1"], ["77662"], ["77662"], []]
+    # an absolute URL of another server is another resource: not resolved by type and id
+    assert entry_reads("Observation.subject.resolve().identifier.where(type.coding.code = 'MR').value") == [
+        ["MRN-URN"], [], [], []]
+
+
+def test_resolve_finds_contained_resources_and_nothing_outside_the_message() -> None:
+    obs = {"resourceType": "Observation", "status": "final", "subject": {"reference": "#p1"},
+           "performer": [{"reference": "#"}, {"reference": "Practitioner/9"}],
+           "contained": [{"resourceType": "Device", "id": "d1"},
+                         {"resourceType": "Patient", "id": "p1", "identifier": [{"type": MR, "value": "MRN-C"}]}]}
+    assert read("Observation.subject.resolve().identifier.value", obs) == ["MRN-C"]
+    assert read("Observation.performer.resolve().status", obs) == ["final"]  # "#": the container itself
+    assert read("Observation.performer[1].resolve()", obs) == []  # not in the message
+    # inside each: (a component) the contained resource is found in the enclosing resource
+    obs["component"] = [{"code": {"text": "x"}, "valueString": "#p1"}]
+    [item] = get_format("fhir").each(doc(obs), "Observation.component")
+    assert compile_path("valueString.resolve().id").read(item) == ["p1"]
+
+
+@pytest.mark.parametrize(("reference", "expr", "expected"), [
+    ("Patient/77662", "getReferenceKey(Patient)", ["77662"]),
+    ("Patient/77662/_history/2", "getReferenceKey(Patient)", ["77662"]),
+    ("https://ehr.example.org/fhir/R4/Patient/A-9.1/_history/2", "getReferenceKey(Patient)", ["A-9.1"]),
+    ("http://x.example/Patient/77662", "getReferenceKey('Patient')", ["77662"]),
+    ("Group/77662", "getReferenceKey(Patient)", []),
+    ("Group/77662", "getReferenceKey()", ["77662"]),
+    ("#p1", "getReferenceKey()", []),  # a contained id is local to its container
+    ("urn:uuid:1b9e3c52-0000-4000-8000-000000000001", "getReferenceKey()", []),  # no Bundle to look in
+    ("Banana/1", "getReferenceKey()", []),  # not a resource type
+    ("https://ehr.example.org/fhir/Patient/", "getReferenceKey(Patient)", []),
+])
+def test_get_reference_key_reads_the_id_of_literal_references(reference: str, expr: str,
+                                                              expected: list[str]) -> None:
+    obs = {"resourceType": "Observation", "subject": {"reference": reference}}
+    assert read(f"Observation.subject.{expr}", obs) == expected
+    assert read(f"Observation.subject.reference.{expr}", obs) == expected  # on the string as well
+
+
+def test_get_reference_key_of_a_urn_in_a_bundle_is_the_entry_resource_id() -> None:
+    assert entry_reads("Observation.subject.getReferenceKey(Patient)") == [["p-1"], ["77662"], ["77662"], ["77662"]]
+
+
+def test_where_tests_a_path_with_functions_and_exists() -> None:
+    appt = {"resourceType": "Appointment", "participant": [
+        {"actor": {"reference": "https://ehr.example.org/fhir/Practitioner/DOC-1", "display": "Dr A"}},
+        {"actor": {"reference": "Patient/P-1", "display": "Pat"}},
+        {"actor": {"display": "no reference"}}]}
+    assert read("Appointment.participant.actor.where(getReferenceKey(Patient).exists()).display", appt) == ["Pat"]
+    assert read("Appointment.participant.actor.where(reference.exists()).display", appt) == ["Dr A", "Pat"]
+    assert read("Appointment.participant.actor.where(getReferenceKey() = 'DOC-1').display", appt) == ["Dr A"]
+    assert read("Appointment.participant.where(actor.where(display = 'Pat').exists()).actor.reference",
+                appt) == ["Patient/P-1"]
+
+
+def observation(**fields: Any) -> bytes:
+    base: dict[str, Any] = {"resourceType": "Observation", "id": "o-9", "status": "final",
+                            "code": {"coding": [{"system": "http://loinc.org", "code": "2823-3"}]},
+                            "subject": {"reference": "Patient/77662"}}
+    base.update(fields)
+    return orjson.dumps(base)
+
+
+@pytest.mark.parametrize(("subject", "extra", "mrn"), [
+    ({"reference": "https://ehr.example.org/fhir/Patient/77662"}, {}, "77662"),
+    ({"reference": "https://ehr.example.org/fhir/Patient/77662/_history/4"}, {}, "77662"),
+    ({"reference": "Patient/77662"}, {}, "77662"),
+    ({"reference": "Group/G1"}, {}, None),  # not a patient: no MRN, a clean mapping error
+    ({"reference": "Patient/77662", "identifier": {"type": MR, "value": "MRN-REF"}}, {}, "MRN-REF"),
+    ({"reference": "#p1"}, {"contained": [{"resourceType": "Patient", "id": "p1", "identifier": [
+        {"system": "urn:oid:2.16.840.1.113883.4.1", "value": "SSN-1"}, {"type": MR, "value": "MRN-C"}]}]}, "MRN-C"),
+    ({"reference": "#p1"}, {"contained": [{"resourceType": "Patient", "id": "p1",
+                                           "identifier": [{"value": "FIRST-1"}]}]}, "FIRST-1"),
+    ({"reference": "#p1"}, {"contained": [{"resourceType": "Patient", "id": "p1"}]}, None),  # "p1" is no MRN
+])
+def test_observation_patient_mrn_prefers_mr_identifiers_then_the_reference_id(
+        project: Project, subject: dict[str, Any], extra: dict[str, Any], mrn: str | None) -> None:
+    raw = observation(subject=subject, **extra)
+    if mrn is None:
+        with pytest.raises(MappingError, match=r"patient\.mrn: required value missing"):
+            events(project, raw)
+    else:
+        [event] = events(project, raw)
+        assert event["data"]["patient"]["mrn"] == mrn and event["subject"] == f"Patient/{mrn}"
+
+
+def test_service_request_and_appointment_resolve_absolute_and_contained_references(project: Project) -> None:
+    sr = {"resourceType": "ServiceRequest", "id": "sr-1", "status": "active", "intent": "order",
+          "code": {"text": "Echocardiogram"}, "subject": {"reference": "http://ehr.example.org/Patient/P-44"},
+          "requester": {"reference": "#dr"},
+          "contained": [{"resourceType": "Practitioner", "id": "dr", "identifier": [{"value": "NPI-1"}]}]}
+    [event] = events(project, orjson.dumps(sr))
+    assert event["data"]["patient"] == {"mrn": "P-44"}
+    assert event["data"]["order"] == {"id": "sr-1", "code": "Echocardiogram", "name": "Echocardiogram",
+                                      "status": "active", "ordering_provider": "NPI-1"}
+    appt = {"resourceType": "Appointment", "id": "a-1", "status": "booked", "participant": [
+        {"actor": {"reference": "https://ehr.example.org/fhir/Practitioner/DOC-9"}, "status": "accepted"},
+        {"actor": {"reference": "#pat"}, "status": "accepted"},
+        {"actor": {"reference": "https://ehr.example.org/fhir/Location/L-2", "display": "Room 2"},
+         "status": "accepted"}],
+        "contained": [{"resourceType": "Patient", "id": "pat", "identifier": [{"type": MR, "value": "MRN-A"}]}]}
+    [event] = events(project, orjson.dumps(appt))
+    assert event["data"] == {"appointment": {"id": "a-1", "status": "booked", "location": "Room 2",
+                                             "providers": [{"id": "DOC-9"}]}, "patient": {"mrn": "MRN-A"}}
+
+
+def test_code_text_is_the_fallback_when_there_is_no_coding(project: Project) -> None:
+    [event] = events(project, observation(code={"text": "Body weight"}, valueQuantity={"value": 72.5, "unit": "kg"}))
+    assert event["data"]["observations"] == [{"code": "Body weight", "name": "Body weight", "value": "72.5",
+                                              "unit": "kg", "status": "final"}]
+    # a coding without a code does not hide the next coding's code, system and display
+    codings = [{"display": "K"}, {"system": "http://loinc.org", "code": "6298-4", "display": "Potassium"}]
+    [event] = events(project, observation(code={"coding": codings}))
+    item = event["data"]["observations"][0]
+    assert (item["code"], item["coding_system"], item["name"]) == ("6298-4", "http://loinc.org", "Potassium")
+
+
+def test_name_text_is_kept_when_there_is_no_family_or_given(project: Project) -> None:
+    raw = {"resourceType": "Patient", "id": "p-t", "identifier": [{"value": "MRN-T"}],
+           "name": [{"use": "usual", "text": "Baby Girl Okafor"}]}
+    [event] = events(project, orjson.dumps(raw))
+    assert event["data"]["patient"] == {"mrn": "MRN-T", "name": {"text": "Baby Girl Okafor"}}
+
+
+def test_abnormal_flag_prefers_the_v3_observation_interpretation_coding(project: Project) -> None:
+    v3 = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+    interpretation = [{"coding": [{"system": "http://acme.example/flags", "code": "HIGH"},
+                                  {"system": v3, "code": "H", "display": "High"}], "text": "above range"}]
+    [event] = events(project, observation(interpretation=interpretation))
+    assert event["data"]["observations"][0]["abnormal_flag"] == "H"
+    interpretation[0]["coding"] = [{"system": "http://acme.example/flags", "code": "HIGH"}]
+    [event] = events(project, observation(interpretation=interpretation))
+    assert event["data"]["observations"][0]["abnormal_flag"] == "HIGH"
+    del interpretation[0]["coding"]
+    [event] = events(project, observation(interpretation=interpretation))
+    assert event["data"]["observations"][0]["abnormal_flag"] == "above range"
