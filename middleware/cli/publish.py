@@ -113,18 +113,24 @@ async def publish_files(project: Project, files: list[Path], queue: str,
     return published
 
 
-def _resume_hint(run: PublishRun, files: list[Path], queue: str, project: Path) -> str:
-    """Where a stopped publish starts again, as a command line."""
+def _resume_hint(run: PublishRun, files: list[Path], queue: str, project: Path) -> str | None:
+    """Where a stopped publish starts again, as a command line (None: nothing is left to publish)."""
     stopped = run.stopped
-    assert stopped is not None and stopped.result.resume_from is not None
-    index = files.index(stopped.path)
+    if stopped is not None:
+        assert stopped.result.resume_from is not None
+        index, position = files.index(stopped.path), stopped.result.resume_from
+        done = f"{position - 1:,} record(s) of {stopped.path} confirmed"
+    elif len(run.files) < len(files):  # stopped between files
+        index, position = len(run.files), 1
+        done = f"{len(run.files)} of {len(files)} file(s) published"
+    else:
+        return None
     args = ["middleware", "publish", *map(str, files[index:]), "--queue", queue]
     if project != Path("."):
         args += ["--project", str(project)]
-    if stopped.result.resume_from > 1:
-        args += ["--from", str(stopped.result.resume_from)]
-    confirmed = f"{stopped.result.resume_from - 1:,} record(s) of {stopped.path} confirmed"
-    return f"{confirmed}; resume with: {shlex.join(args)}"
+    if position > 1:
+        args += ["--from", str(position)]
+    return f"{done}; resume with: {shlex.join(args)}"
 
 
 def _summary(run: PublishRun) -> str:
@@ -200,14 +206,12 @@ def publish(
     for file in run.files:
         for problem in file.result.info.problems:
             typer.echo(f"warning: {file.path}: {problem}", err=True)
+    hint = _resume_hint(run, files, queue, project)
     stopped = run.stopped
-    if stopped is not None:
-        hint = _resume_hint(run, files, queue, project)
-        if stopped.result.error is not None:
-            fail(f"{stopped.result.error}; {hint}")
-        typer.echo(f"interrupted: {hint}", err=True)
-        raise typer.Exit(INTERRUPTED)
-    if stop.is_set():  # Ctrl-C after the last record was taken: everything is confirmed
+    if stopped is not None and stopped.result.error is not None:
+        fail(f"{stopped.result.error}; {hint}")
+    if stop.is_set():  # Ctrl-C: what is printed is confirmed
+        typer.echo(f"interrupted: {hint or 'every message was published'}", err=True)
         raise typer.Exit(INTERRUPTED)
 
 

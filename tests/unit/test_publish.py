@@ -210,3 +210,26 @@ def test_when_piped_there_is_no_progress_bar(env: dict[str, str], tmp_path: Path
     assert result.returncode == 0, result.stderr
     assert "msg/s" not in result.stderr and "\x1b[" not in result.stderr + result.stdout
     assert len(result.stdout.splitlines()) == 300
+
+
+async def test_one_message_api_for_gateways_sets_source_and_correlation_id(publisher: Publisher,
+                                                                           tmp_path: Path) -> None:
+    """What a gateway (MLLP, HTTP) calls: one message published as is, or dead-lettered with its reason."""
+    from middleware.errors import ParseError
+
+    cid = await publisher.publish(adt(1), source="mllp:adt", correlation_id="MSG1", headers={"x-extra": 1})
+    assert cid == "MSG1"
+    generated = await publisher.dead_letter(b"\x0bnot hl7", ParseError("no MSH segment"), source="mllp:adt")
+    message = await publisher.broker.get("ehr.adt")
+    assert message is not None and message.body == adt(1) and message.correlation_id == "MSG1"
+    assert message.headers == {"x-mw-ingest": "mllp:adt", "x-extra": 1}
+    assert message.content_type == "x-application/hl7-v2+er7" and message.message_id
+    await message.ack()
+    letter_message = await publisher.broker.get("adt-inbound.dlq")
+    assert letter_message is not None
+    letter = DeadLetter.from_message(letter_message)
+    assert (letter.body, letter.stage, letter.error, letter.correlation_id) == (
+        b"\x0bnot hl7", "parse", "no MSH segment", generated)
+    assert letter.replay_queue == "ehr.adt" and letter_message.headers["x-mw-ingest"] == "mllp:adt"
+    await letter_message.ack()
+    await publisher.broker.close()
