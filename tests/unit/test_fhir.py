@@ -567,3 +567,24 @@ def test_abnormal_flag_prefers_the_v3_observation_interpretation_coding(project:
     del interpretation[0]["coding"]
     [event] = events(project, observation(interpretation=interpretation))
     assert event["data"]["observations"][0]["abnormal_flag"] == "above range"
+
+
+def test_corpus_bundles_references_resolve_and_every_entry_maps_alone(project: Project, corpus: Path) -> None:
+    """The FHIR-Converter bundles (../shared/corpus): every Observation's subject resolves to its Patient
+    entry (urn:uuid), and each entry sent alone (as the HTTP ingest will split them) gives its event or
+    is filtered, never an error."""
+    route, fhir = project.routes["fhir-inbound"], get_format("fhir")
+    resolved = produced = 0
+    for path in sorted(corpus.glob("fhir/fhir-converter-r4/*.json")):
+        raw = path.read_bytes()
+        try:
+            bundle = parse(raw)
+        except ParseError:
+            continue  # (one file is a Bundle of another type: refused at parse, tested by the corpus sweep)
+        for item in fhir.each(bundle, "Bundle.entry.resource.where(resourceType = 'Observation')"):
+            assert compile_path("Observation.subject.resolve().resourceType").read(item) == ["Patient"], path.name
+            resolved += 1
+        for resource in bundle.root.get("entry", []):
+            outcome = transform(route, orjson.dumps(resource["resource"]))
+            produced += len(outcome.events)
+    assert resolved > 100 and produced > 200
