@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from middleware.broker import make_broker, naming
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage
 from middleware.delivery.base import Connector, ConnectorSpec, make_connector
+from middleware.ingest.http import HttpGateway
 from middleware.ingest.mllp import MllpGateway
 from middleware.observe import Metrics, safe_url
 from middleware.project import Project, Settings
@@ -73,7 +74,7 @@ class Engine:
     """Runs every route of a project: one consumer per inbound and per delivery queue.
 
     ``connector_specs`` replaces connectors by name (the demo points http connectors at a local
-    sink this way). With ``gateways`` (default) it also starts the ``ingest.mllp`` listeners,
+    sink this way). With ``gateways`` (default) it also starts the ``ingest.mllp`` and ``ingest.http`` listeners,
     before the workers (a taken port fails the start before anything is consumed); the demo
     passes False.
     """
@@ -89,7 +90,7 @@ class Engine:
         self.connectors: dict[str, Connector] = {name: make_connector(specs[name]) for name in sorted(used)}
         self._consumers: list[Consumer] = []
         self._start_gateways = gateways
-        self.gateways: list[MllpGateway] = []
+        self.gateways: list[MllpGateway | HttpGateway] = []
         self._tracked = _Tracked()
         self._tracked.idle.set()
 
@@ -129,6 +130,10 @@ class Engine:
             gateway = MllpGateway(listener, self.broker, self.settings, routes[listener.queue], self.metrics)
             await gateway.start(declare=False)  # start() above declared every route's queues
             self.gateways.append(gateway)
+        for http in self.settings.http:
+            http_gateway = HttpGateway(http, self.broker, self.settings, self.project.routes, self.metrics)
+            await http_gateway.start(declare=False)
+            self.gateways.append(http_gateway)
 
     async def stop(self) -> None:
         """Drain (DESIGN promise 6), then close.

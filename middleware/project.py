@@ -23,7 +23,7 @@ from middleware import project_schema
 from middleware.delivery.base import ConnectorSpec, RetryPolicy, connector_problems, connector_types
 from middleware.errors import ConfigError, Problem
 from middleware.formats import format_names, get_format
-from middleware.ingest import MllpListener, MllpTls
+from middleware.ingest import HttpListener, HttpRateLimit, MllpListener, MllpTls
 from middleware.ingest.peers import parse_networks
 from middleware.ingest.tls import server_context
 from middleware.mapping import LookupTable, SpecError, compile_condition, compile_field
@@ -50,6 +50,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     mllp: tuple[MllpListener, ...] = ()
+    http: tuple[HttpListener, ...] = ()  # ingest.http[]
     audit_path: Path = Path("var/audit.log")  # anchored to the project folder by the loader
 
     @property
@@ -125,7 +126,7 @@ class _Loader:
 
     def _check_listeners(self, settings: Settings, routes: Mapping[str, Route]) -> None:
         queues = sorted(r.source_queue for r in routes.values())
-        seen: dict[tuple[str, int], MllpListener] = {}
+        seen: dict[tuple[str, int], MllpListener | HttpListener] = {}
         for listener in settings.mllp:
             routes_broken = any(p.file.startswith("routes") for p in self.problems)  # avoid follow-on noise
             if routes and not routes_broken and listener.queue not in queues:
@@ -137,6 +138,16 @@ class _Loader:
                 self.problems.append(Problem(listener.file, listener.line, f"ingest.mllp {listener.name}: port "
                                              f"{listener.port} is already used by {seen[key].name}"))
             seen[key] = listener
+        for http in settings.http:
+            for name in http.routes:
+                if routes and name not in routes:
+                    self.problems.append(Problem(http.file, http.line, f"ingest.http {http.name}: routes: no route "
+                                                 f"named {name!r} (routes: {', '.join(sorted(routes))})"))
+            key = (http.host, http.port)
+            if key in seen and http.port != 0:
+                self.problems.append(Problem(http.file, http.line, f"ingest.http {http.name}: port "
+                                             f"{http.port} is already used by {seen[key].name}"))
+            seen[key] = http
 
     # -- files -----------------------------------------------------------------------------
 
@@ -202,6 +213,8 @@ class _Loader:
                 "audit_path": (data.get("audit") or {}).get("path"),
                 "mllp": tuple(self._mllp_listener(doc, n, entry)
                               for n, entry in enumerate((data.get("ingest") or {}).get("mllp") or [])) or None,
+                "http": tuple(self._http_listener(doc, n, entry)
+                              for n, entry in enumerate((data.get("ingest") or {}).get("http") or [])) or None,
             }
             if values["timezone"]:
                 try:
@@ -258,6 +271,43 @@ class _Loader:
         for key, message in problems:
             self.problems.append(Problem(doc.file, doc.line((*at, *key)),
                                          f"ingest.mllp {name}: {'.'.join(key)}: {message}"))
+        return listener
+
+    def _http_listener(self, doc: YamlDoc, index: int, entry: dict[str, Any]) -> HttpListener:
+        """One ``ingest.http[]`` entry (docs/ingest.md); its TLS files are checked like MLLP's."""
+        name = entry.get("name") or f"http-{entry['port']}"
+        auth = entry.get("auth") or {}
+        options = {k: v for k, v in entry.items()
+                   if k not in ("name", "auth", "routes", "rate_limit", "tls", "allowed_peers")}
+        at: PathKey = ("ingest", "http", index)
+        rate = entry.get("rate_limit")
+        listener = HttpListener(
+            name=name, **options, bearer_tokens=tuple(auth.get("bearer_tokens") or ()),
+            api_keys=tuple(auth.get("api_keys") or ()), routes=tuple(entry.get("routes") or ()),
+            allowed_peers=tuple(entry.get("allowed_peers") or ()),
+            rate_limit=HttpRateLimit(float(rate["per_second"]), int(rate.get("burst") or max(1, rate["per_second"])))
+            if rate else None, file=doc.file, line=doc.line(at))
+        try:
+            parse_networks(listener.allowed_peers)
+        except ValueError as exc:
+            self.problems.append(Problem(doc.file, doc.line((*at, "allowed_peers")),
+                                         f"ingest.http {name}: allowed_peers: {exc}"))
+        if entry.get("tls"):
+            block = entry["tls"]
+            tls = MllpTls(cert_file=str(self.root / block["cert_file"]), key_file=str(self.root / block["key_file"]),
+                          ca_file=str(self.root / block["ca_file"]) if block.get("ca_file") else None,
+                          require_client_cert=bool(block.get("require_client_cert", False)))
+            listener = replace(listener, tls=tls)
+            problem = None
+            if tls.require_client_cert and not tls.ca_file:
+                problem = "require_client_cert needs tls.ca_file (the CA that signs client certificates)"
+            else:
+                try:
+                    server_context(tls)
+                except (OSError, ssl.SSLError) as exc:
+                    problem = f"cannot load the certificate, key or CA: {exc}"
+            if problem:
+                self.problems.append(Problem(doc.file, doc.line((*at, "tls")), f"ingest.http {name}: tls: {problem}"))
         return listener
 
     def _lookups(self) -> dict[str, LookupTable]:

@@ -89,6 +89,39 @@ MLLP_LISTENER: dict[str, Any] = {
     },
 }
 
+_SECRETS = {"type": "array", "items": {"type": "string"}}  # from ${ENV}; empty ones are refused at start
+
+HTTP_LISTENER: dict[str, Any] = {  # middleware.ingest.HttpListener (docs/ingest.md)
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["port", "auth"],
+    "properties": {
+        "name": _NAME,
+        "host": {"type": "string", "minLength": 1},
+        "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+        "auth": {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "properties": {"bearer_tokens": _SECRETS, "api_keys": _SECRETS},
+        },
+        "routes": {"type": "array", "minItems": 1, "items": _NAME},
+        "max_body_bytes": {"type": "integer", "minimum": 64},
+        "rate_limit": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["per_second"],
+            "properties": {"per_second": {"type": "number", "exclusiveMinimum": 0},
+                           "burst": {"type": "integer", "minimum": 1}},
+        },
+        "idempotency_window": {"type": "number", "minimum": 0},
+        "idempotency_max_keys": {"type": "integer", "minimum": 1},
+        "confirm_timeout": {"type": "number", "exclusiveMinimum": 0},
+        "allowed_peers": MLLP_LISTENER["properties"]["allowed_peers"],
+        "tls": MLLP_LISTENER["properties"]["tls"],
+    },
+}
+
 CONFIG: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -96,7 +129,8 @@ CONFIG: dict[str, Any] = {
         "ingest": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"mllp": {"type": "array", "items": MLLP_LISTENER}},
+            "properties": {"mllp": {"type": "array", "items": MLLP_LISTENER},
+                           "http": {"type": "array", "items": HTTP_LISTENER}},
         },
         "broker": {
             "type": "object",

@@ -201,6 +201,11 @@ class AmqpBroker(Broker):
         return channel
 
     @property
+    def connected(self) -> bool:
+        """Connected and not in an outage (False from a lost connection until it is restored)."""
+        return self._connection is not None and not self._connection.is_closed and self._lost_at is None
+
+    @property
     def channel(self) -> AbstractRobustChannel:
         if self._channel is None:
             raise BrokerError("not connected", hint="call connect() first")

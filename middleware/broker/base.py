@@ -96,6 +96,7 @@ class Broker:
     """The port. Every publish returns only once the broker has confirmed the message."""
 
     url: str
+    connection_losses: int = 0  # connections lost since connect() (adapters with a network link count them)
 
     async def connect(self) -> None:
         """Open the connection; raises :class:`middleware.errors.BrokerError` if unreachable."""
@@ -104,6 +105,11 @@ class Broker:
     async def close(self) -> None:
         """Close the connection; unacked messages go back to their queues."""
         raise NotImplementedError
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker can take a publish now (readiness); adapters without a network link: True."""
+        return True
 
     async def declare_queue(self, name: str, *, kind: str = "work", dead_letter_to: str | None = None,
                             delivery_limit: int = 10) -> None:

@@ -52,3 +52,43 @@ class MllpListener:
     tls: MllpTls | None = None
     file: str = ""
     line: int = 0
+
+
+ServerTls = MllpTls  # the ``tls:`` block of any ingest listener (HTTP uses the same keys as MLLP)
+
+
+@dataclass(frozen=True)
+class HttpRateLimit:
+    """``rate_limit:`` of an HTTP listener: a token bucket of ``burst`` requests refilled at ``per_second``."""
+
+    per_second: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class HttpListener:
+    """One ``ingest.http[]`` entry: an HTTP endpoint (``POST /v1/routes/{route}/messages``).
+
+    ``bearer_tokens`` (``Authorization: Bearer``) and ``api_keys`` (``X-API-Key``) are the secrets a
+    caller may present, from ``${ENV}``; at least one must be set when the listener starts.
+    ``routes``: the route names it accepts (empty: every route). ``max_body_bytes`` per request;
+    ``rate_limit`` for the whole listener; ``idempotency_window`` seconds an ``Idempotency-Key`` is
+    remembered (in memory, per process: at most ``idempotency_max_keys``); ``confirm_timeout``
+    seconds to wait for the broker's confirms before answering 503. docs/ingest.md has the contract.
+    """
+
+    name: str
+    port: int
+    host: str = "127.0.0.1"
+    bearer_tokens: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()
+    routes: tuple[str, ...] = ()
+    max_body_bytes: int = 10_485_760
+    rate_limit: HttpRateLimit | None = None
+    idempotency_window: float = 86_400.0
+    idempotency_max_keys: int = 10_000
+    confirm_timeout: float = 10.0
+    allowed_peers: tuple[str, ...] = ()  # IPs / CIDR networks allowed to call (empty: any); others get 403
+    tls: ServerTls | None = None
+    file: str = ""
+    line: int = 0

@@ -60,6 +60,7 @@ class Published:
     position: int | None = None  # 1-based record number inside a batch; None for a single message
     dead_lettered: bool = False
     error: str | None = None  # why it could not be framed, when dead-lettered
+    message_id: str | None = None  # the AMQP message id it was published (or dead-lettered) with
 
 
 @dataclass
@@ -102,19 +103,19 @@ class Publisher:
         await declare_route_topology(self.broker, self.route, self.settings)
 
     async def publish(self, raw: bytes, *, source: str, correlation_id: str | None = None,
-                      headers: Mapping[str, Any] | None = None) -> str:
+                      headers: Mapping[str, Any] | None = None, message_id: str | None = None) -> str:
         """Publish one message unchanged; returns its correlation id once the broker confirmed it."""
         cid = correlation_id or new_id()
-        await self.broker.publish(self._message(raw, cid, {INGEST_HEADER: source, **(headers or {})}),
+        await self.broker.publish(self._message(raw, cid, {INGEST_HEADER: source, **(headers or {})}, message_id),
                                   queue=self.queue)
         return cid
 
     async def dead_letter(self, raw: bytes, error: ParseError, *, source: str, correlation_id: str | None = None,
-                          headers: Mapping[str, Any] | None = None) -> str:
+                          headers: Mapping[str, Any] | None = None, message_id: str | None = None) -> str:
         """Put ``raw``, which cannot be taken in, on the route's dead-letter queue with its reason."""
         cid = correlation_id or new_id()
         message = dead_letter_body(raw, headers={INGEST_HEADER: source, **(headers or {})},
-                                   content_type=self.content_type, message_id=new_id(),
+                                   content_type=self.content_type, message_id=message_id or new_id(),
                                    route=self.route.name, stage=error.stage or "parse", error=error,
                                    replay_queue=self.queue, correlation_id=cid)
         await self.broker.publish(message, queue=self.dead_letter_queue)
@@ -122,24 +123,26 @@ class Publisher:
 
     async def publish_stream(self, stream: BinaryIO, *, source: str, name: str | None = None, start: int = 1,
                              correlation_id: str | None = None, stop: asyncio.Event | None = None,
-                             on_published: Callable[[Published], None] | None = None) -> StreamResult:
+                             on_published: Callable[[Published], None] | None = None,
+                             split: Callable[[BinaryIO, SplitInfo], Iterator[Record]] | None = None) -> StreamResult:
         """Split ``stream`` through the route's format and publish each record from position ``start``.
 
         ``name`` (a file name) goes in ``x-mw-source-file`` on batch records. Setting ``stop``
         ends it early, cleanly: no record is taken after that, the confirms in flight are awaited,
         and ``resume_from`` says where to start again. A broker failure ends it the same way, with
-        ``error`` set. ``on_published`` is called once per record, in position order.
+        ``error`` set. ``on_published`` is called once per record, in position order. ``split``
+        replaces the route format's splitter (the HTTP gateway splits NDJSON and CSV bodies).
         """
         result = StreamResult()
-        records = self.route.format.split(stream, result.info)
-        in_flight: deque[tuple[Record, str, asyncio.Task[str]]] = deque()
+        records = (split or self.route.format.split)(stream, result.info)
+        in_flight: deque[tuple[Record, str, str, asyncio.Task[str]]] = deque()
         next_position = start
 
         async def settle(oldest_only: bool) -> None:
             """Take finished publishes off the front, in order; a failure stops taking records."""
             nonlocal next_position
-            while in_flight and (not oldest_only or in_flight[0][2].done() or len(in_flight) >= self.window):
-                record, cid, task = in_flight[0]
+            while in_flight and (not oldest_only or in_flight[0][3].done() or len(in_flight) >= self.window):
+                record, cid, mid, task = in_flight[0]
                 try:
                     await task
                 except BrokerError as exc:
@@ -154,7 +157,7 @@ class Publisher:
                     result.dead_lettered += 1
                 next_position = (record.position or 0) + 1
                 if on_published is not None:
-                    on_published(Published(cid, record.position, record.error is not None, record.error))
+                    on_published(Published(cid, record.position, record.error is not None, record.error, mid))
 
         exhausted = False
         try:
@@ -170,20 +173,21 @@ class Publisher:
                         if record.position < start:
                             result.skipped += 1
                             continue
-                    cid = correlation_id or new_id()
+                    cid, mid = correlation_id or new_id(), new_id()
                     headers = self._record_headers(record, name, result.info)
-                    send = (self.publish(record.raw, source=source, correlation_id=cid, headers=headers)
+                    send = (self.publish(record.raw, source=source, correlation_id=cid, headers=headers,
+                                         message_id=mid)
                             if record.error is None else
                             self.dead_letter(record.raw, FramingError(record.error), source=source,
-                                             correlation_id=cid, headers=headers))
-                    in_flight.append((record, cid, asyncio.ensure_future(send)))
+                                             correlation_id=cid, headers=headers, message_id=mid))
+                    in_flight.append((record, cid, mid, asyncio.ensure_future(send)))
                     await settle(oldest_only=True)
                     exhausted = exhausted and index == len(batch) - 1
                 if exhausted:
                     break
             await settle(oldest_only=False)
         finally:
-            for _, _, task in in_flight:  # cancelled from outside: nothing left running
+            for _, _, _, task in in_flight:  # cancelled from outside: nothing left running
                 task.cancel()
         if result.error is not None or not exhausted:
             result.resume_from = next_position
@@ -201,9 +205,10 @@ class Publisher:
                 headers[BATCH_ID_HEADER] = info.batch_id
         return headers
 
-    def _message(self, raw: bytes, correlation_id: str, headers: Mapping[str, Any]) -> OutgoingMessage:
+    def _message(self, raw: bytes, correlation_id: str, headers: Mapping[str, Any],
+                 message_id: str | None = None) -> OutgoingMessage:
         return OutgoingMessage(body=raw, headers=dict(headers), correlation_id=correlation_id,
-                               message_id=new_id(), content_type=self.content_type)
+                               message_id=message_id or new_id(), content_type=self.content_type)
 
 
 def _take(records: Iterator[Record], count: int) -> list[Record]:

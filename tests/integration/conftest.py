@@ -26,7 +26,8 @@ def rabbit_env(amqp_url: str, queue_prefix: str, sink: Sink, tmp_path: Path) -> 
     """Environment pointing the shipped project at the real RabbitMQ, a per-test prefix and the sink."""
     return {**os.environ, "MIDDLEWARE_BROKER_URL": amqp_url, "MIDDLEWARE_QUEUE_PREFIX": queue_prefix,
             "CASE_MANAGEMENT_URL": sink.url, "CDR_URL": sink.url,
-            "MLLP_PORT": "0", "METRICS_PORT": "0",  # 0: any free port
+            "MLLP_PORT": "0", "METRICS_PORT": "0", "HTTP_INGEST_PORT": "0",  # 0: any free port
+            "HTTP_INGEST_TOKEN": "integration-test-token",  # the shipped ingest.http listener needs one to start
             "BED_BOARD_PATH": str(tmp_path / "bed-board.jsonl"),
             "EVENT_ARCHIVE_PATH": str(tmp_path / "event-archive.jsonl"),
             "AUDIT_LOG": str(tmp_path / "audit.log")}  # dlq commands audit here, not in the repository

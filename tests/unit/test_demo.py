@@ -41,12 +41,13 @@ def test_demo_runs_every_sample_to_its_outcome_and_exits_zero(tmp_path: Path) ->
         "adt-inbound": (9, 9, 0, 8, 16, 1),        # 8 ADT samples x 2 connectors; the malformed one dead-letters
         "fhir-inbound": (6, 6, 0, 5, 10, 1),       # Patient, Appointment, ServiceRequest, 2 Observations, 1 broken
         "orders-inbound": (3, 3, 1, 2, 4, 0),      # the order cancel is filtered
+        "referrals-rest": (3, 3, 0, 2, 2, 1),      # 2 referrals to case-management; the truncated JSON dead-letters
         "results-inbound": (4, 4, 0, 3, 6, 1),     # 1 ORU + a batch of 3 whose 2nd message is broken
         "scheduling-inbound": (1, 1, 0, 1, 2, 0),
     }
     assert rows["adt-inbound"]["dead_letters_waiting"] == 1
     outputs = {o["connector"]: o for o in report["outputs"]}
-    assert outputs["bed-board"]["events"] == 8 and outputs["case-management"]["events"] == 8
+    assert outputs["bed-board"]["events"] == 8 and outputs["case-management"]["events"] == 10
     archive = tmp_path / "var" / "demo" / "out" / "event-archive.jsonl"
     lines = [json.loads(line) for line in archive.read_text().splitlines()]
     assert sorted(e["type"] for e in lines) == sorted(["order.placed.v1"] * 3 + ["result.reported.v1"] * 5

@@ -199,7 +199,7 @@ def test_validate_command_exit_codes(project: Path) -> None:
     runner = CliRunner()
     ok = runner.invoke(app, ["validate", "--project", str(project)])
     assert ok.exit_code == 0, ok.output
-    assert ok.output.startswith("ok: 5 route(s), 4 connector(s), 11 schema(s), 2 lookup table(s)")
+    assert ok.output.startswith("ok: 6 route(s), 4 connector(s), 12 schema(s), 2 lookup table(s)")
     edit(project / "routes" / "adt-inbound.yaml", "- to: bed-board", "- to: bed-bord")
     bad = runner.invoke(app, ["validate", "--project", str(project)])
     assert bad.exit_code == 1
@@ -214,7 +214,7 @@ def test_mllp_listener_must_feed_a_route_queue_and_not_share_a_port(project: Pat
     listener_line = line_of(config, "- name: ehr-adt")
     assert found == [
         f"config/middleware.yaml:{listener_line}: ingest.mllp ehr-adt: no route consumes queue 'ehr.adt.typo' "
-        "(routes consume: ehr.adt, ehr.orders, fhir.inbound, lis.results, scheduling.siu)",
+        "(routes consume: ehr.adt, ehr.orders, fhir.inbound, lis.results, rest.referrals, scheduling.siu)",
         f"config/middleware.yaml:{line_of(config, 'name: second')}: ingest.mllp second: port 2575 is already used "
         "by ehr-adt",
     ]
