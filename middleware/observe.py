@@ -200,21 +200,45 @@ _SECRET_PARAMS = frozenset({
 _SECRET_SUFFIXES = ("token", "_key", "apikey", "secret", "password", "signature")
 
 
-def _split_userinfo(rest: str) -> tuple[str, str]:
-    """(userinfo, everything after its ``@``) of what follows ``scheme://``; userinfo "" if none.
+def _param_spans(rest: str, start: int) -> list[tuple[int, int]]:
+    """Spans of secret parameter values in the query and fragment of ``rest``, whose authority
+    (host, port) begins at ``start``."""
+    spans: list[tuple[int, int]] = []
+    delimiters = [i for i in (rest.find(c, start) for c in "?#") if i >= 0]
+    if not delimiters:
+        return spans
+    position = min(delimiters)
+    hash_ = rest.find("#", position)
+    for part_start, part_end in ((position + 1, hash_ if hash_ > position else len(rest)),
+                                 (hash_ + 1, len(rest)) if hash_ >= position else (0, 0)):
+        offset = part_start
+        for part in rest[part_start:part_end].split("&"):
+            name, eq, value = part.partition("=")
+            if eq and value and _secret_param(name):
+                spans.append((offset + len(name) + 1, offset + len(part)))
+            offset += len(part) + 1
+    return spans
 
-    A password may hold any character (``/ # ? @ :`` too), so the userinfo ends at the LAST ``@``
-    that is followed by a host; the user name (before the first ``:``) holds none of ``/ ? #``,
-    and neither does a userinfo without a ``:``. When in doubt this masks: an ``@`` in the path of
-    ``https://host:8443/users/a@b.example`` (an ``@`` after a ``host:port``, or after a userinfo)
-    reads as the end of a password."""
-    at = len(rest)
-    while (at := rest.rfind("@", 0, at)) >= 0:
+
+def _secret_spans(rest: str) -> list[tuple[int, int]]:
+    """Spans of ``rest`` (what follows ``scheme://``) that may be secret, under every reading of it.
+
+    A password may hold any character (``/ # ? @ :`` too), so a userinfo may end at any ``@``
+    followed by a host, provided its user name (before the first ``:``) holds none of ``/ ? #``
+    (nor does a userinfo without ``:``). When readings differ (``https://h:1/p?token=a@b``: a
+    password ``1/p?token=a``, or a token ``a@b``), the secrets of all of them are masked."""
+    spans: list[tuple[int, int]] = []
+    authority_end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+    if "@" not in rest[:authority_end]:
+        spans += _param_spans(rest, 0)  # the reading without userinfo
+    at = -1
+    while (at := rest.find("@", at + 1)) >= 0:
         userinfo = rest[:at]
         user, colon, _ = userinfo.partition(":")
-        if _HOST.match(rest, at + 1) and not any(c in user for c in "/?#") and (colon or user == userinfo):
-            return userinfo, rest[at + 1:]
-    return "", rest
+        if userinfo and _HOST.match(rest, at + 1) and not any(c in user for c in "/?#") and (colon or user == userinfo):
+            spans.append((0, at))
+            spans += _param_spans(rest, at + 1)
+    return spans
 
 
 def _secret_param(name: str) -> bool:
@@ -222,35 +246,28 @@ def _secret_param(name: str) -> bool:
     return name in _SECRET_PARAMS or name.endswith(_SECRET_SUFFIXES)
 
 
-def _mask_params(text: str) -> str:
-    """``a=1&token=abc`` -> ``a=1&token=***``: the values of secret-named parameters masked."""
-    parts = []
-    for part in text.split("&"):
-        name, eq, value = part.partition("=")
-        parts.append(f"{name}={MASK}" if eq and value and _secret_param(name) else part)
-    return "&".join(parts)
-
-
 def safe_url(url: str) -> str:
     """``url`` fit for logs, headers and terminals: userinfo masked (``***@host``) whatever its
     characters, and the values of secret query (or fragment) parameters masked (``token=***``:
     token, access_token, api_key, apikey, key, password, secret, sig, signature, ``*_token``,
     ``*_key``, ..., any case). A URL without secrets comes back unchanged; text that is no
-    ``scheme://`` URL too."""
+    ``scheme://`` URL too. When in doubt it masks more: an ``@`` after a ``host:port``
+    (``https://host:8443/users/a@b.example``) reads as the end of a password."""
     start = _URL_START.match(url)
     if not start:
         return url
-    userinfo, rest = _split_userinfo(url[start.end():])
-    end = len(rest)
-    for delimiter in "/?#":
-        found = rest.find(delimiter)
-        if 0 <= found < end:
-            end = found
-    host, tail = rest[:end], rest[end:]
-    tail, hash_, fragment = tail.partition("#")
-    path, question, query = tail.partition("?")
-    masked = [start.group(1), f"{MASK}@" if userinfo else "", host, path]
-    masked += [question, _mask_params(query), hash_, _mask_params(fragment)]
+    prefix, rest = url[:start.end()], url[start.end():]
+    merged: list[list[int]] = []
+    for begin, end in sorted(_secret_spans(rest)):
+        if merged and begin <= merged[-1][1]:  # overlapping or adjacent: one mask
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    masked, position = [prefix], 0
+    for begin, end in merged:
+        masked += [rest[position:begin], MASK]
+        position = end
+    masked.append(rest[position:])
     return "".join(masked)
 
 

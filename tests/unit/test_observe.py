@@ -56,6 +56,9 @@ def test_safe_url_masks_userinfo_and_secret_parameters_only() -> None:
     assert safe_url("filesystem:///srv/var/broker") == "filesystem:///srv/var/broker"
     assert safe_url("https://fhir.example/Patient?email=a@b.example") == "https://fhir.example/Patient?email=a@b.example"
     assert safe_url("not a url: guest:pw@host") == "not a url: guest:pw@host"
+    # two readings (a password "1/p?token=a", or a token "a@b"): the secrets of both are masked
+    assert safe_url("https://h:1/p?token=a@b") == "https://***"
+    assert safe_url("https://u:2024#Spring@host/x?a=1") == "https://***@host/x?a=1"
 
 
 def test_mask_secrets_masks_every_url_in_an_error_message() -> None:
@@ -128,8 +131,9 @@ def test_a_query_token_never_survives_safe_url(host: str, port: str, path: str, 
     url = f"https://{host}{port}{path}{'#' if in_fragment else '?'}{params}"
     assume(token not in f"https://{host}{port}{path}?{before}&{name}=***&{after}")
     assert token not in safe_url(url)
-    assert f"{name}=***" in safe_url(url)
     assert token not in mask_secrets(f"GET {url}: 401")
+    if "@" not in token:  # with one, "host:port?token=a@b" may also read as a password "port?token=a"
+        assert f"{name}=***" in safe_url(url)
 
 
 @settings(max_examples=300, deadline=None)
