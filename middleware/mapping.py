@@ -229,6 +229,11 @@ class FieldRule:
         return self._finish(raw, tz)
 
     @property
+    def is_constant(self) -> bool:
+        """A ``value:`` rule (its value is known before any message)."""
+        return self.constant is not _UNSET
+
+    @property
     def target_parts(self) -> tuple[tuple[str, ...], str]:
         """(parent keys, leaf key) of the dotted target, split once."""
         cached: tuple[tuple[str, ...], str] | None = self.__dict__.get("_target_parts")
@@ -349,6 +354,9 @@ def compile_field(target: str, spec: Any, fmt: Format, lookups: Mapping[str, Loo
         text = spec["template"]
         if not isinstance(text, str):
             raise SpecError(f"{target}: template must be a string", "template")
+        if _TEMPLATE_PART.sub("", text).count("{") or _TEMPLATE_PART.sub("", text).count("}"):
+            raise SpecError(f"{target}: template {text!r} has unbalanced braces: each {{expression}} needs its "
+                            "own { and } (no nesting, no stray brace)", "template")
         parts = tuple((e, _compile_expr(fmt, e, "template")) for e in dict.fromkeys(_TEMPLATE_PART.findall(text)))
         return FieldRule(target, text, template=Template(text, parts), **common)
     exprs = spec["path"] if isinstance(spec["path"], list) else [spec["path"]]

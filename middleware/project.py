@@ -26,6 +26,7 @@ from middleware.formats import format_names, get_format
 from middleware.ingest import HttpListener, HttpRateLimit, MllpListener, MllpTls
 from middleware.ingest.peers import parse_networks
 from middleware.ingest.tls import server_context
+from middleware.mapcheck import check_map
 from middleware.mapping import LookupTable, SpecError, compile_condition, compile_field
 from middleware.observe import mask_secrets
 from middleware.route import DeliveryRule, EventRule, Route, subject_placeholders
@@ -80,17 +81,20 @@ class Project:
         raise KeyError(name_or_file)
 
 
-def load_project(root: Path | str = ".", env: Mapping[str, str] | None = None) -> Project:
-    """Load and validate the project in ``root``; raises :class:`ConfigError` with every problem."""
-    project, problems = check_project(root, env)
+def load_project(root: Path | str = ".", env: Mapping[str, str] | None = None, *, offline: bool = False) -> Project:
+    """Load and validate the project in ``root``; raises :class:`ConfigError` with every problem.
+    ``offline`` (``transform``, ``test``: nothing is delivered): a connector whose ``${VAR}`` is unset is
+    left out instead of being a problem."""
+    project, problems = check_project(root, env, offline=offline)
     if problems or project is None:
         raise ConfigError(problems)
     return project
 
 
-def check_project(root: Path | str = ".", env: Mapping[str, str] | None = None) -> tuple[Project | None, list[Problem]]:
+def check_project(root: Path | str = ".", env: Mapping[str, str] | None = None, *,
+                  offline: bool = False) -> tuple[Project | None, list[Problem]]:
     """Load the project and return it with every problem found (project is None if any)."""
-    return _Loader(Path(root), os.environ if env is None else env).load()
+    return _Loader(Path(root), os.environ if env is None else env, offline).load()
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -101,9 +105,10 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 class _Loader:
     """One load of one project; collects problems as it goes."""
 
-    def __init__(self, root: Path, env: Mapping[str, str]) -> None:
+    def __init__(self, root: Path, env: Mapping[str, str], offline: bool = False) -> None:
         self.root = root
         self.env = env
+        self.offline = offline  # nothing will be delivered: connectors' unset ${VAR}s do not matter
         self.problems: list[Problem] = []
         self.broken_connectors: set[str] = set()  # declared, but their file has problems
 
@@ -326,6 +331,11 @@ class _Loader:
         schema = project_schema.connector_schema(connector_types())
         for path in sorted((self.root / "connectors").glob("*.yaml")):
             doc = self._read(path, schema, with_env=True)
+            if self.offline and doc.problems and all(p.message.startswith("environment variable ")
+                                                     for p in doc.problems):
+                if isinstance(doc.data, dict) and isinstance(doc.data.get("connector"), str):
+                    self.broken_connectors.add(doc.data["connector"])  # routes may still name it
+                continue
             data = doc.data if not doc.problems else None
             if data is not None and data["connector"] in connectors:
                 other = connectors[data["connector"]]
@@ -482,6 +492,9 @@ class _RouteCompiler:
                 self.doc.problem((*at, "for_each"), f"for_each: {exc}")
         if schema is None:
             return None
+        if len(fields) == len(spec["map"]):  # (a field that did not compile is reported already)
+            for key, message in check_map(fields, schema.validator.schema):  # targets, types, enums, required
+                self.doc.problem((*at, "map", *key), f"{message} ({schema.event_type} v{schema.major})")
         return EventRule(spec["type"], spec["version"], schema, tuple(fields), when, subject, self.doc.line(at),
                          for_each=for_each)
 

@@ -26,10 +26,10 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def open_project(folder: Path) -> Project:
-    """Load the project or exit with its first problem."""
+def open_project(folder: Path, *, offline: bool = False) -> Project:
+    """Load the project or exit with its first problem (``offline``: see :func:`load_project`)."""
     try:
-        return load_project(folder)
+        return load_project(folder, offline=offline)
     except ConfigError as exc:
         fail(f"invalid project: {exc}")
     except MiddlewareError as exc:
