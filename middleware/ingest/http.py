@@ -49,7 +49,7 @@ from middleware.ingest import HttpListener, HttpRateLimit
 from middleware.ingest.http_bodies import FHIR_JSON, Body, accepted_types, media_type, read_body
 from middleware.ingest.http_openapi import openapi_document
 from middleware.ingest.peers import PeerFilter, parse_networks
-from middleware.ingest.publisher import Published, Publisher, new_id
+from middleware.ingest.publisher import FramingError, Published, Publisher, StreamResult, new_id
 from middleware.ingest.tls import server_context
 from middleware.observe import Metrics
 from middleware.project import Settings
@@ -62,6 +62,7 @@ TRACEPARENT_HEADER = "traceparent"
 CONTENT_TYPE_HEADER = "x-mw-http-content-type"  # the media type the caller sent (CSV rows arrive as JSON)
 RETRY_AFTER_BROKER = 5  # seconds a caller is asked to wait after a 503
 _WATCH_SECONDS = 0.05  # how often a request waiting for confirms looks at the broker connection
+_INLINE_BYTES = 65_536  # bodies up to this size are split and parsed on the event loop (a thread hop costs more)
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -386,14 +387,17 @@ class HttpGateway:
         if not self.broker.connected:
             raise _unavailable(correlation_id, "the broker is not connected")
         losses = self.broker.connection_losses
-        body = await asyncio.to_thread(read_body, raw, kind, route.format)
+        body = (read_body(raw, kind, route.format) if len(raw) <= _INLINE_BYTES
+                else await asyncio.to_thread(read_body, raw, kind, route.format))
         headers = {CONTENT_TYPE_HEADER: kind, **extra_headers}
         records = [replace(r, headers={**r.headers, **headers}) for r in body.records]
         done: list[Published] = []
         publisher = self.publishers[route.name]
-        task = asyncio.ensure_future(publisher.publish_stream(
-            io.BytesIO(b""), source=self.source, correlation_id=correlation_id, on_published=done.append,
-            split=_given(records, body)))
+        task = asyncio.ensure_future(_publish_one(publisher, records[0], self.source, correlation_id, done)
+                                     if len(records) == 1 and records[0].position is None else
+                                     publisher.publish_stream(io.BytesIO(b""), source=self.source,
+                                                              correlation_id=correlation_id,
+                                                              on_published=done.append, split=_given(records, body)))
         deadline = time.monotonic() + self.listener.confirm_timeout
         while not task.done():
             await asyncio.wait({task}, timeout=_WATCH_SECONDS)
@@ -407,8 +411,11 @@ class HttpGateway:
                 why = ("the broker connection was lost" if lost
                        else f"no confirm from the broker within {self.listener.confirm_timeout:g} s")
                 raise _unavailable(correlation_id, why, sent=len(done), total=len(records))
-        result = task.result()
-        if result.error is not None or not result.complete:
+        try:
+            result = task.result()
+        except BrokerError:
+            result = None
+        if result is None or result.error is not None or not result.complete:
             raise _unavailable(correlation_id, "the broker failed", sent=len(done), total=len(records))
         dead = [{"position": p.position, "message_id": p.message_id, "detail": p.error}
                 for p in done if p.dead_lettered]
@@ -432,6 +439,20 @@ class HttpGateway:
         if dead:
             payload["dead_lettered"] = dead
         return Answer(202, orjson.dumps(payload), "application/json", cid_header)
+
+
+async def _publish_one(publisher: Publisher, record: Record, source: str, correlation_id: str,
+                       done: list[Published]) -> StreamResult:
+    """A body that is one message: published (or dead-lettered) without the batch machinery."""
+    message_id = new_id()
+    if record.error is None:
+        await publisher.publish(record.raw, source=source, correlation_id=correlation_id,
+                                headers=record.headers, message_id=message_id)
+    else:
+        await publisher.dead_letter(record.raw, FramingError(record.error), source=source,
+                                    correlation_id=correlation_id, headers=record.headers, message_id=message_id)
+    done.append(Published(correlation_id, None, record.error is not None, record.error, message_id))
+    return StreamResult(published=int(record.error is None), dead_lettered=int(record.error is not None))
 
 
 def _given(records: list[Record], body: Body) -> Any:
