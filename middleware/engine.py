@@ -7,7 +7,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from middleware.broker import make_broker, naming
+from middleware import topology
+from middleware.broker import make_broker
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage
 from middleware.delivery.base import Connector, ConnectorSpec, make_connector
 from middleware.ingest.http import HttpGateway
@@ -15,38 +16,20 @@ from middleware.ingest.mllp import MllpGateway
 from middleware.observe import Metrics, safe_url
 from middleware.project import Project, Settings
 from middleware.route import Route
+from middleware.topology import RouteTopology, Topology
 from middleware.workers import DeliveryWorker, RouteWorker
 
 log = logging.getLogger("middleware.engine")
 
 
 async def declare_route_topology(broker: Broker, route: Route, settings: Settings) -> None:
-    """Declare a route's inbound, delivery and dead-letter queues, the events exchange and bindings.
-
-    Publishers (the ``publish`` command, gateways) call this too, so that every declaration of a
-    queue carries the same arguments.
-    """
-    prefix = settings.queue_prefix
-    dlq = naming.dead_letter_queue(route.name, prefix)
-    await broker.declare_queue(dlq, kind="dead-letter")
-    await broker.declare_queue(naming.inbound_queue(route.source_queue, prefix), kind="work",
-                               dead_letter_to=dlq, delivery_limit=settings.delivery_limit)
-    exchange = naming.events_exchange(prefix)
-    await broker.declare_exchange(exchange)
-    for rule in route.deliver:
-        queue = naming.delivery_queue(route.name, rule.connector, prefix)
-        await broker.declare_queue(queue, kind="work", dead_letter_to=dlq, delivery_limit=settings.delivery_limit)
-        await broker.bind(queue, exchange, f"{route.name}.#")
+    """Declare a route's queues, the events exchange and bindings (:func:`middleware.topology.declare`)."""
+    await topology.declare(broker, RouteTopology.of(route, settings.queue_prefix), settings.delivery_limit)
 
 
 def project_queues(project: Project) -> list[str]:
     """Every work queue of the project: inbound and delivery queues (dead-letter queues excluded)."""
-    prefix = project.settings.queue_prefix
-    queues = []
-    for route in project.routes.values():
-        queues.append(naming.inbound_queue(route.source_queue, prefix))
-        queues += [naming.delivery_queue(route.name, d.connector, prefix) for d in route.deliver]
-    return queues
+    return Topology.of(project.routes.values(), project.settings.queue_prefix).work_queues
 
 
 @dataclass
@@ -83,6 +66,7 @@ class Engine:
                  connector_specs: Mapping[str, ConnectorSpec] | None = None, gateways: bool = True) -> None:
         self.project = project
         self.settings = project.settings
+        self.topology = Topology.of(project.routes.values(), self.settings.queue_prefix)
         self.broker = broker or make_broker(self.settings.broker_url, self.settings.broker_tls)
         self.metrics = metrics or Metrics()
         specs = {**project.connectors, **(connector_specs or {})}
@@ -104,8 +88,8 @@ class Engine:
         Listeners bind first: a port that is taken fails the start before any message is taken.
         """
         await self.broker.connect()
-        for route in self.project.routes.values():
-            await declare_route_topology(self.broker, route, self.settings)
+        for route_topology in self.topology:
+            await topology.declare(self.broker, route_topology, self.settings.delivery_limit)
         for connector in self.connectors.values():
             await connector.start()
         if self._start_gateways:
@@ -169,7 +153,7 @@ class Engine:
         """True when nothing is in flight and every inbound and delivery queue is empty."""
         if self.in_flight:
             return False
-        for queue in project_queues(self.project):
+        for queue in self.topology.work_queues:
             if (await self.broker.queue_info(queue)).messages:
                 return False
         return self.in_flight == 0

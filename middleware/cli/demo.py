@@ -25,14 +25,16 @@ from aiohttp import web
 from rich.console import Console
 from rich.table import Table
 
-from middleware.broker import make_broker, naming
+from middleware import topology
+from middleware.broker import make_broker
 from middleware.cli.common import JsonOption, ProjectOption, fail, open_project, print_json
 from middleware.cli.publish import publish_files
 from middleware.delivery.base import ConnectorSpec
-from middleware.engine import Engine, project_queues
+from middleware.engine import Engine
 from middleware.errors import BrokerError
 from middleware.observe import configure_logging, safe_url
 from middleware.project import Project
+from middleware.topology import Topology
 
 
 class LocalSink:
@@ -87,26 +89,19 @@ async def _wait_until_idle(engine: Engine, timeout: float) -> bool:
 
 
 def demo_topology(project: Project) -> tuple[list[str], list[str]]:
-    """(queues, exchanges) the demo declares for ``project``: every route's inbound, delivery and
-    dead-letter queue, and the events exchange."""
-    prefix = project.settings.queue_prefix
-    queues = project_queues(project) + [naming.dead_letter_queue(name, prefix) for name in sorted(project.routes)]
-    return list(dict.fromkeys(queues)), [naming.events_exchange(prefix)]
+    """(queues, exchanges) the demo declares for ``project``: its :class:`Topology`."""
+    names = Topology.of(project.routes.values(), project.settings.queue_prefix)
+    return names.queues, names.exchanges
 
 
 async def remove_topology(project: Project) -> list[str]:
-    """Delete every queue and exchange of :func:`demo_topology` (messages in them too); their names."""
-    queues, exchanges = demo_topology(project)
+    """Delete every queue and exchange of the project's topology (messages in them too); their names."""
     broker = make_broker(project.settings.broker_url)
     await broker.connect()
     try:
-        for queue in queues:
-            await broker.delete_queue(queue)
-        for exchange in exchanges:
-            await broker.delete_exchange(exchange)
+        return await topology.delete(broker, Topology.of(project.routes.values(), project.settings.queue_prefix))
     finally:
         await broker.close()
-    return queues + exchanges
 
 
 async def run_demo(project: Project, timeout: float) -> dict[str, object]:
@@ -134,9 +129,8 @@ async def run_demo(project: Project, timeout: float) -> dict[str, object]:
                 published[route.name] = len(await publish_files(project, files, route.source_queue))
         idle = await _wait_until_idle(engine, timeout)
         dead_letters = {}
-        for name in project.routes:
-            info = await engine.broker.queue_info(naming.dead_letter_queue(name, settings.queue_prefix))
-            dead_letters[name] = info.messages
+        for names in engine.topology:
+            dead_letters[names.route] = (await engine.broker.queue_info(names.dead_letter)).messages
     finally:
         try:
             await engine.stop()
@@ -153,7 +147,7 @@ async def run_demo(project: Project, timeout: float) -> dict[str, object]:
         "events": int(m.total("middleware_events_published", route=name)),
         "delivered": int(m.total("middleware_events_delivered", route=name)),
         "dead_lettered": int(m.total("middleware_dead_lettered", route=name)),
-        "dead_letter_queue": naming.dead_letter_queue(name, settings.queue_prefix),
+        "dead_letter_queue": engine.topology.route(name).dead_letter,
         "dead_letters_waiting": dead_letters[name],
     } for name in sorted(project.routes)]
     outputs = []

@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from middleware.audit import AuditLog
-from middleware.broker import make_broker, naming
+from middleware.broker import make_broker
 from middleware.broker.base import Broker
 from middleware.cli.common import JsonOption, ProjectOption, fail, open_project, print_json
 from middleware.deadletter import (
@@ -47,6 +47,7 @@ from middleware.deadletter import (
 from middleware.errors import BrokerError, MiddlewareError
 from middleware.observe import mask_secrets
 from middleware.project import Project
+from middleware.topology import Topology
 
 T = TypeVar("T")
 
@@ -134,7 +135,8 @@ def _queues(project: Project, routes: list[str] | None) -> list[tuple[str, str]]
     unknown = [name for name in names if name not in project.routes]
     if unknown:
         fail(f"unknown route {unknown[0]!r}; routes: {', '.join(sorted(project.routes))}")
-    return [(name, naming.dead_letter_queue(name, project.settings.queue_prefix)) for name in names]
+    topology = Topology.of(project.routes.values(), project.settings.queue_prefix)
+    return [(name, topology.route(name).dead_letter) for name in names]
 
 
 async def _depth(broker: Broker, queue: str) -> int:

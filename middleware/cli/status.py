@@ -42,13 +42,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from middleware.broker import make_broker, naming
+from middleware.broker import make_broker
 from middleware.broker.base import Broker
 from middleware.cli.common import JsonOption, ProjectOption, fail, open_project, print_json
 from middleware.errors import BrokerError
 from middleware.observe import safe_url
 from middleware.project import Project
 from middleware.tls import TlsOptions
+from middleware.topology import Topology
 
 CONNECT_TIMEOUT = 15.0
 METRICS_TIMEOUT = 2.0
@@ -102,15 +103,12 @@ class Counters:
 
 def route_queues(project: Project) -> list[RouteStatus]:
     """Every queue of every route, in the order status shows them (no numbers yet)."""
-    prefix = project.settings.queue_prefix
     result = []
-    for name in sorted(project.routes):
-        route = project.routes[name]
-        queues = [QueueStatus(naming.inbound_queue(route.source_queue, prefix), "inbound")]
-        queues += [QueueStatus(naming.delivery_queue(name, d.connector, prefix), "delivery", d.connector)
-                   for d in route.deliver]
-        queues.append(QueueStatus(naming.dead_letter_queue(name, prefix), "dead-letter"))
-        result.append(RouteStatus(name, queues))
+    for route in Topology.of(project.routes.values(), project.settings.queue_prefix):
+        queues = [QueueStatus(route.inbound, "inbound")]
+        queues += [QueueStatus(queue, "delivery", connector) for connector, queue in route.deliveries.items()]
+        queues.append(QueueStatus(route.dead_letter, "dead-letter"))
+        result.append(RouteStatus(route.route, queues))
     return result
 
 

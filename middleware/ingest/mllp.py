@@ -45,7 +45,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from middleware.broker import naming
+from middleware import topology
 from middleware.broker.base import Broker, OutgoingMessage
 from middleware.deadletter import dead_letter_body
 from middleware.errors import BrokerError, ConfigError, ParseError, Problem
@@ -57,6 +57,7 @@ from middleware.ingest.tls import server_context
 from middleware.observe import Metrics
 from middleware.project import Settings
 from middleware.route import Route
+from middleware.topology import RouteTopology
 
 log = logging.getLogger("middleware.ingest.mllp")
 
@@ -272,9 +273,9 @@ class MllpGateway:
         self.metrics = metrics
         self.confirm_timeout = confirm_timeout
         self.drain_timeout = settings.drain_timeout if drain_timeout is None else drain_timeout
-        prefix = settings.queue_prefix
-        self.queue = naming.inbound_queue(listener.queue, prefix)
-        self.dead_letter_queue = naming.dead_letter_queue(route.name, prefix)
+        self.topology = RouteTopology.of(route, settings.queue_prefix)
+        self.queue = self.topology.inbound  # the loader checked that route consumes listener.queue
+        self.dead_letter_queue = self.topology.dead_letter
         self.source = f"mllp:{listener.name}"
         self.port = listener.port  # the bound port once started (useful with port 0)
         self._server: asyncio.Server | None = None
@@ -290,9 +291,7 @@ class MllpGateway:
     async def start(self, *, declare: bool = True) -> None:
         """Declare the route's queues (unless ``declare`` is False) and start listening."""
         if declare:
-            from middleware.engine import declare_route_topology
-
-            await declare_route_topology(self.broker, self.route, self.settings)
+            await topology.declare(self.broker, self.topology, self.settings.delivery_limit)
         if self.listener.tls is not None:
             try:
                 self._tls = server_context(self.listener.tls)

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from middleware.broker import Broker, OutgoingMessage, naming
+from middleware.broker import Broker, OutgoingMessage
 from middleware.deadletter import dead_letter_body
 from middleware.errors import BrokerError, ParseError
 from middleware.formats import Record, SplitInfo
 from middleware.project import Settings
 from middleware.route import Route
+from middleware.topology import RouteTopology, declare
 
 log = logging.getLogger("middleware.ingest")
 
@@ -92,15 +93,14 @@ class Publisher:
         self.route = route
         self.settings = settings
         self.window = max(window, 1)
-        self.queue = naming.inbound_queue(route.source_queue, settings.queue_prefix)
-        self.dead_letter_queue = naming.dead_letter_queue(route.name, settings.queue_prefix)
+        self.topology = RouteTopology.of(route, settings.queue_prefix)
+        self.queue = self.topology.inbound
+        self.dead_letter_queue = self.topology.dead_letter
         self.content_type = CONTENT_TYPES.get(route.format.name, "application/octet-stream")
 
     async def declare(self) -> None:
         """Declare the route's queues (the same arguments as the engine's declarations)."""
-        from middleware.engine import declare_route_topology  # the engine imports gateways
-
-        await declare_route_topology(self.broker, self.route, self.settings)
+        await declare(self.broker, self.topology, self.settings.delivery_limit)
 
     async def publish(self, raw: bytes, *, source: str, correlation_id: str | None = None,
                       headers: Mapping[str, Any] | None = None, message_id: str | None = None) -> str:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from middleware.broker import make_broker, naming
+from middleware import topology
+from middleware.broker import make_broker
 from middleware.broker.base import Broker
-from middleware.engine import Engine, project_queues
+from middleware.engine import Engine
 from middleware.project import Project, load_project
+from middleware.topology import Topology
 
 from ..conftest import Sink
 
@@ -55,12 +57,7 @@ async def broker(rabbit_project: Project) -> AsyncIterator[Broker]:
     client = make_broker(rabbit_project.settings.broker_url)
     await client.connect()
     yield client
-    prefix = rabbit_project.settings.queue_prefix
-    for queue in project_queues(rabbit_project):
-        await client.delete_queue(queue)
-    for route in rabbit_project.routes.values():
-        await client.delete_queue(naming.dead_letter_queue(route.name, prefix))
-    await client.delete_exchange(naming.events_exchange(prefix))
+    await topology.delete(client, Topology.of(rabbit_project.routes.values(), rabbit_project.settings.queue_prefix))
     await client.close()
 
 

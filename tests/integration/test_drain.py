@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from middleware import topology
 from middleware.broker import make_broker, naming
 from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
 from middleware.cli.publish import publish_files
@@ -27,6 +28,7 @@ from middleware.engine import Engine, declare_route_topology
 from middleware.errors import BrokerError
 from middleware.observe import Metrics
 from middleware.project import Project, load_project
+from middleware.topology import Topology
 from middleware.workers import RouteWorker
 
 from .conftest import REPO
@@ -118,13 +120,7 @@ async def cleanup(rabbit_env: dict[str, str]) -> AsyncIterator[list[Project]]:
             continue
         client = make_broker(project.settings.broker_url)
         await client.connect()
-        prefix = project.settings.queue_prefix
-        for route in project.routes.values():
-            await client.delete_queue(naming.inbound_queue(route.source_queue, prefix))
-            for rule in route.deliver:
-                await client.delete_queue(naming.delivery_queue(route.name, rule.connector, prefix))
-            await client.delete_queue(naming.dead_letter_queue(route.name, prefix))
-        await client.delete_exchange(naming.events_exchange(prefix))
+        await topology.delete(client, Topology.of(project.routes.values(), project.settings.queue_prefix))
         await client.close()
 
 

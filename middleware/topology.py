@@ -1,0 +1,137 @@
+"""Every queue and exchange name of a route, in one object built from the naming rules.
+
+:mod:`middleware.broker.naming` holds the rules (one function per kind of name); a
+:class:`RouteTopology` applies them to one route and a :class:`Topology` to a whole project.
+Declaring (the engine, the publisher, gateways), ``status``, ``dlq``, the demo's clean-up and the
+tests' clean-up read queue lists from here; nothing else builds them.
+
+    topology = Topology.of(project.routes.values(), project.settings.queue_prefix)
+    topology.route("adt-inbound").dead_letter   # "adt-inbound.dlq"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from middleware.broker import naming
+from middleware.broker.base import Broker
+
+if TYPE_CHECKING:
+    from middleware.route import Route
+
+
+@dataclass(frozen=True)
+class RouteTopology:
+    """The names of one route's queues and exchange (``prefix`` already applied).
+
+    ``deliveries`` maps each connector the route delivers to onto its delivery queue, in the
+    route's ``deliver:`` order.
+    """
+
+    route: str
+    prefix: str
+    inbound: str
+    exchange: str
+    deliveries: Mapping[str, str]
+    dead_letter: str
+
+    @classmethod
+    def of(cls, route: Route, prefix: str = "") -> RouteTopology:
+        """The topology of ``route`` under ``prefix``."""
+        return cls(route=route.name, prefix=prefix,
+                   inbound=naming.inbound_queue(route.source_queue, prefix),
+                   exchange=naming.events_exchange(prefix),
+                   deliveries={rule.connector: naming.delivery_queue(route.name, rule.connector, prefix)
+                               for rule in route.deliver},
+                   dead_letter=naming.dead_letter_queue(route.name, prefix))
+
+    @property
+    def binding_key(self) -> str:
+        """The routing-key pattern binding each delivery queue to the events exchange."""
+        return f"{self.route}.#"
+
+    def delivery(self, connector: str) -> str:
+        """The delivery queue to ``connector``; raises ``KeyError`` if the route does not deliver there."""
+        return self.deliveries[connector]
+
+    def delay(self, connector: str, seconds: int) -> str:
+        """The delay queue of a delivery to ``connector`` waiting ``seconds`` (issue 11 declares them)."""
+        self.delivery(connector)  # an unknown connector is a KeyError here too
+        return naming.delay_queue(self.route, connector, seconds, self.prefix)
+
+    def partition(self, connector: str, partition: int) -> str:
+        """Partition queue ``partition`` of an ordered delivery to ``connector``."""
+        self.delivery(connector)
+        return naming.partition_queue(self.route, connector, partition, self.prefix)
+
+    @property
+    def work_queues(self) -> list[str]:
+        """Queues that workers consume: inbound, then each delivery queue."""
+        return [self.inbound, *self.deliveries.values()]
+
+    @property
+    def queues(self) -> list[str]:
+        """Every queue the route declares: inbound, delivery queues, dead letters."""
+        return [*self.work_queues, self.dead_letter]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The topology of every route of a project, by route name (sorted)."""
+
+    routes: Mapping[str, RouteTopology]
+    prefix: str = ""
+
+    @classmethod
+    def of(cls, routes: Iterable[Route], prefix: str = "") -> Topology:
+        """The topology of ``routes`` under ``prefix`` (``project.routes.values()``)."""
+        return cls({r.name: RouteTopology.of(r, prefix) for r in sorted(routes, key=lambda r: r.name)}, prefix)
+
+    def route(self, name: str) -> RouteTopology:
+        """One route's topology; raises ``KeyError`` for an unknown route."""
+        return self.routes[name]
+
+    def __iter__(self) -> Iterator[RouteTopology]:
+        return iter(self.routes.values())
+
+    @property
+    def work_queues(self) -> list[str]:
+        """Every inbound and delivery queue (what ``is_idle`` and ``status`` watch)."""
+        return [queue for route in self for queue in route.work_queues]
+
+    @property
+    def queues(self) -> list[str]:
+        """Every queue of every route, dead-letter queues included (what clean-up deletes)."""
+        return list(dict.fromkeys(queue for route in self for queue in route.queues))
+
+    @property
+    def exchanges(self) -> list[str]:
+        """Every exchange the routes declare."""
+        return [naming.events_exchange(self.prefix)]
+
+
+async def declare(broker: Broker, topology: RouteTopology, delivery_limit: int) -> None:
+    """Declare a route's dead-letter, inbound and delivery queues, the events exchange and bindings.
+
+    The engine, the publisher and the gateways all declare through this, so every declaration of a
+    queue carries the same arguments (RabbitMQ refuses a redeclaration with different ones).
+    """
+    await broker.declare_queue(topology.dead_letter, kind="dead-letter")
+    await broker.declare_queue(topology.inbound, kind="work", dead_letter_to=topology.dead_letter,
+                               delivery_limit=delivery_limit)
+    await broker.declare_exchange(topology.exchange)
+    for queue in topology.deliveries.values():
+        await broker.declare_queue(queue, kind="work", dead_letter_to=topology.dead_letter,
+                                   delivery_limit=delivery_limit)
+        await broker.bind(queue, topology.exchange, topology.binding_key)
+
+
+async def delete(broker: Broker, topology: Topology) -> list[str]:
+    """Delete every queue and exchange of ``topology`` (messages in them too); their names."""
+    for queue in topology.queues:
+        await broker.delete_queue(queue)
+    for exchange in topology.exchanges:
+        await broker.delete_exchange(exchange)
+    return [*topology.queues, *topology.exchanges]
