@@ -552,7 +552,8 @@ class FhirPath:
             values = self.branches[0].read(document)
         else:
             values = [v for branch in self.branches for v in branch.read(document)]
-        return [v for v in values if v is not None and v != "" and v != [] and v != {}]
+        # a truthy value is kept at once; of the falsy ones only 0 / 0.0 / false are values
+        return [v for v in values if v or (v is not None and v != "" and type(v) not in (list, dict))]
 
 
 def compile_path(expr: str) -> FhirPath:
