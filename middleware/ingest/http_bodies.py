@@ -4,10 +4,10 @@ Which media types a route takes depends on its ``source.format`` (:func:`accepte
 becomes records here: HL7 v2 bodies through the format's own splitter (a batch file gives one
 record per message), a JSON body as one document (or as many as the format's splitter makes of it),
 NDJSON one document per non-empty line, CSV one JSON object per row keyed by the header row (for
-``json`` routes). Every record is parsed once with the route's format, so a record that is not a
-message is dead-lettered with its reason instead of being published; :class:`Body` also tells a
-body that cannot even be read as its media type (400) from one that reads but is not a message
-of the route's format (422).
+``json`` routes; a dotted header such as ``patient.mrn`` makes nested objects). Every record is
+parsed once with the route's format, so a record that is not a message is dead-lettered with its
+reason instead of being published; :class:`Body` also tells a body that cannot even be read as
+its media type (400) from one that reads but is not a message of the route's format (422).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from __future__ import annotations
 import codecs
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -122,6 +123,10 @@ def _csv(raw: bytes, body: Body) -> Iterator[Record]:
         yield Record(raw, error="CSV body has no header row")
         return
     names = [name.strip() for name in header]
+    clash = _clash(names)
+    if clash:
+        yield Record(raw, error=clash)
+        return
     position = 0
     for row in rows:
         if not any(cell.strip() for cell in row):
@@ -132,7 +137,34 @@ def _csv(raw: bytes, body: Body) -> Iterator[Record]:
             yield Record(_row_bytes(row), position, f"CSV row {position} has {len(row)} fields, "
                                                     f"the header has {len(names)}")
             continue
-        yield Record(orjson.dumps({n: v for n, v in zip(names, row, strict=True) if v != ""}), position)
+        yield Record(orjson.dumps(_nest((n, v) for n, v in zip(names, row, strict=True) if v != "")), position)
+
+
+def _clash(names: list[str]) -> str | None:
+    """Why the header cannot name JSON keys (empty, repeated, or ``a`` beside ``a.b``), or None."""
+    seen = set(names)
+    for name in names:
+        if not name or "" in name.split("."):
+            return f"CSV header has an empty column name ({name!r})"
+        parts = name.split(".")
+        for end in range(1, len(parts)):
+            if ".".join(parts[:end]) in seen:
+                return f"CSV header names both {'.'.join(parts[:end])!r} and {name!r}"
+    if len(seen) != len(names):
+        return "CSV header repeats a column name"
+    return None
+
+
+def _nest(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """``[("patient.mrn", "M1")]`` -> ``{"patient": {"mrn": "M1"}}``."""
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        *path, last = name.split(".")
+        target = out
+        for key in path:
+            target = target.setdefault(key, {})
+        target[last] = value
+    return out
 
 
 def _row_bytes(row: list[str]) -> bytes:

@@ -231,3 +231,12 @@ def test_a_listener_without_auth_is_refused_by_the_schema(project: Path) -> None
     config = project / "config" / "middleware.yaml"
     config.write_text(config.read_text().replace("  mllp:", "    - {name: open, port: 9999}\n  mllp:"))
     assert any("missing key: 'auth'" in p for p in problems(project))
+
+
+def test_a_dotted_csv_header_makes_nested_objects_and_a_clashing_header_is_unreadable() -> None:
+    read = read_body(b"referralId,patient.mrn,patient.name.family\nREF-3,MRN-3,Lind\n", "text/csv", get_format("json"))
+    assert [orjson.loads(r.raw) for r in read.records] == [
+        {"referralId": "REF-3", "patient": {"mrn": "MRN-3", "name": {"family": "Lind"}}}]
+    for header in (b"patient,patient.mrn", b"a,a", b"a,,b", b"a..b"):
+        clashing = read_body(header + b"\n1,2,3\n", "text/csv", get_format("json"))
+        assert clashing.unreadable == 1 and "header" in str(clashing.records[0].error), header
