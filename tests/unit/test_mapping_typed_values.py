@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 from middleware.formats import get_format
 from middleware.formats.hl7v2 import parse
@@ -98,3 +102,22 @@ def test_typed_by_is_checked_when_the_route_is_loaded() -> None:
                           ({"path": "Observation.value", "typed_by": "x"}, "not available for format fhir")]:
         with pytest.raises(SpecError, match=message):
             compile_field("v", spec, fhir if "Observation" in spec["path"] else hl7, {})
+
+
+_SCHEMA = json.loads((REPO / "schemas" / "result.reported" / "1.json").read_text())
+_VALUE = Draft202012Validator({"$defs": _SCHEMA["$defs"],
+                               **_SCHEMA["properties"]["observations"]["items"]["properties"]["value"]})
+_MESSAGE = parse(b"MSH|^~\\&|A|B|C|D|20260101||ORU^R01|1|P|2.5.1")
+_TYPES = ["NM", "SN", "CE", "CWE", "CNE", "CF", "ST", "TX", "FT", "DT", "DTM", "TS", "ED", "RP", "XTN", "CX", "",
+          "ZZ"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(datatype=st.sampled_from(_TYPES),
+       raw=st.text(alphabet=st.sampled_from(list("^~&\\|0123456789.:<>=+-/ AZaz\"")), max_size=40))
+def test_every_typed_value_fits_the_schema_union(datatype: str, raw: str) -> None:
+    """Whatever a sender puts in OBX-5, the typed value is valid for result.reported v1 (or absent)."""
+    field = raw.replace("|", "")
+    value = typed_value(_MESSAGE, field, datatype)
+    if value is not None:
+        _VALUE.validate(value)
