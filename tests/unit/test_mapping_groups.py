@@ -6,8 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from middleware.errors import MappingError, SchemaValidationError
+from middleware.formats import get_format
 from middleware.formats.hl7v2 import parse
 from middleware.formats.hl7v2_groups import own_segments, spans
 from middleware.project import Project, load_project
@@ -160,3 +163,23 @@ def test_schema_errors_name_the_group(project: Project) -> None:
               "OBR|2|PL-2||2345-7", "OBX|1|NM|||5.1")
     with pytest.raises((MappingError, SchemaValidationError), match=r"OBR\[2\]"):
         run(project, "results-inbound", raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.lists(st.sampled_from(["PID", "PD1", "PV1", "ORC", "TQ1", "OBR", "NTE", "OBX", "PRT", "SPM", "MRG",
+                                      "ZX1", "AIS", "AIP"]), max_size=25),
+       anchor=st.sampled_from(["OBR", "ORC", "OBX", "PID", "MRG", "AIS"]))
+def test_groups_are_disjoint_and_hold_exactly_their_anchor(body: list[str], anchor: str) -> None:
+    message = parse(hl7("MSH|^~\\&|A|B|C|D|20260101||ORU^R01|1|P|2.5.1",
+                        *(f"{sid}|{n}" for n, sid in enumerate(body, start=1))))
+    segments = message.segments
+    anchors = [i for i, s in enumerate(segments) if s.id == anchor]
+    header_end, found = spans(segments, anchors, anchor)
+    assert [a for _, a, _ in found] == anchors
+    covered = [i for start, _, end in found for i in range(start, end)]
+    assert len(covered) == len(set(covered))  # no segment in two groups
+    for start, position, end in found:
+        assert start <= position < end and [s.id for s in segments[start:end]].count(anchor) == 1
+        assert start >= header_end
+    views = get_format("hl7v2").each(message, anchor)
+    assert [v.all(anchor) for v in views] == [[segments[a]] for a in anchors]  # each group reads its own anchor
