@@ -6,7 +6,8 @@ per anchor segment. Which segments belong to a group follows the HL7 abstract me
 - a group may start just before its anchor with *leaders*: ``[ORC] OBR`` (ORU_R01 ORDER_OBSERVATION),
   ``ORC [TQ1 {TQ2}] OBR`` (OML_O21), ``PID [PD1] MRG`` (ADT_A40 PATIENT);
 - a *leaf* group holds its anchor and only the segments that annotate it: ``OBX {NTE} {PRT}``
-  (OBSERVATION), ``AIS {NTE}`` and the other SIU resources;
+  (OBSERVATION), ``AIS {NTE}`` and the other SIU resources, ``SPM {OBX {NTE}}`` (SPECIMEN: an OBX
+  after an SPM describes the specimen, it is not one of the order's observations);
 - any other group runs up to the next group, or up to a segment of a kind that came before the first
   group (its parents: the next patient's PID in an ORU with several patients);
 - NTE, PRT, OBX and Z segments occur at several levels (patient, order, observation): they never end a
@@ -34,6 +35,7 @@ LEAF_MEMBERS: dict[str, frozenset[str]] = {
     "OBX": frozenset({"NTE", "PRT"}),
     **dict.fromkeys(("AIS", "AIG", "AIL", "AIP"), frozenset({"NTE"})),
     "TQ1": frozenset({"TQ2"}),
+    "SPM": frozenset({"OBX", "NTE", "PRT"}),  # SPECIMEN = SPM {OBX {NTE}}: the specimen's observations
 }
 MULTI_LEVEL = frozenset({"NTE", "PRT", "OBX"})  # found at several levels of one message
 
