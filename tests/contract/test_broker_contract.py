@@ -481,3 +481,34 @@ async def test_embedded_broker_removes_temporary_files_of_killed_publishers(tmp_
     finally:
         os.close(writer)
         await client.close()
+
+
+async def test_embedded_broker_commits_concurrent_publishes_together_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publishes waiting at the same time share one folder fsync (group commit), keep their order,
+    and each is confirmed only once its file is durable under its final name."""
+    import stat
+
+    folder_syncs = 0
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        nonlocal folder_syncs
+        folder_syncs += stat.S_ISDIR(os.fstat(fd).st_mode)
+        real_fsync(fd)
+
+    client = make_broker(f"filesystem://{tmp_path}/broker")
+    await client.connect()
+    await client.declare_queue("work")
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    await asyncio.gather(*(client.publish(OutgoingMessage(f"m{n}".encode()), queue="work") for n in range(300)))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert folder_syncs <= 3  # one per group, not one per message
+    queues = tmp_path / "broker" / "queues"
+    assert not [name for name in os.listdir(queues) if name.endswith(".tmp")]
+    bodies = []
+    while (message := await client.get("work")) is not None:
+        bodies.append(message.body)
+        await message.ack()
+    assert bodies == [f"m{n}".encode() for n in range(300)]
+    await client.close()
