@@ -95,7 +95,7 @@ async def pipeline(url: str, prefix: str, messages: list[bytes], out: Path) -> t
                                 deliver=tuple(d for d in project.routes["adt-inbound"].deliver
                                               if d.connector == "bed-board"))
     bed_board = dataclasses.replace(project.connectors["bed-board"], options={"path": str(out)})
-    settings = dataclasses.replace(project.settings, mllp=())
+    settings = dataclasses.replace(project.settings, ingest={})
     project = dataclasses.replace(project, routes={"adt-inbound": route}, settings=settings,
                                   connectors={"bed-board": bed_board})
     engine = Engine(project, gateways=False)

@@ -11,8 +11,7 @@ from middleware import topology
 from middleware.broker import make_broker
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage
 from middleware.delivery.base import Connector, ConnectorSpec, make_connector
-from middleware.ingest.http import HttpGateway
-from middleware.ingest.mllp import MllpGateway
+from middleware.ingest import Gateway, GatewayContext, make_gateway
 from middleware.observe import Metrics, safe_url
 from middleware.project import Project, Settings
 from middleware.route import Route
@@ -57,9 +56,9 @@ class Engine:
     """Runs every route of a project: one consumer per inbound and per delivery queue.
 
     ``connector_specs`` replaces connectors by name (the demo points http connectors at a local
-    sink this way). With ``gateways`` (default) it also starts the ``ingest.mllp`` and ``ingest.http`` listeners,
-    before the workers (a taken port fails the start before anything is consumed); the demo
-    passes False.
+    sink this way). With ``gateways`` (default) it also starts every ``ingest.<kind>[]`` listener
+    (MLLP, HTTP, any registered gateway), before the workers (a taken port fails the start before
+    anything is consumed); the demo passes False.
     """
 
     def __init__(self, project: Project, *, broker: Broker | None = None, metrics: Metrics | None = None,
@@ -74,7 +73,7 @@ class Engine:
         self.connectors: dict[str, Connector] = {name: make_connector(specs[name]) for name in sorted(used)}
         self._consumers: list[Consumer] = []
         self._start_gateways = gateways
-        self.gateways: list[MllpGateway | HttpGateway] = []
+        self.gateways: list[Gateway] = []
         self._tracked = _Tracked()
         self._tracked.idle.set()
 
@@ -109,15 +108,13 @@ class Engine:
         self._consumers.append(await self.broker.consume(queue, self._tracked.wrap(handler), prefetch=prefetch))
 
     async def _start_listeners(self) -> None:
-        routes = {route.source_queue: route for route in self.project.routes.values()}
-        for listener in self.settings.mllp:
-            gateway = MllpGateway(listener, self.broker, self.settings, routes[listener.queue], self.metrics)
-            await gateway.start(declare=False)  # start() above declared every route's queues
-            self.gateways.append(gateway)
-        for http in self.settings.http:
-            http_gateway = HttpGateway(http, self.broker, self.settings, self.project.routes, self.metrics)
-            await http_gateway.start(declare=False)
-            self.gateways.append(http_gateway)
+        """Start every configured ``ingest.<kind>[]`` listener through the gateway registry."""
+        context = GatewayContext(self.broker, self.settings, self.project.routes, self.metrics)
+        for kind, listeners in self.settings.ingest.items():
+            for listener in listeners:
+                gateway = make_gateway(kind, listener, context)
+                await gateway.start(declare=False)  # start() above declared every route's queues
+                self.gateways.append(gateway)
 
     async def stop(self) -> None:
         """Drain (DESIGN promise 6), then close.

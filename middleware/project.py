@@ -20,10 +20,10 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as JsonSchemaError
 
 from middleware import project_schema
-from middleware.delivery.base import ConnectorSpec, RetryPolicy, connector_problems, connector_types
+from middleware.delivery.base import ConnectorSpec, RetryPolicy, connector_problems
 from middleware.errors import ConfigError, Problem
-from middleware.formats import format_names, get_format
-from middleware.ingest import HttpListener, HttpRateLimit, MllpListener, MllpTls
+from middleware.formats import get_format
+from middleware.ingest import HttpListener, HttpRateLimit, MllpListener, MllpTls, gateway_specs
 from middleware.ingest.peers import parse_networks
 from middleware.ingest.tls import server_context
 from middleware.mapcheck import check_map
@@ -31,6 +31,7 @@ from middleware.mapping import LookupTable, SpecError, compile_condition, compil
 from middleware.observe import mask_secrets
 from middleware.route import DeliveryRule, EventRule, Route, subject_placeholders
 from middleware.schemas import SchemaRegistry
+from middleware.spec import components
 from middleware.tls import TlsOptions
 from middleware.yamlfile import PathKey, YamlDoc, interpolate, load_yaml
 
@@ -50,13 +51,22 @@ class Settings:
     drain_timeout: float = 30.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
-    mllp: tuple[MllpListener, ...] = ()
-    http: tuple[HttpListener, ...] = ()  # ingest.http[]
+    ingest: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # ingest.<kind>[] listeners, by kind
     audit_path: Path = Path("var/audit.log")  # anchored to the project folder by the loader
 
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def mllp(self) -> tuple[MllpListener, ...]:
+        """``ingest.mllp[]``."""
+        return tuple(self.ingest.get("mllp", ()))
+
+    @property
+    def http(self) -> tuple[HttpListener, ...]:
+        """``ingest.http[]``."""
+        return tuple(self.ingest.get("http", ()))
 
 
 @dataclass(frozen=True)
@@ -201,7 +211,7 @@ class _Loader:
         path = self.root / "config" / "middleware.yaml"
         values: dict[str, Any] = {}
         if path.exists():
-            doc = self._read(path, project_schema.CONFIG, with_env=True)
+            doc = self._read(path, project_schema.config_schema(gateway_specs()), with_env=True)
             data = doc.data if not doc.problems else {}
             self.problems += doc.problems
             broker, engine, metrics = (data.get(k) or {} for k in ("broker", "engine", "metrics"))
@@ -216,10 +226,7 @@ class _Loader:
                 "metrics_host": metrics.get("host"),
                 "metrics_port": metrics.get("port"),
                 "audit_path": (data.get("audit") or {}).get("path"),
-                "mllp": tuple(self._mllp_listener(doc, n, entry)
-                              for n, entry in enumerate((data.get("ingest") or {}).get("mllp") or [])) or None,
-                "http": tuple(self._http_listener(doc, n, entry)
-                              for n, entry in enumerate((data.get("ingest") or {}).get("http") or [])) or None,
+                "ingest": self._listeners(doc, data.get("ingest") or {}),
             }
             if values["timezone"]:
                 try:
@@ -244,6 +251,18 @@ class _Loader:
             doc.problem((*at, key) if block and key in block else at, f"{'.'.join(map(str, at))}.{message}")
             self.problems += doc.problems[-1:]
         return tls
+
+    def _listeners(self, doc: YamlDoc, ingest: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[Any, ...]]:
+        """Every ``ingest.<kind>[]`` entry by kind: built-in kinds as their listener dataclass, others
+        (third-party gateways) as the entry their spec validated, with ``file`` and ``line`` added."""
+        readers = {"mllp": self._mllp_listener, "http": self._http_listener}
+        listeners: dict[str, tuple[Any, ...]] = {}
+        for kind, entries in ingest.items():
+            read = readers.get(kind)
+            listeners[kind] = tuple(read(doc, n, entry) if read else
+                                    {**entry, "file": doc.file, "line": doc.line(("ingest", kind, n))}
+                                    for n, entry in enumerate(entries or []))
+        return listeners
 
     def _mllp_listener(self, doc: YamlDoc, index: int, entry: dict[str, Any]) -> MllpListener:
         name = entry.get("name") or f"mllp-{entry['port']}"
@@ -328,7 +347,7 @@ class _Loader:
 
     def _connectors(self) -> dict[str, ConnectorSpec]:
         connectors: dict[str, ConnectorSpec] = {}
-        schema = project_schema.connector_schema(connector_types())
+        schema = project_schema.connector_schema({n: c.spec for n, c in components("connector").items()})
         for path in sorted((self.root / "connectors").glob("*.yaml")):
             doc = self._read(path, schema, with_env=True)
             if self.offline and doc.problems and all(p.message.startswith("environment variable ")
@@ -372,7 +391,7 @@ class _Loader:
                 connectors: Mapping[str, ConnectorSpec]) -> dict[str, Route]:
         routes: dict[str, Route] = {}
         queues: dict[str, Route] = {}
-        schema = project_schema.route_schema(format_names())
+        schema = project_schema.route_schema({n: c.spec for n, c in components("format").items()})
         for path in sorted((self.root / "routes").glob("*.yaml")):
             doc = self._read(path, schema)
             if not doc.problems:

@@ -5,6 +5,7 @@ One source of truth for which keys exist; docs/ and `middleware validate` follow
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 _NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"}
@@ -126,12 +127,7 @@ CONFIG: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "ingest": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {"mllp": {"type": "array", "items": MLLP_LISTENER},
-                           "http": {"type": "array", "items": HTTP_LISTENER}},
-        },
+        "ingest": {"type": "object"},  # one key per registered gateway kind: config_schema()
         "broker": {
             "type": "object",
             "additionalProperties": False,
@@ -168,8 +164,27 @@ CONFIG: dict[str, Any] = {
 }
 
 
-def route_schema(formats: list[str]) -> dict[str, Any]:
-    """Schema of routes/<name>.yaml; ``formats`` are the registered input formats."""
+def config_schema(gateways: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Schema of config/middleware.yaml; ``gateways``: the spec of one listener entry by gateway kind
+    (``ingest.<kind>[]``, :func:`middleware.ingest.gateway_specs`)."""
+    ingest = {"type": "object", "additionalProperties": False,
+              "properties": {kind: {"type": "array", "items": {**spec, "additionalProperties": False}}
+                             for kind, spec in gateways.items()}}  # a spec lists every key of an entry
+    return {**CONFIG, "properties": {**CONFIG["properties"], "ingest": ingest}}
+
+
+def _per_kind(key: str, base: dict[str, Any], specs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``if key == name then only base + that component's keys`` for each registered component."""
+    return [{"if": {"required": [key], "properties": {key: {"const": name}}},
+             "then": {"properties": {**base, **spec.get("properties", {})}, "additionalProperties": False,
+                      "required": list(spec.get("required", []))}}
+            for name, spec in specs.items()]
+
+
+def route_schema(formats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Schema of routes/<name>.yaml; ``formats``: each registered input format's spec (its own
+    ``source`` keys, :mod:`middleware.spec`)."""
+    source_keys: dict[str, Any] = {"queue": {"type": "string", "minLength": 1}, "format": {"enum": list(formats)}}
     return {
         "type": "object",
         "additionalProperties": False,
@@ -179,12 +194,9 @@ def route_schema(formats: list[str]) -> dict[str, Any]:
             "description": {"type": "string"},
             "source": {
                 "type": "object",
-                "additionalProperties": False,
                 "required": ["queue", "format"],
-                "properties": {
-                    "queue": {"type": "string", "minLength": 1},
-                    "format": {"enum": formats},
-                },
+                "properties": source_keys,
+                "allOf": _per_kind("format", source_keys, formats),
             },
             "filter": _CONDITION,
             "match": {"enum": ["first", "all"]},
@@ -223,29 +235,20 @@ def route_schema(formats: list[str]) -> dict[str, Any]:
     }
 
 
-def connector_schema(types: list[str]) -> dict[str, Any]:
-    """Schema of connectors/<name>.yaml; ``types`` are the registered connector types."""
+def connector_schema(types: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Schema of connectors/<name>.yaml; ``types``: each registered connector type's spec (its own
+    keys, :mod:`middleware.spec`): an http connector with ``path:`` is an unknown key."""
+    common: dict[str, Any] = {
+        "connector": _NAME,
+        "type": {"enum": list(types)},
+        "description": {"type": "string"},
+        "retry": RETRY,
+    }
     return {
         "type": "object",
-        "additionalProperties": False,
         "required": ["connector", "type"],
-        "properties": {
-            "connector": _NAME,
-            "type": {"enum": types},
-            "description": {"type": "string"},
-            "url": {"type": "string", "pattern": "^https?://"},
-            "method": {"enum": ["POST", "PUT", "PATCH"]},
-            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-            "timeout": {"type": "number", "exclusiveMinimum": 0},
-            "path": {"type": "string", "minLength": 1},
-            "tls": TLS_CLIENT,
-            "oauth2": OAUTH2_CLIENT_CREDENTIALS,
-            "retry": RETRY,
-        },
-        "allOf": [
-            {"if": {"properties": {"type": {"const": "http"}}}, "then": {"required": ["url"]}},
-            {"if": {"properties": {"type": {"const": "file"}}}, "then": {"required": ["path"]}},
-        ],
+        "properties": common,
+        "allOf": _per_kind("type", common, types),
     }
 
 

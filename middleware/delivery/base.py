@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from middleware import spec as registry
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -88,14 +90,18 @@ class Connector:
 
 
 ConnectorFactory = Callable[[ConnectorSpec], Connector]
-_REGISTRY: dict[str, ConnectorFactory] = {}
 
 
-def register(type_name: str) -> Callable[[ConnectorFactory], ConnectorFactory]:
-    """Decorator: make a connector class available as ``type: <type_name>`` in YAML."""
+def register(type_name: str, spec: Mapping[str, Any] | None = None) -> Callable[[ConnectorFactory], ConnectorFactory]:
+    """Decorator: make a connector class available as ``type: <type_name>`` in YAML.
+
+    ``spec`` is the JSON Schema of its own keys (beside ``connector``, ``type``, ``description``,
+    ``retry``): ``validate`` checks a connector file against it and docs/ print it
+    (:mod:`middleware.spec`). The module is found through a ``middleware.connectors`` entry point.
+    """
 
     def add(factory: ConnectorFactory) -> ConnectorFactory:
-        _REGISTRY[type_name] = factory
+        registry.register("connector", type_name, spec, factory)
         return factory
 
     return add
@@ -103,22 +109,17 @@ def register(type_name: str) -> Callable[[ConnectorFactory], ConnectorFactory]:
 
 def connector_types() -> list[str]:
     """Every registered connector type."""
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return list(registry.components("connector"))
 
 
 def make_connector(spec: ConnectorSpec) -> Connector:
     """Build the connector for ``spec.type``; raises ``KeyError`` for an unknown type."""
-    _load_builtin()
-    return _REGISTRY[spec.type](spec)
+    connector: Connector = registry.component("connector", spec.type).factory(spec)
+    return connector
 
 
 def connector_problems(type_name: str, options: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
     """What ``validate`` finds wrong in a schema-valid connector of ``type_name`` (see :meth:`Connector.check`)."""
-    _load_builtin()
-    check = getattr(_REGISTRY.get(type_name), "check", None)
+    component = registry.components("connector").get(type_name)
+    check = getattr(component.factory, "check", None) if component else None
     return list(check(options)) if check is not None else []
-
-
-def _load_builtin() -> None:
-    from middleware.delivery import file, http  # noqa: F401  (registration side effect)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -69,7 +70,18 @@ class _GroupWriter:
 _WRITERS: dict[Path, _GroupWriter] = {}
 
 
-@register("file")
+SPEC: dict[str, Any] = {  # the keys of a connectors/<name>.yaml with type: file
+    "type": "object",
+    "required": ["path"],
+    "properties": {
+        "path": {"type": "string", "minLength": 1,
+                 "description": "file that gets one JSON line per event, fsynced before the ack; relative to "
+                                "the project folder"},
+    },
+}
+
+
+@register("file", SPEC)
 class FileConnector(Connector):
     """Appends to ``path`` (relative paths are resolved against the project folder by the loader).
 

@@ -24,6 +24,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
+from middleware import project_schema
 from middleware.delivery.auth import ClientCredentials, TokenCache
 from middleware.delivery.base import Connector, ConnectorSpec, Delivery, register
 from middleware.errors import DeliveryError, EngineStopping
@@ -85,7 +86,30 @@ def _was_reset(exc: aiohttp.ClientError) -> bool:
     return cause is not None or (isinstance(exc, OSError) and exc.errno == errno.ECONNRESET)
 
 
-@register("http")
+SPEC: dict[str, Any] = {  # the keys of a connectors/<name>.yaml with type: http
+    "type": "object",
+    "required": ["url"],
+    "properties": {
+        "url": {"type": "string", "pattern": "^https?://",
+                "description": "`http://` or `https://` endpoint; `user:password@` in it is sent as HTTP Basic"},
+        "method": {"enum": ["POST", "PUT", "PATCH"], "default": "POST", "description": "the request method"},
+        "headers": {"type": "object", "additionalProperties": {"type": "string"},
+                    "description": "extra request headers, e.g. `Authorization: Bearer ${TOKEN}`"},
+        "timeout": {"type": "number", "exclusiveMinimum": 0, "default": DEFAULT_TIMEOUT,
+                    "description": "seconds for the whole request"},
+        "tls": {**project_schema.TLS_CLIENT,
+                "description": "`ca_file` (a private CA, added to the system store), `cert_file` / `key_file` "
+                               "(client certificate for mutual TLS), `verify` (default true); paths relative "
+                               "to the project"},
+        "oauth2": {**project_schema.OAUTH2_CLIENT_CREDENTIALS,
+                   "description": "OAuth2 client credentials: `token_url`, `client_id`, `client_secret`, optional "
+                                  "`scope`, `audience`, `client_auth` (`basic`, the default, or `post`), "
+                                  "`refresh_margin` (seconds, default 30)"},
+    },
+}
+
+
+@register("http", SPEC)
 class HttpConnector(Connector):
     """Sends events over HTTP(S); one connection pool per connector."""
 

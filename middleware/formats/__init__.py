@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
+from middleware import spec as registry
+
 
 class Document(Protocol):
     """A parsed input message."""
@@ -104,14 +106,18 @@ class Format(Protocol):
         """One document per item ``expr`` selects; paths read on it are relative to that item."""
 
 
-_REGISTRY: dict[str, Callable[[], Format]] = {}
+FormatFactory = Callable[[], Format]
 
 
-def register(name: str) -> Callable[[Callable[[], Format]], Callable[[], Format]]:
-    """Class/factory decorator: make a format available under ``name`` in route YAML."""
+def register(name: str, spec: Mapping[str, Any] | None = None) -> Callable[[FormatFactory], FormatFactory]:
+    """Class/factory decorator: make a format available under ``name`` in route YAML.
 
-    def add(factory: Callable[[], Format]) -> Callable[[], Format]:
-        _REGISTRY[name] = factory
+    ``spec``: the JSON Schema of the keys it adds to a route's ``source:`` block (none by default);
+    the module is found through a ``middleware.formats`` entry point (:mod:`middleware.spec`).
+    """
+
+    def add(factory: FormatFactory) -> FormatFactory:
+        registry.register("format", name, spec, factory)
         return factory
 
     return add
@@ -119,15 +125,10 @@ def register(name: str) -> Callable[[Callable[[], Format]], Callable[[], Format]
 
 def get_format(name: str) -> Format:
     """The format registered as ``name``; raises ``KeyError`` for an unknown one."""
-    _load_builtin()
-    return _REGISTRY[name]()
+    made: Format = registry.component("format", name).factory()
+    return made
 
 
 def format_names() -> list[str]:
     """Names usable as ``source.format``."""
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def _load_builtin() -> None:
-    from middleware.formats import fhir, hl7v2, json_format  # noqa: F401  (registration side effect)
+    return list(registry.components("format"))

@@ -1,12 +1,72 @@
 """Ingest gateways: how source systems that cannot speak AMQP get messages onto route queues.
 
 Each gateway publishes raw bytes to a route's inbound queue and answers the sender only after
-the broker confirmed the message. Settings come from ``ingest:`` in config/middleware.yaml.
+the broker confirmed the message. Settings come from ``ingest.<kind>[]`` in config/middleware.yaml;
+each kind is one module that registers its factory and the spec of one listener entry
+(:func:`register`), found through a ``middleware.ingest`` entry point. The engine starts every
+configured listener through :func:`make_gateway`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from middleware import spec as registry
+
+if TYPE_CHECKING:
+    from middleware.broker.base import Broker
+    from middleware.observe import Metrics
+    from middleware.project import Settings
+    from middleware.route import Route
+
+
+class Gateway(Protocol):
+    """A running listener: binds in :meth:`start`, answers senders after the broker's confirm."""
+
+    port: int  # the bound port once started
+
+    async def start(self, *, declare: bool = True) -> None:
+        """Bind and listen; declare the routes' queues first unless ``declare`` is False."""
+
+    async def stop(self) -> None:
+        """Stop taking messages, let those in flight finish, close."""
+
+
+@dataclass(frozen=True)
+class GatewayContext:
+    """What every gateway is built with, beside its listener entry."""
+
+    broker: Broker
+    settings: Settings
+    routes: Mapping[str, Route]
+    metrics: Metrics | None = None
+
+
+GatewayFactory = Callable[[Any, GatewayContext], Gateway]
+
+
+def register(kind: str, spec: Mapping[str, Any]) -> Callable[[GatewayFactory], GatewayFactory]:
+    """Decorator: ``factory(listener, context)`` builds the gateway of an ``ingest.<kind>[]`` entry;
+    ``spec`` is the JSON Schema of one entry (``validate`` checks each entry against it)."""
+
+    def add(factory: GatewayFactory) -> GatewayFactory:
+        registry.register("ingest", kind, spec, factory)
+        return factory
+
+    return add
+
+
+def gateway_specs() -> dict[str, Mapping[str, Any]]:
+    """The spec of one listener entry, by gateway kind (the ``ingest:`` keys of the config)."""
+    return {kind: item.spec for kind, item in registry.components("ingest").items()}
+
+
+def make_gateway(kind: str, listener: Any, context: GatewayContext) -> Gateway:
+    """Build the gateway for one ``ingest.<kind>[]`` entry; raises ``KeyError`` for an unknown kind."""
+    gateway: Gateway = registry.component("ingest", kind).factory(listener, context)
+    return gateway
 
 
 @dataclass(frozen=True)

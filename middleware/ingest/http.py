@@ -42,10 +42,11 @@ from typing import Any, BinaryIO
 import orjson
 from aiohttp import web
 
+from middleware import project_schema
 from middleware.broker.base import Broker
 from middleware.errors import BrokerError, ConfigError, Problem
 from middleware.formats import Record, SplitInfo
-from middleware.ingest import HttpListener, HttpRateLimit
+from middleware.ingest import GatewayContext, HttpListener, HttpRateLimit, register
 from middleware.ingest.http_bodies import FHIR_JSON, Body, accepted_types, media_type, read_body
 from middleware.ingest.http_openapi import openapi_document
 from middleware.ingest.peers import PeerFilter, parse_networks
@@ -494,3 +495,9 @@ def _trace(request: web.Request) -> tuple[str, dict[str, str]]:
         raise Refused(400, "bad-correlation-id", "Invalid X-Correlation-ID",
                       "an X-Correlation-ID is 1 to 128 characters of A-Z a-z 0-9 . _ : @ / + = -")
     return given or trace_id or new_id(), headers
+
+
+@register("http", project_schema.HTTP_LISTENER)
+def _http_gateway(listener: HttpListener, context: GatewayContext) -> HttpGateway:
+    """The gateway of one ``ingest.http[]`` entry (every route it accepts)."""
+    return HttpGateway(listener, context.broker, context.settings, context.routes, context.metrics)

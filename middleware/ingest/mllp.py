@@ -45,12 +45,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from middleware import topology
+from middleware import project_schema, topology
 from middleware.broker.base import Broker, OutgoingMessage
 from middleware.deadletter import dead_letter_body
 from middleware.errors import BrokerError, ConfigError, ParseError, Problem
 from middleware.formats import hl7v2
-from middleware.ingest import MllpListener
+from middleware.ingest import GatewayContext, MllpListener, register
 from middleware.ingest.mllp_framing import Frame, FrameDecoder, FrameTooLarge, FramingError, frame
 from middleware.ingest.peers import PeerFilter, parse_networks
 from middleware.ingest.tls import server_context
@@ -514,3 +514,10 @@ def _tls_reason(exc: BaseException) -> str:
     """Why a handshake failed, as OpenSSL names it (``TLSV1_ALERT_UNKNOWN_CA``) or the error's class."""
     reason = getattr(exc, "reason", None)
     return str(reason) if reason else type(exc).__name__
+
+
+@register("mllp", project_schema.MLLP_LISTENER)
+def _mllp_gateway(listener: MllpListener, context: GatewayContext) -> MllpGateway:
+    """The gateway of one ``ingest.mllp[]`` entry: it feeds the route consuming ``listener.queue``."""
+    route = next(r for r in context.routes.values() if r.source_queue == listener.queue)  # checked by the loader
+    return MllpGateway(listener, context.broker, context.settings, route, context.metrics)

@@ -361,7 +361,9 @@ async def test_engine_starts_configured_listeners_and_stops_them_first(rabbit_pr
 
     listener = dataclasses.replace(rabbit_project.settings.mllp[0], port=0)
     project = dataclasses.replace(rabbit_project,
-                                  settings=dataclasses.replace(rabbit_project.settings, mllp=(listener,)))
+                                  settings=dataclasses.replace(rabbit_project.settings,
+                                                               ingest={**rabbit_project.settings.ingest,
+                                                                       "mllp": (listener,)}))
     engine = Engine(project)
     await engine.start()
     try:
