@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from middleware.broker import Broker, OutgoingMessage
+from middleware.broker import Broker, OutgoingMessage, make_broker
 from middleware.deadletter import dead_letter_body
-from middleware.errors import BrokerError, ParseError
+from middleware.errors import BrokerError, ConfigError, ParseError, Problem
 from middleware.formats import Record, SplitInfo
-from middleware.project import Settings
+from middleware.project import Settings, load_project
 from middleware.route import Route
 from middleware.topology import RouteTopology, declare
 
@@ -85,6 +85,13 @@ class StreamResult:
 class Publisher:
     """Publishes raw inputs to one route's inbound queue with broker confirms.
 
+    The public API for a Python source system (``from middleware import Publisher``)::
+
+        async with await Publisher.connect("adt-inbound", project="/srv/integration") as publisher:
+            correlation_id = await publisher.publish(hl7_bytes)
+
+    :meth:`publish` returns once the broker confirmed the message (raises
+    :class:`middleware.errors.BrokerError` otherwise: resend, it is at-least-once).
     ``window``: how many publishes of one input may await their confirm at once.
     """
 
@@ -93,18 +100,61 @@ class Publisher:
         self.route = route
         self.settings = settings
         self.window = max(window, 1)
+        self._owns_broker = False
         self.topology = RouteTopology.of(route, settings.queue_prefix)
         self.queue = self.topology.inbound
         self.dead_letter_queue = self.topology.dead_letter
         self.content_type = CONTENT_TYPES.get(route.format.name, "application/octet-stream")
 
+    @classmethod
+    async def connect(cls, route: str, *, project: str | Path = ".", broker_url: str | None = None,
+                      env: Mapping[str, str] | None = None) -> Publisher:
+        """A publisher for ``route`` of the project in ``project``, connected and its queues declared.
+
+        The broker is the project's (``broker.url``, ``MIDDLEWARE_BROKER_URL``) unless ``broker_url``
+        is given; ``env`` fills ``${VAR}`` (default: the process environment). Raises
+        :class:`middleware.errors.ConfigError` for an invalid project or an unknown route, and
+        :class:`middleware.errors.BrokerError` when the broker cannot be reached. :meth:`close` (or
+        ``async with``) closes the connection it opened.
+        """
+        loaded = load_project(project, env)
+        if route not in loaded.routes:
+            known = ", ".join(sorted(loaded.routes))
+            raise ConfigError([Problem("routes/", 1, f"no route {route!r} in {project} (routes: {known})")])
+        broker = make_broker(broker_url or loaded.settings.broker_url, loaded.settings.broker_tls)
+        await broker.connect()
+        publisher = cls(broker, loaded.routes[route], loaded.settings)
+        publisher._owns_broker = True
+        try:
+            await publisher.declare()
+        except BaseException:
+            await broker.close()
+            raise
+        return publisher
+
+    async def close(self) -> None:
+        """Close the broker connection :meth:`connect` opened (a broker passed in is left open)."""
+        if self._owns_broker:
+            self._owns_broker = False
+            await self.broker.close()
+
+    async def __aenter__(self) -> Publisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def declare(self) -> None:
         """Declare the route's queues (the same arguments as the engine's declarations)."""
         await declare(self.broker, self.topology, self.settings.delivery_limit)
 
-    async def publish(self, raw: bytes, *, source: str, correlation_id: str | None = None,
+    async def publish(self, raw: bytes, *, source: str = "python", correlation_id: str | None = None,
                       headers: Mapping[str, Any] | None = None, message_id: str | None = None) -> str:
-        """Publish one message unchanged; returns its correlation id once the broker confirmed it."""
+        """Publish one message unchanged; returns its correlation id once the broker confirmed it.
+
+        ``source`` goes in the ``x-mw-ingest`` header (who sent it); a ``correlation_id`` given is
+        kept, else a new one is made; ``headers`` are added to the message.
+        """
         cid = correlation_id or new_id()
         await self.broker.publish(self._message(raw, cid, {INGEST_HEADER: source, **(headers or {})}, message_id),
                                   queue=self.queue)
@@ -285,3 +335,53 @@ async def publish_files(publisher: Publisher, paths: list[Path], *, start: int =
         if not file.result.complete:
             break
     return done
+
+
+class SyncPublisher:
+    """:class:`Publisher` for code that is not async (``from middleware import SyncPublisher``)::
+
+        with SyncPublisher("adt-inbound", project="/srv/integration") as publisher:
+            correlation_id = publisher.publish(hl7_bytes)
+
+    Each call returns once the broker confirmed. It runs its own event loop: use it from one
+    thread, and not inside a running event loop (use :class:`Publisher` there).
+    """
+
+    def __init__(self, route: str, *, project: str | Path = ".", broker_url: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        self._runner = asyncio.Runner()
+        try:
+            self._publisher = self._runner.run(Publisher.connect(route, project=project, broker_url=broker_url,
+                                                                 env=env))
+        except BaseException:
+            self._runner.close()
+            raise
+
+    def publish(self, raw: bytes, *, source: str = "python", correlation_id: str | None = None,
+                headers: Mapping[str, Any] | None = None) -> str:
+        """Publish one message unchanged; its correlation id once confirmed (see :meth:`Publisher.publish`)."""
+        return self._runner.run(self._publisher.publish(raw, source=source, correlation_id=correlation_id,
+                                                        headers=headers))
+
+    def publish_file(self, path: str | Path, *, source: str = "python") -> StreamResult:
+        """Publish a file split into records by the route's format (an HL7 batch: one message each)."""
+        file = Path(path)
+
+        async def publish() -> StreamResult:
+            with file.open("rb") as stream:
+                return await self._publisher.publish_stream(stream, source=source, name=file.name)
+
+        return self._runner.run(publish())
+
+    def close(self) -> None:
+        """Close the broker connection and the event loop."""
+        try:
+            self._runner.run(self._publisher.close())
+        finally:
+            self._runner.close()
+
+    def __enter__(self) -> SyncPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
