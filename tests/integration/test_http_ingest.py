@@ -9,7 +9,6 @@ import dataclasses
 import json
 import ssl
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from middleware.ingest.http import HttpGateway
 from middleware.project import Project
 
 from ..conftest import Sink
+from . import test_run_failures
+from .test_run_failures import assert_untouched, json_lines, run_until_exit, taken_port
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -42,6 +43,7 @@ JSON_TYPE = {"Content-Type": "application/json"}
 ROUTES = ("referrals-rest", "results-inbound", "fhir-inbound")
 
 Start = Callable[..., Awaitable[HttpGateway]]
+waiting = test_run_failures.waiting  # the fixture: the project's queues declared, one ADT message waiting
 
 
 class GatedBroker(AmqpBroker):
@@ -531,17 +533,23 @@ async def test_the_engine_starts_the_shipped_listener_and_a_posted_referral_reac
     assert event["data"]["referral"]["id"] == "REF-2026-004512"
 
 
-def test_a_taken_http_port_stops_run_with_one_error_line(rabbit_env: dict[str, str], broker: Broker,
-                                                        tmp_path: Path) -> None:
-    import socket
+async def test_a_taken_http_port_stops_run_with_one_error_line_before_anything_is_consumed(
+        broker: Broker, rabbit_project: Project, rabbit_env: dict[str, str], waiting: str, tmp_path: Path) -> None:
+    with taken_port() as port:
+        result = await asyncio.to_thread(run_until_exit, {**rabbit_env, "HTTP_INGEST_PORT": str(port)}, tmp_path)
+    assert result.returncode == 1, result.stderr
+    entries = json_lines(result.stderr)
+    [error] = [entry for entry in entries if entry["level"] == "error"]
+    assert f"ingest.http rest: cannot listen on 127.0.0.1:{port}" in error["event"]
+    assert not any(entry["event"] == "engine started" for entry in entries)
+    await assert_untouched(broker, rabbit_project, waiting)
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "middleware", "run", "--project", str(REPO)],
-                                env={**rabbit_env, "HTTP_INGEST_PORT": str(port)}, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=90)
-    assert result.returncode == 1
-    errors = [json.loads(line) for line in result.stderr.splitlines() if '"level": "error"' in line]
-    assert len(errors) == 1 and f"ingest.http rest: cannot listen on 127.0.0.1:{port}" in errors[0]["event"]
+
+async def test_run_without_an_ingest_token_stops_with_one_error_line_naming_it(
+        broker: Broker, rabbit_project: Project, rabbit_env: dict[str, str], waiting: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in rabbit_env.items() if k != "HTTP_INGEST_TOKEN"}
+    result = await asyncio.to_thread(run_until_exit, env, tmp_path)
+    assert result.returncode == 1, result.stderr
+    [error] = [entry for entry in json_lines(result.stderr) if entry["level"] == "error"]
+    assert "ingest.http rest: auth:" in error["event"] and "HTTP_INGEST_TOKEN" in error["event"]
+    await assert_untouched(broker, rabbit_project, waiting)
