@@ -30,9 +30,11 @@ from aiohttp import web
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from middleware import topology  # noqa: E402
 from middleware.broker import make_broker, naming  # noqa: E402
 from middleware.cli.publish import publish_files  # noqa: E402
 from middleware.project import Project, load_project  # noqa: E402
+from middleware.topology import Topology  # noqa: E402
 
 A04 = (REPO / "samples" / "adt-inbound" / "a04-register.hl7").read_bytes()
 AMQP_URL = os.environ.get("MIDDLEWARE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -51,13 +53,7 @@ def project_copy(folder: Path, prefetch: int, drain_timeout: float) -> Path:
 async def delete_topology(project: Project) -> None:
     client = make_broker(project.settings.broker_url)
     await client.connect()
-    prefix = project.settings.queue_prefix
-    for route in project.routes.values():
-        await client.delete_queue(naming.inbound_queue(route.source_queue, prefix))
-        for rule in route.deliver:
-            await client.delete_queue(naming.delivery_queue(route.name, rule.connector, prefix))
-        await client.delete_queue(naming.dead_letter_queue(route.name, prefix))
-    await client.delete_exchange(naming.events_exchange(prefix))
+    await topology.delete(client, Topology.of(project.routes.values(), project.settings.queue_prefix))
     await client.close()
 
 

@@ -97,17 +97,18 @@ async def through_gateway(port: int, messages: list[bytes], senders: int) -> tup
 
 
 async def main(args: argparse.Namespace) -> None:
-    from middleware.broker import make_broker, naming
+    from middleware.broker import make_broker
     from middleware.engine import declare_route_topology
     from middleware.ingest import MllpListener
     from middleware.ingest.mllp import MllpGateway
     from middleware.project import load_project
+    from middleware.topology import RouteTopology
 
     prefix = f"bench-{uuid.uuid4().hex[:6]}."
     project = load_project(REPO, {**os.environ, "MIDDLEWARE_BROKER_URL": args.url, "MIDDLEWARE_QUEUE_PREFIX": prefix})
     settings = project.settings
     route = project.routes["adt-inbound"]
-    queue = naming.inbound_queue(route.source_queue, prefix)
+    queue = RouteTopology.of(route, prefix).inbound
     messages = make_messages(args.messages)
     admin = make_broker(args.url)
     await admin.connect()
@@ -131,10 +132,10 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             await gateway.stop()
     finally:
-        for name in [queue, *(naming.delivery_queue(route.name, d.connector, prefix) for d in route.deliver),
-                     naming.dead_letter_queue(route.name, prefix)]:
+        names = RouteTopology.of(route, prefix)
+        for name in names.queues:
             await admin.delete_queue(name)
-        await admin.delete_exchange(naming.events_exchange(prefix))
+        await admin.delete_exchange(names.exchange)
         await gateway_broker.close()
         await admin.close()
 

@@ -86,8 +86,8 @@ async def raw_hop(url: str, prefix: str, messages: list[bytes]) -> float:
 
 
 async def pipeline(url: str, prefix: str, messages: list[bytes], out: Path) -> tuple[float, list[float]]:
-    from middleware.broker import naming
-    from middleware.engine import Engine, declare_route_topology, project_queues
+    from middleware import topology
+    from middleware.engine import Engine, declare_route_topology
     from middleware.project import load_project
 
     project = load_project(REPO, {"MIDDLEWARE_BROKER_URL": url, "MIDDLEWARE_QUEUE_PREFIX": prefix})
@@ -101,7 +101,7 @@ async def pipeline(url: str, prefix: str, messages: list[bytes], out: Path) -> t
     engine = Engine(project, gateways=False)
     await engine.broker.connect()
     await declare_route_topology(engine.broker, route, settings)
-    await preload(url, naming.inbound_queue(route.source_queue, prefix), messages, None)
+    await preload(url, engine.topology.route(route.name).inbound, messages, None)
     started = time.perf_counter()
     await engine.start()
     latencies: list[float] = []
@@ -115,9 +115,7 @@ async def pipeline(url: str, prefix: str, messages: list[bytes], out: Path) -> t
     await engine.stop()
     cleaner = Engine(project, gateways=False).broker
     await cleaner.connect()
-    for queue in [*project_queues(project), naming.dead_letter_queue(route.name, prefix)]:
-        await cleaner.delete_queue(queue)
-    await cleaner.delete_exchange(naming.events_exchange(prefix))
+    await topology.delete(cleaner, engine.topology)
     await cleaner.close()
     return len(messages) / elapsed, latencies
 
