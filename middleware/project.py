@@ -445,7 +445,7 @@ class _RouteCompiler:
         self.schemas = schemas
         self.lookups = lookups
         self.connectors = connectors
-        self.format = get_format(self.data["source"]["format"])
+        self.format = get_format(self.data["source"]["format"], self.data["source"])
 
     def compile(self) -> Route:
         data = self.data

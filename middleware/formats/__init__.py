@@ -123,9 +123,16 @@ def register(name: str, spec: Mapping[str, Any] | None = None) -> Callable[[Form
     return add
 
 
-def get_format(name: str) -> Format:
-    """The format registered as ``name``; raises ``KeyError`` for an unknown one."""
+def get_format(name: str, source: Mapping[str, Any] | None = None) -> Format:
+    """The format registered as ``name``; raises ``KeyError`` for an unknown one.
+
+    ``source``: a route's ``source:`` block; a format with options of its own (``csv``: delimiter,
+    encoding...) reads them through its ``configure(source)`` method.
+    """
     made: Format = registry.component("format", name).factory()
+    configure = getattr(made, "configure", None)
+    if source is not None and configure is not None:
+        made = configure(source)
     return made
 
 
