@@ -98,12 +98,17 @@ def test_with_the_shared_corpus_every_file_is_swept(tmp_path: Path) -> None:
     assert counts(result.stdout) == {"passed": 4}  # the count, two files, the plain test
 
 
+# a path to ../shared built in code: a "shared" path component, or a string that starts with ../shared
+SHARED_PATH = re.compile(r"""["']shared["']|["'](?:\.\./)+shared\b""")
+
+
 def test_no_test_reads_the_shared_folder_except_through_the_corpus_fixture() -> None:
+    assert SHARED_PATH.search('REPO.parent / "shared" / "corpus"') and SHARED_PATH.search("'../shared/corpus'")
+    assert not SHARED_PATH.search('"""The bundles (../shared/corpus): every entry maps."""')  # prose is fine
     for path in (REPO / "tests").rglob("*.py"):
         if path.name in {"conftest.py", "test_fresh_clone.py"} and path.parent.name in {"tests", "unit"}:
             continue
-        source = path.read_text(encoding="utf-8")
-        assert '"shared"' not in source and "shared/corpus" not in source, path
+        assert not SHARED_PATH.search(path.read_text(encoding="utf-8")), f"{path}: use the corpus fixture"
 
 
 def free_port() -> int:
