@@ -39,6 +39,8 @@ def test_demo_runs_every_sample_to_its_outcome_and_exits_zero(tmp_path: Path) ->
               for name, r in rows.items()}
     assert counts == {
         "adt-inbound": (9, 9, 0, 8, 16, 1),        # 8 ADT samples x 2 connectors; the malformed one dead-letters
+        "eligibility-x12": (6, 6, 0, 5, 5, 1),     # a 271 of 6 subscribers/dependents; the 3rd has no member id
+        "enrolment-x12": (6, 6, 0, 5, 5, 1),       # an 834 of 6 members; the 4th has no member id
         "fhir-inbound": (6, 6, 0, 5, 10, 1),       # Patient, Appointment, ServiceRequest, 2 Observations, 1 broken
         "orders-inbound": (3, 3, 1, 2, 4, 0),      # the order cancel is filtered
         "referrals-rest": (3, 3, 0, 2, 2, 1),      # 2 referrals to case-management; the truncated JSON dead-letters
@@ -51,7 +53,8 @@ def test_demo_runs_every_sample_to_its_outcome_and_exits_zero(tmp_path: Path) ->
     archive = tmp_path / "var" / "demo" / "out" / "event-archive.jsonl"
     lines = [json.loads(line) for line in archive.read_text().splitlines()]
     assert sorted(e["type"] for e in lines) == sorted(["order.placed.v1"] * 3 + ["result.reported.v1"] * 5
-                                                      + ["appointment.booked.v1"] * 2 + ["patient.registered.v1"])
+                                                      + ["appointment.booked.v1"] * 2 + ["patient.registered.v1"]
+                                                      + ["eligibility.checked.v1"] * 5 + ["coverage.enrolled.v1"] * 5)
     assert "Müller" not in result.stderr  # no PHI in logs
 
 
