@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from middleware.broker import make_broker
 from middleware.cli.common import JsonOption, ProjectOption, fail, open_project, print_json
 from middleware.errors import BrokerError
+from middleware.ingest.ledger import Ledger
 from middleware.ingest.publisher import FileResult, FilesProgress, Publisher
 from middleware.ingest.publisher import Published as Record
 from middleware.ingest.publisher import publish_files as publish_paths
@@ -78,9 +79,11 @@ def _publisher(project: Project, queue: str) -> Publisher:
 async def run_publish(project: Project, files: list[Path], queue: str, *, correlation_id: str | None = None,
                       start: int = 1, stop: asyncio.Event | None = None,
                       on_published: Callable[[Path, Record], None] | None = None,
-                      progress: FilesProgress | None = None) -> PublishRun:
+                      progress: FilesProgress | None = None, ledger: Ledger | None = None,
+                      force: bool = False) -> PublishRun:
     """Publish ``files`` to the route queue ``queue``: one message per file, or per record of a
-    batch file (HL7 FHS/BHS...BTS/FTS or messages one after another), read as a stream."""
+    batch file (HL7 FHS/BHS...BTS/FTS, CSV rows...), read as a stream. With a ``ledger``, files
+    already published are skipped (unless ``force``) and interrupted ones resume at their checkpoint."""
     publisher = _publisher(project, queue)
     run = PublishRun(queue)
     started = time.perf_counter()
@@ -88,7 +91,7 @@ async def run_publish(project: Project, files: list[Path], queue: str, *, correl
     try:
         await publisher.declare()
         run.files = await publish_paths(publisher, files, start=start, correlation_id=correlation_id, stop=stop,
-                                        on_published=on_published, progress=progress)
+                                        on_published=on_published, progress=progress, ledger=ledger, force=force)
     finally:
         await publisher.broker.close()
         run.seconds = time.perf_counter() - started
@@ -140,6 +143,17 @@ def _summary(run: PublishRun) -> str:
             f"{run.dead_lettered:,} dead-lettered at framing, in {run.seconds:.1f} s ({rate:,.0f}/s)")
 
 
+def _file_summary(file: FileResult) -> str:
+    """One line per file: its id, what happened to its records, and the control-total check."""
+    if file.duplicate is not None:
+        return (f"{file.path}: already published to this route at {file.duplicate.at} ({file.digest}, "
+                f"{file.duplicate.records:,} records): nothing published (--force publishes it again)")
+    result = file.result
+    resumed = f", resumed after record {file.resumed_from - 1:,} (checkpoint)" if file.resumed_from else ""
+    return (f"{file.path}: {result.info.records:,} records, {result.published:,} published, "
+            f"{result.dead_lettered:,} dead-lettered{resumed}; control total: {file.control_total}")
+
+
 def publish(
     files: list[Path] = typer.Argument(..., help="Message files to publish, one message each.", exists=True,
                                        dir_okay=False),
@@ -150,13 +164,18 @@ def publish(
                               help="Start the first file at record N (resume a stopped batch where it said)."),
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Print a line per message of a batch on a terminal too."),
+    force: bool = typer.Option(False, "--force",
+                               help="Publish a file again although the ledger says it was published (same SHA-256)."),
     project: Path = ProjectOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Publish files to a route's queue (broker-confirmed); HL7 batch files are split into their
     messages. Prints one correlation id per message on stdout (for a batch on a terminal only with
-    --verbose: a progress bar instead), a summary on stderr, and on Ctrl-C where to resume."""
+    --verbose: a progress bar instead), a summary on stderr, and on Ctrl-C where to resume.
+    A file already published to the route (same SHA-256, var/ingest-ledger.jsonl) is reported and
+    skipped unless --force; a file cut short (crash, Ctrl-C) resumes after its last confirmed record."""
     loaded = open_project(project)
+    ledger = Ledger.of_project(loaded.root)
     err = Console(stderr=True, highlight=False)
     interactive = err.is_terminal and sys.stdout.isatty() and not as_json
     batch_lines = verbose or as_json or not sys.stdout.isatty()
@@ -189,7 +208,8 @@ def publish(
                 tick()
 
             return await run_publish(loaded, files, queue, correlation_id=correlation_id, start=start,
-                                     stop=stop, on_published=published, progress=progress)
+                                     stop=stop, on_published=published, progress=progress, ledger=ledger,
+                                     force=force)
 
     try:
         run = asyncio.run(main())
@@ -204,6 +224,8 @@ def publish(
     sys.stdout.flush()
     typer.echo(_summary(run), err=True)
     for file in run.files:
+        if file.result.batch or file.duplicate is not None or file.resumed_from:
+            typer.echo(_file_summary(file), err=True)
         for problem in file.result.info.problems:
             typer.echo(f"warning: {file.path}: {problem}", err=True)
     hint = _resume_hint(run, files, queue, project)

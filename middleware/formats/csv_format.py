@@ -189,6 +189,24 @@ class CsvFormat:
         elif info.declared is not None and info.declared != position:
             info.problems.append(f"CSV trailer declares {info.declared} rows, the file has {position}")
 
+    def declared_total(self, stream: BinaryIO) -> int | None:
+        """The row count a trailer line declares, read from the end of a seekable file (None: no trailer
+        configured or found); lets the publisher set ``x-mw-batch-total`` before the first row."""
+        trailer = self.options.trailer
+        if trailer is None or not stream.seekable():
+            return None
+        size = stream.seek(0, io.SEEK_END)
+        stream.seek(max(size - 4096, 0))
+        try:
+            lines = stream.read().decode(_encoding(self.options.encoding)).splitlines()
+        except (UnicodeDecodeError, LookupError):
+            return None
+        last = next((line for line in reversed(lines) if line.strip()), "")
+        cells = next(csv.reader([last], delimiter=self.options.delimiter, quotechar=self.options.quote), [])
+        if len(cells) >= 2 and cells[0].strip() == trailer and cells[1].strip().isdigit():
+            return int(cells[1])
+        return None
+
     def compile_path(self, expr: str) -> CsvColumn:
         if not expr or expr != expr.strip():
             raise ValueError(f"invalid CSV column {expr!r}: write the column name as the header row does")

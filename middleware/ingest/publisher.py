@@ -28,6 +28,7 @@ from middleware.broker import Broker, OutgoingMessage, make_broker
 from middleware.deadletter import dead_letter_body
 from middleware.errors import BrokerError, ConfigError, ParseError, Problem
 from middleware.formats import Record, SplitInfo
+from middleware.ingest.ledger import Finished, Ledger, file_digest
 from middleware.project import Settings, load_project
 from middleware.route import Route
 from middleware.topology import RouteTopology, declare
@@ -38,6 +39,8 @@ INGEST_HEADER = "x-mw-ingest"  # who put the message on the queue: "publish", "m
 SOURCE_FILE_HEADER = "x-mw-source-file"
 BATCH_ID_HEADER = "x-mw-batch-id"
 BATCH_POSITION_HEADER = "x-mw-batch-position"
+BATCH_TOTAL_HEADER = "x-mw-batch-total"
+SENDER_BATCH_HEADER = "x-mw-batch-sender-id"  # the sender's own batch id (HL7 BHS-11 / FHS-11, X12 ISA-13)
 CONTENT_TYPES = {"hl7v2": "x-application/hl7-v2+er7", "json": "application/json", "fhir": "application/fhir+json"}
 DEFAULT_WINDOW = 256  # publishes awaiting their confirm at once while splitting an input
 _READ_AHEAD = 256  # records split per trip to the reading thread
@@ -174,10 +177,14 @@ class Publisher:
     async def publish_stream(self, stream: BinaryIO, *, source: str, name: str | None = None, start: int = 1,
                              correlation_id: str | None = None, stop: asyncio.Event | None = None,
                              on_published: Callable[[Published], None] | None = None,
-                             split: Callable[[BinaryIO, SplitInfo], Iterator[Record]] | None = None) -> StreamResult:
+                             split: Callable[[BinaryIO, SplitInfo], Iterator[Record]] | None = None,
+                             batch_id: str | None = None, total: int | None = None) -> StreamResult:
         """Split ``stream`` through the route's format and publish each record from position ``start``.
 
-        ``name`` (a file name) goes in ``x-mw-source-file`` on batch records. Setting ``stop``
+        ``name`` (a file name) goes in ``x-mw-source-file`` on batch records; ``batch_id`` (the file's
+        digest, :func:`middleware.ingest.ledger.file_digest`) in ``x-mw-batch-id`` (the sender's own
+        batch id then goes in ``x-mw-batch-sender-id``), ``total`` (the record count, when known before
+        publishing) in ``x-mw-batch-total``. Setting ``stop``
         ends it early, cleanly: no record is taken after that, the confirms in flight are awaited,
         and ``resume_from`` says where to start again. A broker failure ends it the same way, with
         ``error`` set. ``on_published`` is called once per record, in position order. ``split``
@@ -224,7 +231,7 @@ class Publisher:
                             result.skipped += 1
                             continue
                     cid, mid = correlation_id or new_id(), new_id()
-                    headers = self._record_headers(record, name, result.info)
+                    headers = self._record_headers(record, name, result.info, batch_id, total)
                     send = (self.publish(record.raw, source=source, correlation_id=cid, headers=headers,
                                          message_id=mid)
                             if record.error is None else
@@ -245,14 +252,21 @@ class Publisher:
             log.warning("batch envelope mismatch", extra={"file": name, "problem": problem})
         return result
 
-    def _record_headers(self, record: Record, name: str | None, info: SplitInfo) -> dict[str, Any]:
+    def _record_headers(self, record: Record, name: str | None, info: SplitInfo, batch_id: str | None,
+                        total: int | None) -> dict[str, Any]:
         headers: dict[str, Any] = dict(record.headers)
         if record.position is not None:
             headers[BATCH_POSITION_HEADER] = record.position
             if name:
                 headers[SOURCE_FILE_HEADER] = name
-            if info.batch_id:
+            if batch_id:
+                headers[BATCH_ID_HEADER] = batch_id
+                if info.batch_id:
+                    headers[SENDER_BATCH_HEADER] = info.batch_id
+            elif info.batch_id:
                 headers[BATCH_ID_HEADER] = info.batch_id
+            if total is not None:
+                headers[BATCH_TOTAL_HEADER] = total
         return headers
 
     def _message(self, raw: bytes, correlation_id: str, headers: Mapping[str, Any],
@@ -286,11 +300,29 @@ class _CountingReader:
 
 @dataclass
 class FileResult:
-    """One file of a :func:`publish_files` call: what publishing it did."""
+    """One file of a :func:`publish_files` call: what publishing it did.
+
+    ``digest``: the file's id (SHA-256); ``duplicate``: the ledger line of an earlier complete publish of
+    the same file to the same route (then nothing was published); ``resumed_from``: the position a
+    checkpoint left by an interrupted publish made it start at; ``total``: the records the file declares
+    up front, when its format can tell.
+    """
 
     path: Path
     size: int
     result: StreamResult = field(default_factory=StreamResult)
+    digest: str | None = None
+    duplicate: Finished | None = None
+    resumed_from: int | None = None
+    total: int | None = None
+
+    @property
+    def control_total(self) -> str:
+        """The control-total check of the file: "ok", "not declared" or what disagrees."""
+        info = self.result.info
+        if info.problems:
+            return "; ".join(info.problems)
+        return "ok" if info.declared is not None else "not declared"
 
 
 @dataclass
@@ -308,32 +340,69 @@ class FilesProgress:
 async def publish_files(publisher: Publisher, paths: list[Path], *, start: int = 1, correlation_id: str | None = None,
                         stop: asyncio.Event | None = None,
                         on_published: Callable[[Path, Published], None] | None = None,
-                        progress: FilesProgress | None = None) -> list[FileResult]:
+                        progress: FilesProgress | None = None, ledger: Ledger | None = None,
+                        force: bool = False, source: str = "publish") -> list[FileResult]:
     """Publish files in order, each split into records; ``start`` applies to the first file.
 
+    Each file's id is its SHA-256 (``x-mw-batch-id``). With a ``ledger``, a file already published
+    to the end on this route is reported (``duplicate``) and not published again unless ``force``;
+    the confirmed position is checkpointed while publishing, and a file whose publish was cut short
+    (a crash, Ctrl-C) resumes after its checkpoint unless ``start`` is given or ``force``; a ``start``
+    past 1 publishes from there even if the file was published before.
     Stops after the file that stopped early (``stop`` set, or the broker failed): the last
     :class:`FileResult` then has ``resume_from``; files after it were not read.
     """
     done: list[FileResult] = []
+    route = publisher.route.name
     for index, path in enumerate(paths):
         if stop is not None and stop.is_set():
             break
         file = FileResult(path, path.stat().st_size)
         done.append(file)
         with path.open("rb") as raw:
+            file.digest = await asyncio.to_thread(file_digest, raw)
+            raw.seek(0)
+            first = start if index == 0 else 1
+            checkpoint = None
+            if ledger is not None:
+                explicit = force or first > 1  # --from N asks for those records whatever the ledger says
+                file.duplicate = None if explicit else await asyncio.to_thread(ledger.finished, route, file.digest)
+                if file.duplicate is not None:
+                    continue
+                checkpoint = ledger.checkpoint(route, file.digest)
+                if force:
+                    checkpoint.position = 0
+                elif first == 1 and checkpoint.position > 0:
+                    first = file.resumed_from = checkpoint.position + 1
+            declared_total = getattr(publisher.route.format, "declared_total", None)
+            if declared_total is not None:
+                file.total = await asyncio.to_thread(declared_total, raw)
+                raw.seek(0)
             reader = _CountingReader(raw)
             if progress is not None:
                 progress.current, progress.reader = file, reader
 
-            def report(item: Published, path: Path = path) -> None:
+            def report(item: Published, path: Path = path, checkpoint: Any = checkpoint) -> None:
+                if checkpoint is not None and item.position is not None:
+                    checkpoint.advance(item.position)
                 if on_published is not None:
                     on_published(path, item)
 
-            file.result = await publisher.publish_stream(
-                reader, source="publish", name=path.name, start=start if index == 0 else 1,  # type: ignore[arg-type]
-                correlation_id=correlation_id, stop=stop, on_published=report)
+            try:
+                file.result = await publisher.publish_stream(
+                    reader, source=source, name=path.name, start=first,  # type: ignore[arg-type]
+                    correlation_id=correlation_id, stop=stop, on_published=report, batch_id=file.digest,
+                    total=file.total)
+            finally:
+                if checkpoint is not None:
+                    checkpoint.close()
         if not file.result.complete:
             break
+        if ledger is not None and checkpoint is not None:
+            result = file.result
+            ledger.record(route, file.digest, path.name, records=result.info.records, published=result.published,
+                          dead_lettered=result.dead_lettered, problems=result.info.problems)
+            checkpoint.remove()
     return done
 
 
@@ -369,7 +438,9 @@ class SyncPublisher:
 
         async def publish() -> StreamResult:
             with file.open("rb") as stream:
-                return await self._publisher.publish_stream(stream, source=source, name=file.name)
+                digest = await asyncio.to_thread(file_digest, stream)
+                stream.seek(0)
+                return await self._publisher.publish_stream(stream, source=source, name=file.name, batch_id=digest)
 
         return self._runner.run(publish())
 

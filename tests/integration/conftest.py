@@ -32,7 +32,8 @@ def rabbit_env(amqp_url: str, queue_prefix: str, sink: Sink, tmp_path: Path) -> 
             "HTTP_INGEST_TOKEN": "integration-test-token",  # the shipped ingest.http listener needs one to start
             "BED_BOARD_PATH": str(tmp_path / "bed-board.jsonl"),
             "EVENT_ARCHIVE_PATH": str(tmp_path / "event-archive.jsonl"),
-            "AUDIT_LOG": str(tmp_path / "audit.log")}  # dlq commands audit here, not in the repository
+            "AUDIT_LOG": str(tmp_path / "audit.log"),  # dlq commands audit here, not in the repository
+            "MIDDLEWARE_INGEST_LEDGER": str(tmp_path / "ingest")}  # publish's ledger of files: per test
 
 
 @pytest.fixture

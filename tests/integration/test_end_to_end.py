@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 import subprocess
@@ -179,6 +180,7 @@ async def test_batch_file_is_split_and_its_malformed_message_dead_letters_alone(
     await message.ack()
     assert letter.stage == "parse" and letter.route == "results-inbound"
     assert message.headers["x-mw-source-file"] == batch.name and message.headers["x-mw-batch-position"] == 2
-    assert message.headers["x-mw-batch-id"] == "BATCH-20261124-1"
+    assert message.headers["x-mw-batch-id"] == "sha256:" + hashlib.sha256(batch.read_bytes()).hexdigest()
+    assert message.headers["x-mw-batch-sender-id"] == "BATCH-20261124-1"  # BHS-11
     assert letter.correlation_id == lines[1].split()[0]
     assert letter.body.startswith(b"MSH|^~|LIS") and b"DEMO-ORU-B002" in letter.body

@@ -4,6 +4,7 @@ the ``publish`` command around it (summary, --from), on the embedded broker."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 
 from middleware.broker import Broker, make_broker
 from middleware.deadletter import DeadLetter
-from middleware.ingest.publisher import Published, Publisher
+from middleware.ingest.ledger import Ledger
+from middleware.ingest.publisher import Published, Publisher, publish_files
 from middleware.project import load_project
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,8 +81,11 @@ def test_publish_prints_a_line_per_message_and_a_summary(env: dict[str, str], tm
     url = env["MIDDLEWARE_BROKER_URL"]
     queued = asyncio.run(drain(url, "ehr.adt"))
     assert [(position, body) for position, body, _ in queued] == [(n + 1, adt(n)) for n in range(1, 6)]
-    assert all(h["x-mw-batch-id"] == "B-7" and h["x-mw-source-file"] == path.name and h["x-mw-ingest"] == "publish"
-               for _, _, h in queued)
+    digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()  # a file's id is its SHA-256
+    assert all(h["x-mw-batch-id"] == digest and h["x-mw-batch-sender-id"] == "B-7"
+               and h["x-mw-source-file"] == path.name and h["x-mw-ingest"] == "publish" for _, _, h in queued)
+    assert (f"{path}: 6 records, 5 published, 1 dead-lettered; control total: BTS-1 declares 5 message(s), "
+            "the batch holds 6") in result.stderr.splitlines()  # the unframed preamble is a record too
     [(position, body, headers)] = asyncio.run(drain(url, "adt-inbound.dlq"))
     assert (position, body) == (1, GARBAGE)
     assert headers["x-mw-stage"] == "parse" and headers["x-mw-error-class"] == "FramingError"
@@ -233,3 +238,54 @@ async def test_one_message_api_for_gateways_sets_source_and_correlation_id(publi
     assert letter.replay_queue == "ehr.adt" and letter_message.headers["x-mw-ingest"] == "mllp:adt"
     await letter_message.ack()
     await publisher.broker.close()
+
+
+def test_the_same_file_again_is_reported_and_not_republished_unless_forced(env: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    path = batch(tmp_path / "adt-batch.hl7", 3)
+    assert middleware(env, "publish", str(path), "--queue", "ehr.adt").returncode == 0
+    again = middleware(env, "publish", str(path), "--queue", "ehr.adt")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "" and "published 0 message(s)" in again.stderr
+    assert f"{path}: already published to this route at " in again.stderr and "--force" in again.stderr
+    url = env["MIDDLEWARE_BROKER_URL"]
+    assert [position for position, _, _ in asyncio.run(drain(url, "ehr.adt"))] == [1, 2, 3]  # once
+    forced = middleware(env, "publish", str(path), "--queue", "ehr.adt", "--force")
+    assert forced.returncode == 0 and "published 3 message(s)" in forced.stderr
+    assert [position for position, _, _ in asyncio.run(drain(url, "ehr.adt"))] == [1, 2, 3]
+
+
+def test_a_different_file_is_not_a_duplicate(env: dict[str, str], tmp_path: Path) -> None:
+    assert middleware(env, "publish", str(batch(tmp_path / "a.hl7", 3)), "--queue", "ehr.adt").returncode == 0
+    other = middleware(env, "publish", str(batch(tmp_path / "b.hl7", 4)), "--queue", "ehr.adt")
+    assert "published 4 message(s)" in other.stderr
+
+
+async def test_a_file_cut_short_resumes_after_its_checkpoint(publisher: Publisher, tmp_path: Path) -> None:
+    """Stopped part way (as a crash would, minus the in-flight window): the ledger's checkpoint holds
+    the last confirmed position and the next publish of the same file starts after it, by itself."""
+    path = batch(tmp_path / "adt-batch.hl7", 40)
+    ledger = Ledger(tmp_path / "var")
+    stop = asyncio.Event()
+    seen: list[int | None] = []
+
+    def count(_: Path, item: Published) -> None:
+        seen.append(item.position)
+        if len(seen) == 17:
+            stop.set()
+
+    [first] = await publish_files(publisher, [path], stop=stop, on_published=count, ledger=ledger)
+    assert first.result.resume_from is not None and first.digest is not None
+    assert ledger.checkpoint("adt-inbound", first.digest).position == first.result.resume_from - 1 == len(seen)
+    assert ledger.finished("adt-inbound", first.digest) is None
+    [rest] = await publish_files(publisher, [path], ledger=ledger)
+    assert rest.resumed_from == first.result.resume_from and rest.result.complete
+    assert rest.result.published == 40 - len(seen)
+    finished = ledger.finished("adt-inbound", first.digest)
+    assert finished is not None and finished.file == path.name
+    assert not ledger.checkpoint("adt-inbound", first.digest).path.exists()
+    [again] = await publish_files(publisher, [path], ledger=ledger)
+    assert again.duplicate == finished and again.result.published == 0
+    await publisher.broker.close()
+    queued = await drain(f"filesystem://{tmp_path}/broker", "ehr.adt")
+    assert [position for position, _, _ in queued] == list(range(1, 41))
