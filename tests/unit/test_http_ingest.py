@@ -204,8 +204,10 @@ def test_validate_names_an_unknown_route_and_a_bad_peer_at_the_listener(project:
     lines = text.splitlines()
     rest = next(n for n, line in enumerate(lines, 1) if "- name: rest" in line)
     peers = next(n for n, line in enumerate(lines, 1) if "allowed_peers: [10.20.0.0/33]" in line)
-    assert f"config/middleware.yaml:{rest}: ingest.http rest: routes: no route named 'referals-rest' (routes: " \
-           "adt-inbound, fhir-inbound, orders-inbound, referrals-rest, results-inbound, scheduling-inbound)" in found
+    [unknown] = [p for p in found if "no route named" in p]
+    assert unknown.startswith(f"config/middleware.yaml:{rest}: ingest.http rest: routes: no route named "
+                              "'referals-rest' (routes: adt-inbound, ")
+    assert "referrals-rest" in unknown.split("(routes: ")[1]  # the existing routes are listed
     assert any(p.startswith(f"config/middleware.yaml:{peers}: ingest.http rest: allowed_peers: '10.20.0.0/33'")
                for p in found), found
 
