@@ -75,14 +75,15 @@ def member_834(n: int, *, broken: bool = False, garbled: bool = False) -> list[s
 
 def file_834(members: int, *, d: Delims = Delims(), broken: Collection[int] = (),
              garbled: Collection[int] = (), se_count: int | None = None, ge_count: int = 1,
-             iea_count: int = 1) -> bytes:
-    """An 834 with ``members`` member loops (numbered from 1); counts can be made wrong on purpose."""
+             iea_count: int = 1, control: int = 101) -> bytes:
+    """An 834 with ``members`` member loops (numbered from 1); counts can be made wrong on purpose;
+    ``control``: the interchange control number ISA-13 (another one makes another file)."""
     body = ["BGN*00*ENR20261124*20261124*0930****4", "REF*38*GRP-55012", "DTP*007*D8*20261201",
             "N1*P5*NORTHWIND LOGISTICS*FI*990000001", "N1*IN*LAKESIDE HEALTH PLAN*FI*990000002"]
     for n in range(1, members + 1):
         body += member_834(n, broken=n in broken, garbled=n in garbled)
-    segments = _envelope(isa("NORTHWIND", "LAKESIDEHP", 101, d), "GS*BE*NORTHWIND*LAKESIDEHP*20261124*0930*101*X*"
-                         "005010X220A1", body, "ST*834*0001*005010X220A1", d, group=101, interchange=101,
+    segments = _envelope(isa("NORTHWIND", "LAKESIDEHP", control, d), "GS*BE*NORTHWIND*LAKESIDEHP*20261124*0930*101*X*"
+                         "005010X220A1", body, "ST*834*0001*005010X220A1", d, group=101, interchange=control,
                          se_count=se_count, ge_count=ge_count, iea_count=iea_count)
     return _file(segments, d)
 

@@ -193,14 +193,22 @@ class _Splitter:
         assert tx is not None and self.isa is not None and self.gs is not None
         joined = self.d.segment + b"\n"
         raw = joined.join([self.isa, self.gs, tx.st, *tx.header, *body]) + joined
-        headers = {HEADER_PREFIX + "isa13": self._el(self.isa, 13), HEADER_PREFIX + "gs06": self._el(self.gs, 6),
-                   HEADER_PREFIX + "st01": self._el(tx.st, 1), HEADER_PREFIX + "st02": self._el(tx.st, 2)}
-        return Record(raw, self.position, headers=headers)
+        return Record(raw, self.position, headers=self._headers())
+
+    def _headers(self) -> dict[str, str | int]:
+        """The control numbers of the envelope being read (those known so far)."""
+        headers: dict[str, str | int] = {}
+        for key, segment, number in (("isa13", self.isa, 13), ("gs06", self.gs, 6),
+                                     ("st01", self.tx and self.tx.st, 1), ("st02", self.tx and self.tx.st, 2)):
+            if segment:
+                headers[HEADER_PREFIX + key] = self._el(segment, number)
+        return headers
 
     def _broken(self, segments: Sequence[bytes], why: str) -> Record:
         self.position += 1
         self.info.records = self.position
-        return Record(b"\n".join(segments), self.position, error=why)
+        headers = self._headers() if self.segments.delimiters is not None else {}
+        return Record(b"\n".join(segments), self.position, error=why, headers=headers)
 
     def _flush_member(self) -> Iterator[Record]:
         tx = self.tx

@@ -134,6 +134,8 @@ def test_a_member_that_does_not_frame_dead_letters_alone_with_its_position() -> 
     records = split(file_834(5, garbled={3}), info)
     assert [(r.position, r.error is None) for r in records] == [(1, True), (2, True), (3, False), (4, True), (5, True)]
     assert records[2].error == "segment 31 of transaction set ST-2 0001 has no valid segment id"
+    assert records[2].headers == records[1].headers  # its dead letter names its transaction set too
+    assert b"ELSWORTH" not in records[2].raw and b"ZZ*M0000003" in records[2].raw  # its own segments only
     assert X12.parse(records[3].raw).first("NM1") == ["NM1", "IL", "1", "ELSWORTH", "EMERY", "", "", "", "ZZ",
                                                        "M0000004"]
     assert info.problems == []  # the SE count still matches: the garbled segment is counted
