@@ -262,6 +262,7 @@ class HttpGateway:
         app.router.add_get("/openapi.json", self._openapi)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.on_response_prepare.append(_server_header)
         return app
 
     # -- probes and description -------------------------------------------------------------
@@ -473,6 +474,11 @@ def _unavailable(correlation_id: str, why: str, *, sent: int = 0, total: int = 0
                    f"{why}: the message is not accepted, send it again later (duplicates are possible){confirmed}",
                    headers={"Retry-After": str(RETRY_AFTER_BROKER), "X-Correlation-ID": correlation_id},
                    extra={"correlation_id": correlation_id})
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``Server: middleware`` instead of aiohttp's, which names the Python and aiohttp versions."""
+    response.headers["Server"] = "middleware"
 
 
 def _wants_fhir(request: web.Request) -> bool:

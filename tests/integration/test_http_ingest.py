@@ -142,6 +142,7 @@ async def test_a_referral_is_202_with_ids_and_on_the_queue_byte_for_byte(
         assert response.status == 202
         answer = await response.json()
         assert response.headers["X-Correlation-ID"] == answer["correlation_id"]
+        assert response.headers["Server"] == "middleware"  # no Python / aiohttp versions
     [message] = await drain(broker, inbound(rabbit_project, "referrals-rest"))
     assert message.body == REFERRAL
     assert answer["message_ids"] == [message.message_id]
