@@ -22,7 +22,7 @@ from jsonschema.exceptions import ValidationError as JsonSchemaError
 from middleware import project_schema
 from middleware.delivery.base import ConnectorSpec, RetryPolicy, connector_problems
 from middleware.errors import ConfigError, Problem
-from middleware.formats import get_format
+from middleware.formats import Unsplit, get_format
 from middleware.ingest import HttpListener, HttpRateLimit, MllpListener, MllpTls, gateway_specs
 from middleware.ingest.peers import parse_networks
 from middleware.ingest.tls import server_context
@@ -446,6 +446,8 @@ class _RouteCompiler:
         self.lookups = lookups
         self.connectors = connectors
         self.format = get_format(self.data["source"]["format"], self.data["source"])
+        if self.data["source"].get("split") is False:
+            self.format = Unsplit(self.format)
 
     def compile(self) -> Route:
         data = self.data

@@ -184,7 +184,8 @@ def _per_kind(key: str, base: dict[str, Any], specs: Mapping[str, Mapping[str, A
 def route_schema(formats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Schema of routes/<name>.yaml; ``formats``: each registered input format's spec (its own
     ``source`` keys, :mod:`middleware.spec`)."""
-    source_keys: dict[str, Any] = {"queue": {"type": "string", "minLength": 1}, "format": {"enum": list(formats)}}
+    source_keys: dict[str, Any] = {"queue": {"type": "string", "minLength": 1}, "format": {"enum": list(formats)},
+                                   "split": {"type": "boolean"}}  # false: each input one message (a Bundle whole)
     return {
         "type": "object",
         "additionalProperties": False,

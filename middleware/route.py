@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -22,7 +23,7 @@ from middleware.errors import (
     PipelineError,
     SchemaValidationError,
 )
-from middleware.formats import Format
+from middleware.formats import Format, SplitInfo
 from middleware.mapping import Condition, FieldRule, Template, apply_rules, data_get
 from middleware.schemas import EventSchema
 
@@ -160,8 +161,9 @@ def transform(route: Route, raw: bytes, context: MessageContext | None = None,
         if route.filter is not None and not route.filter.matches(doc):
             unsplit = getattr(doc, "unsplit_reason", None)  # a FHIR Bundle: a container, not a resource
             if unsplit:
-                raise FilterError(unsplit, hint="send its entries one per message (the HTTP ingest endpoint splits "
-                                                "bundles), or give the route rules for the Bundle's type")
+                raise FilterError(unsplit, hint="publish it through the publisher (publish, HTTP ingest), which "
+                                                "splits bundles unless source.split is false, or give the route "
+                                                "rules for the Bundle's type")
             if route.filter.lacks_trigger(doc):  # a v2.1 ``ADT`` without EVN-1: neither in nor out
                 raise FilterError(f"MSH-9 {doc.message_type} has no trigger event and none can be inferred",
                                   hint=f"send the trigger (MSH-9.2 or EVN-1), or list {doc.message_type} in "
@@ -211,4 +213,32 @@ def transform(route: Route, raw: bytes, context: MessageContext | None = None,
         ) from exc
 
 
-__all__ = ["DeliveryRule", "EventRule", "MessageContext", "Outcome", "Route", "Template", "transform"]
+def transform_split(route: Route, raw: bytes, context: MessageContext | None = None,
+                    tz: ZoneInfo | None = None) -> Outcome:
+    """:func:`transform` on each record of ``raw`` as publishing splits it (``Format.split``: a FHIR
+    Bundle gives its entries), with the batch id and position a published record carries: one outcome
+    with every record's events in order, filtered only when every record was. The first record that
+    fails raises, as its dead letter would."""
+    context = context or MessageContext()
+    info = SplitInfo()
+    records = list(route.format.split(io.BytesIO(raw), info))
+    if len(records) == 1 and records[0].position is None:
+        return transform(route, records[0].raw, context, tz)
+    merged: Outcome | None = None
+    for record in records:
+        if record.error is not None:
+            raise ParseError(record.error, route=route.name, hint="the record is dead-lettered when published")
+        batch = replace(context, batch_id=info.batch_id, batch_position=str(record.position))
+        outcome = transform(route, record.raw, batch, tz)
+        if merged is None:
+            merged = outcome
+        else:
+            merged.events.extend(outcome.events)
+            merged.filtered = merged.filtered and outcome.filtered
+    if merged is None:  # nothing to publish (a FHIR subscription heartbeat)
+        return Outcome(context.correlation_id or "", filtered=True, message_type=info.feed)
+    return merged
+
+
+__all__ = ["DeliveryRule", "EventRule", "MessageContext", "Outcome", "Route", "Template", "transform",
+           "transform_split"]

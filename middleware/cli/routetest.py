@@ -22,8 +22,7 @@ from middleware.cli.common import JsonOption, ProjectOption, fail, open_project,
 from middleware.errors import PipelineError, Problem
 from middleware.formats.hl7batch import iter_batch
 from middleware.project import Project
-from middleware.route import MessageContext, Outcome, Route
-from middleware.route import transform as run_route
+from middleware.route import MessageContext, Outcome, Route, transform_split
 from middleware.yamlfile import YamlDoc, load_yaml
 
 CASES_DIR = Path("routes") / "tests"
@@ -276,8 +275,10 @@ def find_cases(project: Project, selected: list[str]) -> list[Path]:
 
 
 def _run(route: Route, case: Case, project: Project) -> Outcome | PipelineError | Exception:
+    """The route on the case's input, split as publishing splits it (a FHIR Bundle: every entry's
+    events in order; the first entry that fails is the outcome)."""
     try:
-        return run_route(route, case.raw, case.context, tz=project.settings.tz)
+        return transform_split(route, case.raw, case.context, tz=project.settings.tz)
     except PipelineError as exc:
         return exc
     except Exception as exc:  # a bug in the pipeline: the case fails, the run goes on

@@ -18,8 +18,11 @@ def transform(
                                       allow_dash=True),
     project: Path = ProjectOption,
 ) -> None:
-    """Print the canonical events for INPUT as JSON lines; on bad input exit 1 with `error: <stage>: <what>`."""
-    from middleware.route import transform as run_route
+    """Print the canonical events for INPUT as JSON lines; on bad input exit 1 with `error: <stage>: <what>`.
+
+    INPUT is split as `publish` splits it (a FHIR Bundle: the events of every entry, in order).
+    """
+    from middleware.route import transform_split as run_route
 
     loaded = open_project(project, offline=True)  # delivers nothing: connector secrets not needed
     try:

@@ -27,7 +27,6 @@ class Document(Protocol):
     def occurred_at(self) -> str | None:
         """When the business event occurred, ISO 8601 (offset kept when the source has one)."""
 
-
     def source_identity(self) -> tuple[str, ...]:
         """The parts that tell this message apart from every other one, from any sender (HL7 v2: MSH-3,
         MSH-4, MSH-10, MSH-7; FHIR: resourceType, id, versionId or a content digest). Event ids are
@@ -48,6 +47,7 @@ class PathAccessor(Protocol):
 
     def read(self, doc: Any) -> list[Any]:
         """Every value the expression selects in ``doc``, absent/empty values left out."""
+
 
 @dataclass(frozen=True)
 class Record:
@@ -72,6 +72,9 @@ class SplitInfo:
     declared: int | None = None  # the record count the sender declared (HL7 BTS-1), when it did
     records: int = 0  # records read so far
     problems: list[str] = field(default_factory=list)  # e.g. a declared count that does not match
+    # a feed's sign of life the input was (FHIR subscription "handshake", "heartbeat", "event-notification"):
+    # the feed is alive; a handshake or heartbeat has no record to publish
+    feed: str | None = None
 
 
 def split_whole(stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
@@ -79,6 +82,20 @@ def split_whole(stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
     info.records = 1
     yield Record(stream.read())
 
+
+class Unsplit:
+    """A format whose inputs are published whole (``source.split: false``): a FHIR Bundle stays one
+    message; everything else is the wrapped format's."""
+
+    def __init__(self, inner: Format) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def split(self, stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
+        return split_whole(stream, info)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class Format(Protocol):
@@ -88,13 +105,13 @@ class Format(Protocol):
 
     def parse(self, raw: bytes) -> Any:
         """Parse ``raw`` into a :class:`Document`; raises :class:`middleware.errors.ParseError`."""
+
     def split(self, stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
         """The records of an input, read from ``stream`` as they are needed (linear, any size).
 
         A batch file yields one record per message; a single message yields itself unchanged
         (:func:`split_whole`). ``info`` is filled in while iterating.
         """
-
 
     def compile_path(self, expr: str) -> PathAccessor:
         """Compile a source expression; raises ``ValueError`` saying what is wrong with it."""

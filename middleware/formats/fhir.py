@@ -58,9 +58,20 @@ from typing import Any, BinaryIO
 import orjson
 
 from middleware.errors import ParseError
-from middleware.formats import Record, SplitInfo, register, split_whole
+from middleware.formats import Record, SplitInfo, register
+from middleware.formats.ndjson import CHUNK_BYTES, looks_like_ndjson, split_lines
 
-BUNDLE_TYPES = frozenset({"transaction", "batch", "collection", "message"})
+BUNDLE_TYPES = frozenset({"transaction", "batch", "collection", "message", "searchset"})  # split one per entry
+# The bundle a split entry travels in (:func:`split`): the entry first, then the entries it references.
+SPLIT_TAG = {"system": "urn:middleware:bundle", "code": "split-entry"}
+BUNDLE_ID_HEADER = "x-mw-bundle-id"
+BUNDLE_TYPE_HEADER = "x-mw-bundle-type"
+BATCH_TOTAL_HEADER = "x-mw-batch-total"
+FULL_URL_HEADER = "x-mw-fullurl"
+SUBSCRIPTION_HEADER = "x-mw-subscription"
+# R4B SubscriptionStatus.type (and the R4 backport's Parameters "type"): which carry focus resources.
+NOTIFICATION_TYPES = frozenset({"event-notification", "query-event"})
+STATUS_TYPES = frozenset({"handshake", "heartbeat", "query-status"}) | NOTIFICATION_TYPES
 TIMINGS: dict[str, tuple[tuple[str, ...], ...]] = {
     "Observation": (("effectiveDateTime",), ("effectiveInstant",), ("effectivePeriod", "start"), ("issued",)),
     "DiagnosticReport": (("effectiveDateTime",), ("effectivePeriod", "start"), ("issued",)),
@@ -148,15 +159,22 @@ class FhirDocument:
     """A decoded resource (``scopes[0]``) and the node paths are read from.
 
     ``data`` is the current node: the resource itself, or an ``each:`` item; ``scopes`` are the
-    enclosing resources, outermost first.
+    enclosing resources, outermost first. ``bundle``: for an entry split out of a Bundle, the bundle
+    it travelled in (the entry and the entries it references), against which references resolve.
     """
 
     data: Any
     scopes: tuple[dict[str, Any], ...]
+    bundle: dict[str, Any] | None = None
 
     @property
     def root(self) -> dict[str, Any]:
         return self.scopes[0] if self.scopes else {}
+
+    @property
+    def references_bundle(self) -> dict[str, Any] | None:
+        """The Bundle whose entries references resolve against: the document itself, or the split entry's."""
+        return self.root if self.root.get("resourceType") == "Bundle" else self.bundle
 
     @property
     def message_type(self) -> str | None:
@@ -169,21 +187,22 @@ class FhirDocument:
 
     @property
     def unsplit_reason(self) -> str | None:
-        """Why a Bundle that a route's filter does not take must not be dropped silently (its entries are
-        what routes read; splitting a Bundle into its entries is the HTTP ingest's job). None otherwise."""
+        """Why a whole Bundle that a route's filter does not take must not be dropped silently (its entries
+        are what routes read: publishing splits bundles unless the route says ``source.split: false``).
+        None otherwise."""
         if self.root.get("resourceType") != "Bundle":
             return None
         return (f"a FHIR Bundle of type {self.root.get('type')} with {len(_entry_resources(self.root))} entry "
-                "resource(s) reached a route that reads single resources: bundles are not split into their "
-                "entries here")
+                "resource(s) reached the route whole and its filter does not take it")
 
     @property
     def message_id(self) -> str | None:
         value = self.root.get("id")
         if isinstance(value, str) and value:
             return value
-        if self.root.get("resourceType") == "Bundle":
-            entries = self.root.get("entry")
+        bundle = self.bundle if self.bundle is not None else self.root
+        if bundle.get("resourceType") == "Bundle":
+            entries = bundle.get("entry")
             if isinstance(entries, list) and entries and isinstance(entries[0], dict):
                 url = entries[0].get("fullUrl")
                 if isinstance(url, str) and url:
@@ -193,14 +212,22 @@ class FhirDocument:
     def source_identity(self) -> tuple[str, ...]:
         """What makes this resource version unique (event ids are derived from it): resourceType, id and
         meta.versionId, or without a versionId a digest of the resource's content (keys sorted, so the
-        same resource sent with other whitespace or key order keeps its identity)."""
+        same resource sent with other whitespace or key order keeps its identity). An entry split out of
+        a Bundle uses its fullUrl when it has no id, and adds the bundle's id: the same entry ids in two
+        bundles give other events (the publisher's batch id and position are added too, see route.py)."""
         root = self.root
         version = _get(root, ("meta", "versionId"))
         if not isinstance(version, str | int) or isinstance(version, bool) or version == "":
             content = orjson.dumps(root, option=orjson.OPT_SORT_KEYS)
             version = "sha256:" + hashlib.sha256(content).hexdigest()
         kind, rid = root.get("resourceType"), root.get("id")
-        return str(kind or ""), rid if isinstance(rid, str) else "", str(version)
+        identity: tuple[str, ...] = (str(kind or ""), rid if isinstance(rid, str) else "", str(version))
+        if self.bundle is not None:
+            if not identity[1]:
+                identity = (identity[0], str(self.message_id or ""), identity[2])
+            bundle_id = self.bundle.get("id")
+            identity += ("Bundle", bundle_id if isinstance(bundle_id, str) else "")
+        return identity
 
     def occurred_at(self) -> str | None:
         root = self.root
@@ -348,8 +375,8 @@ def resolve_reference(reference: str, doc: FhirDocument, containers: Sequence[An
             if found is not None:
                 return found
         return None
-    root = doc.root
-    if root.get("resourceType") != "Bundle":
+    root = doc.references_bundle
+    if root is None:
         return None
     literal = parse_reference(reference)
     url = reference
@@ -598,10 +625,187 @@ def parse(raw: bytes) -> FhirDocument:
     if not is_resource_type(kind):
         raise ParseError("resourceType is not a FHIR R4 resource type",
                          hint="check the sender's resourceType spelling and FHIR version")
+    if kind == "Bundle" and _is_split_entry(data):
+        focus = data["entry"][0].get("resource") if isinstance(data["entry"][0], dict) else None
+        focus_kind = focus.get("resourceType") if isinstance(focus, dict) else None
+        if not isinstance(focus, dict) or not isinstance(focus_kind, str) or not is_resource_type(focus_kind):
+            raise ParseError("a split Bundle entry without a FHIR resource",
+                             hint="every entry resource names its resourceType")
+        return FhirDocument(focus, (focus,), data)
     if kind == "Bundle" and data.get("type") not in BUNDLE_TYPES:
         raise ParseError("Bundle type is missing or not accepted",
                          hint=f"send a Bundle of type {', '.join(sorted(BUNDLE_TYPES))}")
     return FhirDocument(data, (data,))
+
+
+# -- splitting --------------------------------------------------------------------------------
+
+
+def _is_split_entry(bundle: dict[str, Any]) -> bool:
+    """Whether ``bundle`` is one entry split out of a Bundle (tagged :data:`SPLIT_TAG`, entry first)."""
+    tags = _get(bundle, ("meta", "tag"))
+    entries = bundle.get("entry")
+    return (isinstance(tags, list) and SPLIT_TAG in tags and isinstance(entries, list) and bool(entries))
+
+
+def _references(node: Any, out: list[str]) -> list[str]:
+    """Every ``reference`` string in ``node`` (an entry resource), depth first."""
+    if type(node) is dict:
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                out.append(value)
+            elif type(value) in (dict, list):
+                _references(value, out)
+    elif type(node) is list:
+        for item in node:
+            _references(item, out)
+    return out
+
+
+class _EntryIndex:
+    """Which entry a reference names, by fullUrl (``urn:uuid:``, absolute) or by type and id."""
+
+    def __init__(self, entries: list[Any]) -> None:
+        self.by_url: dict[str, int] = {}
+        self.by_key: dict[tuple[str, str], int] = {}
+        for index, entry in enumerate(entries):
+            resource = entry.get("resource") if type(entry) is dict else None
+            url = entry.get("fullUrl") if type(entry) is dict else None
+            if isinstance(url, str) and url:
+                self.by_url.setdefault(url, index)
+            if type(resource) is dict and isinstance(resource.get("id"), str):
+                self.by_key.setdefault((str(resource.get("resourceType")), resource["id"]), index)
+
+    def find(self, reference: str) -> int | None:
+        if reference.startswith("#"):
+            return None  # contained: inside the resource itself
+        found = self.by_url.get(reference)
+        if found is not None:
+            return found
+        literal = parse_reference(reference)
+        if literal is None:
+            return None
+        if literal[2] is not None:
+            found = self.by_url.get(f"{literal[2]}{literal[0]}/{literal[1]}")
+            if found is not None:
+                return found
+        return self.by_key.get(literal[:2])
+
+
+def _referenced(start: int, entries: list[Any], index: _EntryIndex, direct: dict[int, list[int]]) -> list[int]:
+    """The entries entry ``start`` references, directly or through other entries (each once, in order)."""
+    seen, order, queue = {start}, [], [start]
+    while queue:
+        current = queue.pop(0)
+        if current not in direct:
+            resource = entries[current].get("resource")
+            found = (index.find(ref) for ref in _references(resource, []))
+            direct[current] = list(dict.fromkeys(i for i in found if i is not None))
+        for target in direct[current]:
+            if target not in seen:
+                seen.add(target)
+                order.append(target)
+                queue.append(target)
+    return order
+
+
+def _subscription_status(bundle: dict[str, Any]) -> tuple[str, str | None] | None:
+    """A subscription notification (R4B backport, a ``history`` Bundle whose first entry is the
+    status): (status type, subscription reference); None for any other Bundle."""
+    entries = bundle.get("entry")
+    if bundle.get("type") != "history" or not isinstance(entries, list) or not entries:
+        return None
+    status = entries[0].get("resource") if type(entries[0]) is dict else None
+    if type(status) is not dict:
+        return None
+    kind: Any = None
+    subscription: Any = None
+    if status.get("resourceType") == "SubscriptionStatus":  # R4B
+        kind, subscription = status.get("type"), _reference_text(status.get("subscription"))
+    elif status.get("resourceType") == "Parameters":  # R4 backport: backport-subscription-status-r4
+        parameters = status.get("parameter")
+        for parameter in parameters if isinstance(parameters, list) else ():
+            if type(parameter) is dict and parameter.get("name") == "type":
+                kind = parameter.get("valueCode")
+            elif type(parameter) is dict and parameter.get("name") == "subscription":
+                subscription = _reference_text(parameter.get("valueReference"))
+        if subscription is None:
+            return None
+    return (kind, subscription) if kind in STATUS_TYPES else None
+
+
+def split_bundle(bundle: dict[str, Any], raw: bytes, info: SplitInfo) -> Iterator[Record]:
+    """One record per entry of ``bundle`` (entries of a subscription notification after the status):
+    a Bundle holding the entry first and then every entry it references, directly or not, tagged
+    :data:`SPLIT_TAG` (the route reads the entry; references to the others resolve). Headers give
+    the bundle's id and type, the position (publisher) and total, the entry's fullUrl. An entry
+    without a resource (a transaction DELETE, an id-only notification) is a record with an error."""
+    entries: list[Any] = bundle["entry"] if isinstance(bundle.get("entry"), list) else []
+    first = 0
+    headers: dict[str, str | int] = {BUNDLE_TYPE_HEADER: str(bundle.get("type"))}
+    bundle_id = bundle.get("id")
+    if isinstance(bundle_id, str) and bundle_id:
+        headers[BUNDLE_ID_HEADER] = bundle_id
+    status = _subscription_status(bundle)
+    if status is not None:
+        info.feed, first = status[0], 1
+        if status[1]:
+            headers[SUBSCRIPTION_HEADER] = status[1]
+        if status[0] not in NOTIFICATION_TYPES:
+            return
+    info.batch_id = (f"Bundle/{bundle_id}" if isinstance(bundle_id, str) and bundle_id
+                     else "sha256:" + hashlib.sha256(raw).hexdigest())
+    total = len(entries) - first
+    headers[BATCH_TOTAL_HEADER] = total
+    info.declared = total
+    shell: dict[str, Any] = {"resourceType": "Bundle"}
+    shell.update((key, bundle[key]) for key in ("id", "type", "timestamp") if key in bundle)
+    shell["meta"] = {"tag": [SPLIT_TAG]}
+    index, direct = _EntryIndex(entries), dict[int, list[int]]()
+    for position, number in enumerate(range(first, len(entries)), start=1):
+        info.records = position
+        entry = entries[number]
+        own = dict(headers)
+        url = entry.get("fullUrl") if type(entry) is dict else None
+        if isinstance(url, str) and url:
+            own[FULL_URL_HEADER] = url
+        if type(entry) is not dict or type(entry.get("resource")) is not dict:
+            request = _get(entry, ("request", "method"))
+            what = f" (request {request})" if isinstance(request, str) else ""
+            yield Record(orjson.dumps(entry), position, f"Bundle entry {position} of {total} has no resource{what}: "
+                                                        "nothing to publish", own)
+            continue
+        carried = [entry, *(entries[i] for i in _referenced(number, entries, index, direct))]
+        yield Record(orjson.dumps({**shell, "entry": carried}), position, None, own)
+
+
+def split(stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
+    """The records of a FHIR input: an NDJSON file (Bulk Data) one per line, a Bundle of a type in
+    :data:`BUNDLE_TYPES` or a subscription notification one per entry, anything else
+    (a resource, a Bundle kept whole, input that is not even JSON) one record, byte for byte."""
+    head = stream.read(CHUNK_BYTES)
+    if looks_like_ndjson(head):
+        yield from split_lines(stream, info, first=head)
+        return
+    raw = head + stream.read()
+    data = _loads_bundle(raw)
+    if data is not None and (data.get("type") in BUNDLE_TYPES or _subscription_status(data) is not None):
+        yield from split_bundle(data, raw, info)
+        return
+    info.records = 1
+    yield Record(raw)
+
+
+def _loads_bundle(raw: bytes) -> dict[str, Any] | None:
+    """``raw`` decoded when it is a Bundle (a cheap look at the start first); None otherwise."""
+    if b'"Bundle"' not in raw:
+        return None
+    body = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) and data.get("resourceType") == "Bundle" else None
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
@@ -648,7 +852,8 @@ class FhirFormat:
         return parse(raw)
 
     def split(self, stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
-        return split_whole(stream, info)
+        """Bundles one message per entry, NDJSON one per line (:func:`split`)."""
+        return split(stream, info)
 
     def compile_path(self, expr: str) -> FhirPath:
         return compile_path(expr)
@@ -668,5 +873,5 @@ class FhirFormat:
             scopes = document.scopes
             if isinstance(value, dict) and isinstance(value.get("resourceType"), str):
                 scopes = (*scopes, value)
-            items.append(FhirDocument(value, scopes))
+            items.append(FhirDocument(value, scopes, document.bundle))
         return items

@@ -23,6 +23,7 @@ import orjson
 
 from middleware.errors import ParseError
 from middleware.formats import Format, Record, SplitInfo
+from middleware.formats.ndjson import split_lines
 
 ER7_TYPES = ("x-application/hl7-v2+er7", "application/hl7-v2")
 FHIR_JSON = "application/fhir+json"
@@ -66,7 +67,7 @@ def read_body(raw: bytes, kind: str, fmt: Format) -> Body:
     """Split ``raw`` (of media type ``kind``, one of :func:`accepted_types`) into checked records."""
     body = Body()
     if kind == NDJSON:
-        candidates = _ndjson(raw, body)
+        candidates = split_lines(io.BytesIO(raw), body.info)
     elif kind == CSV:
         candidates = _csv(raw, body) if fmt.name != "csv" else fmt.split(io.BytesIO(raw), body.info)
     else:
@@ -96,18 +97,6 @@ def _json_ok(raw: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return True
-
-
-def _ndjson(raw: bytes, body: Body) -> Iterator[Record]:
-    """One record per non-empty line; a line that is not JSON is a record that cannot be read."""
-    position = 0
-    for line in raw.splitlines():
-        if not line.strip():
-            continue
-        position += 1
-        body.info.records = position
-        yield Record(line, position) if _json_ok(line) else Record(
-            line, position, f"line {position} is not valid JSON")
 
 
 def _csv(raw: bytes, body: Body) -> Iterator[Record]:

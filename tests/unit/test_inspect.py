@@ -113,14 +113,15 @@ def test_fhir_paths_index_every_array_and_skip_nulls_as_the_reader_does() -> Non
         {"resource": {"resourceType": "Observation", "status": "final", "valueQuantity": {"value": 7.20},
                       "note": [], "code": {"text": ""}}}]}
     raw = orjson.dumps(bundle)
-    fmt, [message] = inspect_input(raw)
-    found = {f.path: f.value for f in message.fields}
-    assert fmt == "fhir" and message.message_type == "Bundle/Patient"
-    assert found["Bundle.entry[0].resource.name[0].given[1]"] == "Mei"  # the null is not counted
-    assert found["Bundle.entry[0].resource.name[0]._given[0].extension[0].valueString"] == "y"
-    assert found["Bundle.entry[0].resource.active"] is False
-    assert found["Bundle.entry[1].resource.valueQuantity.value"] == 7.2
-    assert "Bundle.entry[1].resource.code.text" not in found  # empty: no value to read
+    fmt, [patient, observation] = inspect_input(raw)  # a Bundle is split into its entries, as publish splits it
+    found = {f.path: f.value for f in patient.fields}
+    assert fmt == "fhir" and patient.message_type == "Patient" and observation.message_type == "Observation"
+    assert found["Patient.name[0].given[1]"] == "Mei"  # the null is not counted
+    assert found["Patient.name[0]._given[0].extension[0].valueString"] == "y"
+    assert found["Patient.active"] is False
+    second = {f.path: f.value for f in observation.fields}
+    assert second["Observation.valueQuantity.value"] == 7.2
+    assert "Observation.code.text" not in second  # empty: no value to read
     assert_round_trip(raw)
 
 
