@@ -292,10 +292,10 @@ class _BrokerFailing(Connector):
 
 
 async def test_failure_on_the_last_allowed_delivery_is_dead_lettered_with_its_reason(
-        rabbit_project: Project, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+        rabbit_project: Project, broker: Broker) -> None:
     """A failure that gives a message back is retried by redelivery; on its last allowed delivery
     the worker dead-letters it itself, with stage, error, attempts and times (not RabbitMQ, bare)."""
-    monkeypatch.setitem(delivery_base._REGISTRY, "broker-failing", _BrokerFailing)
+    delivery_base.register("broker-failing")(_BrokerFailing)  # like any connector type
     settings = dataclasses.replace(rabbit_project.settings, delivery_limit=2)
     project = dataclasses.replace(rabbit_project, settings=settings)
     failing = ConnectorSpec("case-management", "broker-failing", {})

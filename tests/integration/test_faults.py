@@ -80,10 +80,10 @@ class _ExplodingConnector(Connector):
 
 
 async def test_connector_bug_is_bounded_and_does_not_stall_other_sinks(
-        broker: Broker, rabbit_project: Project, sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        broker: Broker, rabbit_project: Project, sink: Sink, tmp_path: Path) -> None:
     """A connector that crashes on every message: redelivered delivery_limit times, then dead-lettered
     with its reason (promise 4); the other connector of the route is not held up (promise 5)."""
-    monkeypatch.setitem(delivery_base._REGISTRY, "explodes", _ExplodingConnector)  # this test only
+    delivery_base.register("explodes")(_ExplodingConnector)  # like any connector type
     settings = dataclasses.replace(rabbit_project.settings, delivery_limit=3)
     crashing = ConnectorSpec("case-management", "explodes", {})
     project = dataclasses.replace(rabbit_project, settings=settings)
