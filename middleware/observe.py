@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from middleware.errors import MiddlewareError
 
@@ -143,6 +143,9 @@ class Metrics:
                                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0))
         self.delivery_seconds = Histogram("middleware_delivery_seconds", "Time to deliver one event, retries included",
                                           ["route", "connector"], registry=r)
+        self.feed_heartbeat = Gauge("middleware_feed_heartbeat_timestamp_seconds",
+                                    "When a feed last said it is alive (a FHIR subscription handshake, heartbeat "
+                                    "or notification), Unix time", ["route"], registry=r)
 
     def value(self, name: str, **labels: str) -> float:
         """Current value of a counter sample (0 if never incremented), e.g. for the demo summary."""

@@ -391,6 +391,12 @@ class HttpGateway:
         losses = self.broker.connection_losses
         body = (read_body(raw, kind, route.format) if len(raw) <= _INLINE_BYTES
                 else await asyncio.to_thread(read_body, raw, kind, route.format))
+        if body.info.feed is not None and self.metrics is not None:
+            self.metrics.feed_heartbeat.labels(route.name).set_to_current_time()
+        if not body.records:  # a FHIR subscription handshake or heartbeat: the feed is alive, nothing to publish
+            return Answer(200, orjson.dumps({"correlation_id": correlation_id, "message_ids": [],
+                                             "feed": body.info.feed}),
+                          "application/json", {"X-Correlation-ID": correlation_id})
         headers = {CONTENT_TYPE_HEADER: kind, **extra_headers}
         records = [replace(r, headers={**r.headers, **headers}) for r in body.records]
         done: list[Published] = []

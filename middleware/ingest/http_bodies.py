@@ -85,7 +85,7 @@ def read_body(raw: bytes, kind: str, fmt: Format) -> Body:
             except ParseError as exc:
                 record = Record(record.raw, record.position, str(exc), record.headers)
         body.records.append(record)
-    if not body.records:
+    if not body.records and body.info.feed is None:  # a feed's handshake or heartbeat holds no record
         body.unreadable = 1
         body.records = [Record(raw, error="the body holds no message")]
     return body
