@@ -190,8 +190,9 @@ class _Loader:
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             allowed = sorted(error.schema.get("properties", {}))
             for key in sorted(set(error.instance) - set(allowed)):
-                doc.problem((*path, key), f"unknown key {key!r}{_did_you_mean(key, allowed)}"
-                            + (f" in {where}" if where else ""))
+                owner = error.schema.get("x-key-of", {}).get(key)  # a key of another connector type / format
+                hint = f" (a key of {owner})" if owner else _did_you_mean(key, allowed)
+                doc.problem((*path, key), f"unknown key {key!r}{hint}" + (f" in {where}" if where else ""))
         elif error.validator == "required":
             doc.problem(path, f"missing key: {error.message.split(' is a ')[0]}" + (f" in {where}" if where else ""))
         elif error.validator in ("allOf", "if"):

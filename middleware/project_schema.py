@@ -174,10 +174,17 @@ def config_schema(gateways: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _per_kind(key: str, base: dict[str, Any], specs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """``if key == name then only base + that component's keys`` for each registered component."""
+    """``if key == name then only base + that component's keys`` for each registered component.
+
+    ``x-key-of`` (ignored by the validator) names the component another key belongs to, so an http
+    connector's ``path:`` is reported as a key of ``type: file``.
+    """
+    owners = {k: name for name, spec in specs.items() for k in spec.get("properties", {}) if k not in base}
     return [{"if": {"required": [key], "properties": {key: {"const": name}}},
              "then": {"properties": {**base, **spec.get("properties", {})}, "additionalProperties": False,
-                      "required": list(spec.get("required", []))}}
+                      "required": list(spec.get("required", [])),
+                      "x-key-of": {k: f"{key}: {owner}" for k, owner in owners.items()
+                                   if k not in spec.get("properties", {})}}}
             for name, spec in specs.items()]
 
 

@@ -50,15 +50,15 @@ def test_built_in_components_are_found_through_their_entry_points() -> None:
 def test_an_http_connector_with_a_file_key_fails_validation_at_its_line(project: Path) -> None:
     connector = project / "connectors" / "case-management.yaml"
     connector.write_text(connector.read_text() + "path: var/out/oops.jsonl\n")
-    [found] = problems(project)
-    assert found.startswith(f"connectors/case-management.yaml:{line_of(connector, 'path:')}: unknown key 'path'")
+    assert problems(project) == [f"connectors/case-management.yaml:{line_of(connector, 'path:')}: "
+                                 "unknown key 'path' (a key of type: file)"]
 
 
 def test_a_file_connector_with_an_http_key_fails_validation_at_its_line(project: Path) -> None:
     connector = project / "connectors" / "bed-board.yaml"
     connector.write_text(connector.read_text() + "url: http://127.0.0.1:9/events\n")
-    [found] = problems(project)
-    assert found.startswith(f"connectors/bed-board.yaml:{line_of(connector, 'url:')}: unknown key 'url'")
+    assert problems(project) == [f"connectors/bed-board.yaml:{line_of(connector, 'url:')}: "
+                                 "unknown key 'url' (a key of type: http)"]
 
 
 def test_a_key_of_the_type_is_required_by_its_own_spec(project: Path) -> None:
@@ -70,9 +70,17 @@ def test_a_key_of_the_type_is_required_by_its_own_spec(project: Path) -> None:
 def test_a_route_source_key_no_format_declares_is_refused(project: Path) -> None:
     route = project / "routes" / "adt-inbound.yaml"
     route.write_text(route.read_text().replace("source: {queue: ehr.adt, format: hl7v2}",
+                                               "source: {queue: ehr.adt, format: hl7v2, colour: blue}"))
+    assert problems(project) == [f"routes/adt-inbound.yaml:{line_of(route, 'source:')}: unknown key 'colour' "
+                                 "in source"]
+
+
+def test_a_source_key_of_another_format_names_that_format(project: Path) -> None:
+    route = project / "routes" / "adt-inbound.yaml"
+    route.write_text(route.read_text().replace("source: {queue: ehr.adt, format: hl7v2}",
                                                "source: {queue: ehr.adt, format: hl7v2, delimiter: ';'}"))
     assert problems(project) == [f"routes/adt-inbound.yaml:{line_of(route, 'source:')}: unknown key 'delimiter' "
-                                 "in source"]
+                                 "(a key of format: csv) in source"]
 
 
 def test_registering_another_factory_under_a_taken_name_is_refused() -> None:
