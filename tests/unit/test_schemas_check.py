@@ -292,7 +292,7 @@ def test_help() -> None:
 def test_check_unchanged_copy_is_ok(project: Path) -> None:
     result = invoke("schemas", "check", "--project", str(project), "--against-dir", str(project.parent / "baseline"))
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("ok: 11 schema(s) compatible with ")
+    assert result.stdout.startswith("ok: 14 schema(s) compatible with ")
 
 
 def test_check_reports_incompatible_changes(project: Path) -> None:
@@ -323,7 +323,7 @@ def test_check_allows_new_optional_properties_and_new_majors(project: Path) -> N
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ok"] is True and report["problems"] == []
-    assert report["compared"] == 11 and report["new"] == ["schemas/patient.admitted/2.json"]
+    assert report["compared"] == 14 and report["new"] == ["schemas/patient.admitted/2.json"]
 
 
 def test_check_baseline_dir_may_be_the_schemas_folder_itself(project: Path) -> None:
@@ -380,7 +380,7 @@ def test_check_against_git_revision(tmp_path: Path) -> None:
     git("commit", "-q", "-m", "baseline")
     result = invoke("schemas", "check", "-p", str(root))
     assert result.exit_code == 0, result.output
-    assert result.stdout == "ok: 11 schema(s) compatible with git HEAD, 0 new\n"
+    assert result.stdout == "ok: 14 schema(s) compatible with git HEAD, 0 new\n"
 
     edit_schema(root / "schemas" / "patient.merged" / "1.json",
                 lambda doc: doc["required"].remove("merged_mrn"))

@@ -1,0 +1,184 @@
+"""Benchmark: batch files split and published record by record, records/s and peak RSS (issue 10).
+
+X12 part: a generated 834 of ``--members`` member loops (20,000 by default; 100,000 is about 23 MB), written to
+a temporary file piece by piece. Each measurement runs in a fresh process of its own, so its peak RSS
+(``VmHWM``) is its own:
+
+  - ``split``: ``Format.split`` of ``x12`` alone (no broker): what reading and framing cost;
+  - ``publisher``: split + confirmed publish through the one :class:`~middleware.ingest.publisher.Publisher`
+    to the ``enrolment-x12`` route's queue on RabbitMQ (the shipped project, its own queue prefix, the
+    route's queues deleted afterwards);
+  - ``baseline``: the same split, then a bare aio-pika loop publishing each record with publisher
+    confirms (256 in flight) to a plain queue: what any publisher on this broker can do at best.
+
+Peak RSS must stay under 200 MB whatever the file size (the splitter reads 64 KiB chunks).
+
+Run: .venv/bin/python bench/batch.py [--members 100000] [--url amqp://guest:guest@127.0.0.1:5672/]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from middleware.formats import SplitInfo, get_format  # noqa: E402
+from tests.x12_files import stream_834  # noqa: E402
+
+WINDOW = 256
+RSS_LIMIT_MB = 200
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident set (VmHWM; wait4's ru_maxrss would carry the parent's over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child_split(path: Path) -> dict[str, float]:
+    x12 = get_format("x12")
+    started = time.perf_counter()
+    with path.open("rb") as stream:
+        records = sum(1 for record in x12.split(stream, SplitInfo()) if record.error is None)
+    return {"records": records, "seconds": time.perf_counter() - started}
+
+
+async def child_publisher(path: Path, url: str) -> dict[str, float]:
+    from middleware import topology
+    from middleware.broker import make_broker
+    from middleware.ingest.publisher import Publisher
+    from middleware.project import load_project
+    from middleware.topology import Topology
+
+    prefix = f"bench-{uuid.uuid4().hex[:8]}."
+    project = load_project(REPO, {**os.environ, "MIDDLEWARE_BROKER_URL": url, "MIDDLEWARE_QUEUE_PREFIX": prefix})
+    route = project.routes["enrolment-x12"]
+    broker = make_broker(url)
+    await broker.connect()
+    try:
+        publisher = Publisher(broker, route, project.settings, window=WINDOW)
+        await publisher.declare()
+        started = time.perf_counter()
+        with path.open("rb") as stream:
+            result = await publisher.publish_stream(stream, source="bench", name=path.name)
+        seconds = time.perf_counter() - started
+    finally:
+        await topology.delete(broker, Topology.of([route], prefix))
+        await broker.close()
+    return {"records": result.published, "seconds": seconds}
+
+
+async def child_baseline(path: Path, url: str) -> dict[str, float]:
+    import aio_pika
+
+    x12 = get_format("x12")
+    queue_name = f"bench-{uuid.uuid4().hex[:8]}.x12-baseline"
+    connection = await aio_pika.connect(url)
+    published = 0
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.declare_queue(queue_name, durable=True)
+        in_flight: set[asyncio.Future[object]] = set()
+        started = time.perf_counter()
+        with path.open("rb") as stream:
+            for record in x12.split(stream, SplitInfo()):
+                if record.error is not None:
+                    continue
+                message = aio_pika.Message(record.raw, headers=dict(record.headers),
+                                           delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+                in_flight.add(asyncio.ensure_future(channel.default_exchange.publish(message, routing_key=queue_name)))
+                published += 1
+                if len(in_flight) >= WINDOW:
+                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()
+        if in_flight:
+            for task in (await asyncio.wait(in_flight))[0]:
+                task.result()
+        seconds = time.perf_counter() - started
+        await channel.queue_delete(queue_name)
+    finally:
+        await connection.close()
+    return {"records": published, "seconds": seconds}
+
+
+def run_child(kind: str, path: Path, url: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--file", str(path), "--url", url],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{out.stderr}")
+    result: dict[str, float] = json.loads(out.stdout.splitlines()[-1])
+    return result
+
+
+def x12_section(members: int, url: str, with_broker: bool) -> bool:
+    """Print the X12 rows; False when a peak RSS is over the limit."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "834-bench.x12"
+        with path.open("wb") as file:
+            for piece in stream_834(members):
+                file.write(piece)
+        size = path.stat().st_size / 1e6
+        print(f"X12 834, {members:,} member loops, {size:.1f} MB")
+        print(f"  {'measure':<12} {'records':>9} {'seconds':>8} {'records/s':>10} {'peak RSS MB':>12}")
+        kinds = ["split", *(["publisher", "baseline"] if with_broker else [])]
+        ok = True
+        for kind in kinds:
+            result = run_child(kind, path, url)
+            rate = result["records"] / result["seconds"]
+            print(f"  {kind:<12} {int(result['records']):>9,} {result['seconds']:>8.1f} {rate:>10,.0f} "
+                  f"{result['peak_rss_mb']:>12.0f}")
+            ok = ok and result["peak_rss_mb"] < RSS_LIMIT_MB
+        return ok
+
+
+async def rabbitmq_answers(url: str) -> bool:
+    import aio_pika
+
+    try:
+        connection = await asyncio.wait_for(aio_pika.connect(url), 5)
+    except Exception:
+        return False
+    await connection.close()
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--members", type=int, default=20_000,
+                        help="member loops in the generated 834 (100000 for the figures in docs/ingest.md)")
+    parser.add_argument("--url", default=os.environ.get("MIDDLEWARE_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    parser.add_argument("--child", choices=["split", "publisher", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        if args.child == "split":
+            result = child_split(args.file)
+        elif args.child == "publisher":
+            result = asyncio.run(child_publisher(args.file, args.url))
+        else:
+            result = asyncio.run(child_baseline(args.file, args.url))
+        print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
+        return
+    with_broker = asyncio.run(rabbitmq_answers(args.url))
+    if not with_broker:
+        print(f"RabbitMQ does not answer at {args.url}: split only")
+    ok = x12_section(args.members, args.url, with_broker)
+    if not ok:
+        raise SystemExit(f"peak RSS over {RSS_LIMIT_MB} MB")
+
+
+if __name__ == "__main__":
+    main()
