@@ -65,21 +65,33 @@ MLLP_LISTENER: dict[str, Any] = {
     "additionalProperties": False,
     "required": ["port", "queue"],
     "properties": {
-        "name": _NAME,
-        "host": {"type": "string", "minLength": 1},
-        "port": {"type": "integer", "minimum": 0, "maximum": 65535},
-        "queue": {"type": "string", "minLength": 1},
-        "ack": {"enum": ["after-confirm", "none"]},
-        "max_message_bytes": {"type": "integer", "minimum": 64},
-        "idle_timeout": {"type": "number", "exclusiveMinimum": 0},
-        "frame_timeout": {"type": "number", "exclusiveMinimum": 0},
-        "max_connections": {"type": "integer", "minimum": 1},
-        "max_buffered_bytes": {"type": "integer", "minimum": 64},  # >= max_message_bytes: checked by the loader
-        "allowed_peers": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+        "name": {**_NAME, "description": "in logs and in the `x-mw-ingest` header (`mllp:<name>`); "
+                                         "default `mllp-<port>`"},
+        "host": {"type": "string", "minLength": 1, "default": "127.0.0.1",
+                 "description": "address to listen on; `0.0.0.0` accepts other hosts (then set allowed_peers, tls)"},
+        "port": {"type": "integer", "minimum": 0, "maximum": 65535, "description": "TCP port (0: any free port)"},
+        "queue": {"type": "string", "minLength": 1, "description": "a route's `source.queue`: where it publishes"},
+        "ack": {"enum": ["after-confirm", "none"], "default": "after-confirm",
+                "description": "answer each message after the broker's confirm, or never answer"},
+        "max_message_bytes": {"type": "integer", "minimum": 64, "default": 1_048_576,
+                              "description": "largest frame; a larger one is answered AE, then the connection closes"},
+        "idle_timeout": {"type": "number", "exclusiveMinimum": 0, "default": 300,
+                         "description": "seconds without a byte before a connection is closed"},
+        "frame_timeout": {"type": "number", "exclusiveMinimum": 0, "default": 60,
+                          "description": "seconds from a start block to its end block"},
+        "max_connections": {"type": "integer", "minimum": 1, "default": 500,
+                            "description": "connections open at once; more are closed at accept"},
+        "max_buffered_bytes": {"type": "integer", "minimum": 64, "default": 33_554_432,  # >= max_message_bytes
+                               "description": "unfinished frames of all connections together; past it the "
+                                              "connection holding the most is dropped"},
+        "allowed_peers": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
+                          "description": "IP addresses / CIDR networks allowed to connect (default: any)"},
         "tls": {  # middleware.ingest.MllpTls; paths relative to the project folder
             "type": "object",
             "additionalProperties": False,
             "required": ["cert_file", "key_file"],
+            "description": "TLS: `cert_file`, `key_file`, optional `ca_file` (client certificates are "
+                           "checked against it) and `require_client_cert` (mutual TLS); paths relative to the project",
             "properties": {
                 "cert_file": {"type": "string", "minLength": 1},
                 "key_file": {"type": "string", "minLength": 1},

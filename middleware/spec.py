@@ -139,26 +139,34 @@ def key_table(item: Component) -> str:
     return "\n".join(lines)
 
 
-def markdown(kind: str) -> str:
-    """The key tables of every registered ``kind`` component, one section each (for docs/)."""
+def markdown(selector: str) -> str:
+    """The key tables of every registered component of a kind (``connector``), or of one
+    (``ingest.mllp``), one section each: what docs/ hold between ``<!-- spec:<selector> -->`` markers."""
+    kind, _, name = selector.partition(".")
+    chosen = [components(kind)[name]] if name else list(components(kind).values())
     parts = []
-    for item in components(kind).values():
+    for item in chosen:
         parts.append(f"#### {kind} `{item.name}`\n\nIn {WHERE[kind]}.\n\n"
                      + (key_table(item) if item.keys else "No keys of its own."))
     return "\n\n".join(parts) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m middleware.spec --markdown [--kind connector]``: print the docs' key tables."""
+    """``python -m middleware.spec --markdown [--kind connector | --kind ingest.mllp]``: print the docs' key tables."""
     parser = argparse.ArgumentParser(prog="python -m middleware.spec", description=main.__doc__)
     parser.add_argument("--markdown", action="store_true", help="print Markdown key tables")
-    parser.add_argument("--kind", choices=sorted(GROUPS), action="append", help="only these kinds")
+    parser.add_argument("--kind", action="append", help="only this kind (connector, format, ingest) or component "
+                                                        "(ingest.mllp); repeatable")
     args = parser.parse_args(argv)
+    selectors = args.kind or list(GROUPS)
+    unknown = [s for s in selectors if s.partition(".")[0] not in GROUPS]
+    if unknown:
+        parser.error(f"unknown kind {unknown[0]!r} (kinds: {', '.join(GROUPS)})")
     if not args.markdown:
-        for kind in args.kind or GROUPS:
+        for kind in selectors:
             print(kind + ": " + ", ".join(components(kind)))
         return 0
-    sys.stdout.write("\n".join(markdown(kind) for kind in args.kind or GROUPS))
+    sys.stdout.write("\n".join(markdown(selector) for selector in selectors))
     return 0
 
 
