@@ -169,9 +169,10 @@ def publish(
     project: Path = ProjectOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Publish files to a route's queue (broker-confirmed); HL7 batch files are split into their
-    messages. Prints one correlation id per message on stdout (for a batch on a terminal only with
-    --verbose: a progress bar instead), a summary on stderr, and on Ctrl-C where to resume.
+    """Publish files to a route's queue (broker-confirmed), split by the route's format (an HL7 batch
+    per message, a FHIR Bundle per entry, NDJSON per line). Prints one correlation id per message on
+    stdout (for a batch on a terminal only with --verbose: a progress bar instead), a summary on stderr,
+    and on Ctrl-C where to resume.
     A file already published to the route (same SHA-256, var/ingest-ledger.jsonl) is reported and
     skipped unless --force; a file cut short (crash, Ctrl-C) resumes after its last confirmed record."""
     loaded = open_project(project)
