@@ -146,6 +146,13 @@ class Metrics:
         self.feed_heartbeat = Gauge("middleware_feed_heartbeat_timestamp_seconds",
                                     "When a feed last said it is alive (a FHIR subscription handshake, heartbeat "
                                     "or notification), Unix time", ["route"], registry=r)
+        self.folder_files = Gauge("middleware_folder_files", "Files of a watched folder now waiting or in progress",
+                                  ["folder", "state"], registry=r)
+        self.folder_finished = Counter("middleware_folder_files_finished",
+                                       "Files of a watched folder finished (done, failed, duplicate)",
+                                       ["folder", "outcome"], registry=r)
+        self.folder_records = Counter("middleware_folder_records", "Records of watched-folder files confirmed "
+                                      "(published or dead_lettered)", ["folder", "outcome"], registry=r)
 
     def value(self, name: str, **labels: str) -> float:
         """Current value of a counter sample (0 if never incremented), e.g. for the demo summary."""

@@ -23,7 +23,7 @@ from middleware import project_schema
 from middleware.delivery.base import ConnectorSpec, RetryPolicy, connector_problems
 from middleware.errors import ConfigError, Problem
 from middleware.formats import Unsplit, get_format
-from middleware.ingest import HttpListener, HttpRateLimit, MllpListener, MllpTls, gateway_specs
+from middleware.ingest import FolderListener, HttpListener, HttpRateLimit, MllpListener, MllpTls, gateway_specs
 from middleware.ingest.peers import parse_networks
 from middleware.ingest.tls import server_context
 from middleware.mapcheck import check_map
@@ -163,6 +163,16 @@ class _Loader:
                 self.problems.append(Problem(http.file, http.line, f"ingest.http {http.name}: port "
                                              f"{http.port} is already used by {seen[key].name}"))
             seen[key] = http
+        for folder in settings.ingest.get("folder", ()):
+            routes_broken = any(p.file.startswith("routes") for p in self.problems)
+            if not routes or routes_broken:
+                continue
+            if folder.route and folder.route not in routes:
+                self.problems.append(Problem(folder.file, folder.line, f"ingest.folder {folder.name}: no route "
+                                             f"named {folder.route!r} (routes: {', '.join(sorted(routes))})"))
+            elif folder.queue and folder.queue not in queues:
+                self.problems.append(Problem(folder.file, folder.line, f"ingest.folder {folder.name}: no route "
+                                             f"consumes queue {folder.queue!r} (routes consume: {', '.join(queues)})"))
 
     # -- files -----------------------------------------------------------------------------
 
@@ -256,7 +266,7 @@ class _Loader:
     def _listeners(self, doc: YamlDoc, ingest: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[Any, ...]]:
         """Every ``ingest.<kind>[]`` entry by kind: built-in kinds as their listener dataclass, others
         (third-party gateways) as the entry their spec validated, with ``file`` and ``line`` added."""
-        readers = {"mllp": self._mllp_listener, "http": self._http_listener}
+        readers = {"mllp": self._mllp_listener, "http": self._http_listener, "folder": self._folder_listener}
         listeners: dict[str, tuple[Any, ...]] = {}
         for kind, entries in ingest.items():
             read = readers.get(kind)
@@ -334,6 +344,17 @@ class _Loader:
             if problem:
                 self.problems.append(Problem(doc.file, doc.line((*at, "tls")), f"ingest.http {name}: tls: {problem}"))
         return listener
+
+    def _folder_listener(self, doc: YamlDoc, index: int, entry: dict[str, Any]) -> FolderListener:
+        """One ``ingest.folder[]`` entry: its folders anchored to the project, the ledger's folder set."""
+        inbox = self.root / entry["path"]
+        name = entry.get("name") or f"folder-{index + 1}"
+        options = {k: v for k, v in entry.items() if k not in ("name", "path", "done", "failed")}
+        ledger = self.env.get("MIDDLEWARE_INGEST_LEDGER") or str(self.root / "var")
+        return FolderListener(name=name, path=str(inbox), **options,
+                              done=str(self.root / entry["done"]) if entry.get("done") else str(inbox / "done"),
+                              failed=str(self.root / entry["failed"]) if entry.get("failed") else str(inbox / "failed"),
+                              ledger=ledger, file=doc.file, line=doc.line(("ingest", "folder", index)))
 
     def _lookups(self) -> dict[str, LookupTable]:
         tables: dict[str, LookupTable] = {}

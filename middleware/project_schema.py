@@ -135,6 +135,27 @@ HTTP_LISTENER: dict[str, Any] = {  # middleware.ingest.HttpListener (docs/ingest
     },
 }
 
+FOLDER_LISTENER: dict[str, Any] = {  # middleware.ingest.FolderListener (docs/ingest.md, "Watched folder")
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["path"],
+    "oneOf": [{"required": ["queue"]}, {"required": ["route"]}],
+    "properties": {
+        "name": _NAME,
+        "path": {"type": "string", "minLength": 1, "description": "the inbox folder (relative: to the project)"},
+        "queue": {"type": "string", "minLength": 1, "description": "a route's source queue (or route:)"},
+        "route": {**_NAME, "description": "the route its files are published to (or queue:)"},
+        "pattern": {"type": "string", "minLength": 1, "description": "glob a file name must match (default *)"},
+        "complete": {"enum": ["stable", "marker"],
+                     "description": "stable: size unchanged for min_age; marker: a <name>.done file beside it"},
+        "min_age": {"type": "number", "minimum": 0, "description": "seconds a file's size must stay the same"},
+        "poll_interval": {"type": "number", "exclusiveMinimum": 0, "description": "seconds between looks"},
+        "done": {"type": "string", "minLength": 1, "description": "where finished files go (default <path>/done)"},
+        "failed": {"type": "string", "minLength": 1,
+                   "description": "where unreadable files go (default <path>/failed)"},
+    },
+}
+
 CONFIG: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,

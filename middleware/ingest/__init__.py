@@ -152,3 +152,31 @@ class HttpListener:
     tls: ServerTls | None = None
     file: str = ""
     line: int = 0
+
+
+@dataclass(frozen=True)
+class FolderListener:
+    """One ``ingest.folder[]`` entry: a watched inbox whose files are published to one route.
+
+    ``path`` (the inbox), ``done`` and ``failed`` are absolute once the project is loaded (relative
+    ones are taken from the project folder; ``done``/``failed`` default to ``done/`` and ``failed/``
+    beside the inbox's own ``processing/``). A file is taken when ``pattern`` (a glob) matches its name
+    and it is complete: its size and modification time unchanged for ``min_age`` seconds
+    (``complete: stable``), or a ``<name>.done`` marker beside it (``complete: marker``). The inbox is
+    looked at every ``poll_interval`` seconds. ``ledger``: the folder of the ingest ledger (checkpoints
+    for resume, finished files), set by the loader. docs/ingest.md, "Watched folder".
+    """
+
+    name: str
+    path: str
+    route: str = ""  # the route its files are published to, or
+    queue: str = ""  # the route's source queue
+    pattern: str = "*"
+    complete: str = "stable"
+    min_age: float = 2.0
+    poll_interval: float = 1.0
+    done: str = ""
+    failed: str = ""
+    ledger: str = ""
+    file: str = ""
+    line: int = 0
