@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -254,3 +256,13 @@ def test_a_split_entry_without_a_resource_is_refused_at_parse() -> None:
                         "entry": [{"fullUrl": urn(1)}]})
     with pytest.raises(ParseError, match="split Bundle entry without a FHIR resource"):
         FHIR.parse(raw)
+
+
+def test_transform_splits_a_bundle_and_prints_every_entrys_events() -> None:
+    sample = REPO / "samples" / "fhir-inbound" / "transaction-lab-results.json"
+    result = subprocess.run([sys.executable, "-m", "middleware", "transform", "fhir-inbound", str(sample)],
+                            cwd=REPO, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    events = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert [e["type"] for e in events] == ["patient.registered.v1", "result.reported.v1", "result.reported.v1"]
+    assert {e["data"]["patient"]["mrn"] for e in events} == {"MRN-58213"}  # the urn:uuid subjects resolved
