@@ -144,8 +144,8 @@ class CsvFormat:
         except LookupError:
             yield Record(b"", None, f"source.encoding {opts.encoding!r} is not a known text encoding")
             return
-        text = io.TextIOWrapper(stream, encoding=_encoding(opts.encoding), errors="surrogateescape",
-                                newline="")
+        text = io.TextIOWrapper(io.BufferedReader(_Source(stream)), encoding=_encoding(opts.encoding),
+                                errors="surrogateescape", newline="")
         csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
         rows = csv.reader(text, delimiter=opts.delimiter, quotechar=opts.quote, strict=True)
         names: list[str] | None = list(opts.columns) or None
@@ -183,7 +183,7 @@ class CsvFormat:
                     info.problems.append(f"CSV row {position} (line {line}) comes after the trailer")
                 yield _record(row, names, position, line, opts)
         finally:
-            text.detach()  # the caller owns the binary stream
+            text.detach()  # the caller owns the binary stream: it is not closed here
         if opts.trailer is not None and not trailer_seen:
             info.problems.append(f"no trailer line ({opts.trailer},<count>): the row count is not checked")
         elif info.declared is not None and info.declared != position:
@@ -220,6 +220,21 @@ class CsvFormat:
 
 
 register("csv", SPEC)(CsvFormat)
+
+
+class _Source(io.RawIOBase):
+    """Any object with ``read(size)`` as a raw stream a text wrapper can read (a counting reader...)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._stream.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def _record(row: list[str], names: list[str] | None, position: int, line: int, opts: CsvOptions) -> Record:

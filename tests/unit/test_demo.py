@@ -39,6 +39,8 @@ def test_demo_runs_every_sample_to_its_outcome_and_exits_zero(tmp_path: Path) ->
               for name, r in rows.items()}
     assert counts == {
         "adt-inbound": (9, 9, 0, 8, 16, 1),        # 8 ADT samples x 2 connectors; the malformed one dead-letters
+        "eligibility-batch": (12, 11, 0, 11, 11, 0),  # a CSV roster of 12 rows; the 7th does not frame: the
+        #                                             publisher dead-letters it (waiting below), no worker sees it
         "eligibility-x12": (6, 6, 0, 5, 5, 1),     # a 271 of 6 subscribers/dependents; the 3rd has no member id
         "enrolment-x12": (6, 6, 0, 5, 5, 1),       # an 834 of 6 members; the 4th has no member id
         "fhir-inbound": (6, 6, 0, 5, 10, 1),       # Patient, Appointment, ServiceRequest, 2 Observations, 1 broken
@@ -48,13 +50,14 @@ def test_demo_runs_every_sample_to_its_outcome_and_exits_zero(tmp_path: Path) ->
         "scheduling-inbound": (1, 1, 0, 1, 2, 0),
     }
     assert rows["adt-inbound"]["dead_letters_waiting"] == 1
+    assert rows["eligibility-batch"]["dead_letters_waiting"] == 1  # the roster's broken row, dead-lettered alone
     outputs = {o["connector"]: o for o in report["outputs"]}
     assert outputs["bed-board"]["events"] == 8 and outputs["case-management"]["events"] == 10
     archive = tmp_path / "var" / "demo" / "out" / "event-archive.jsonl"
     lines = [json.loads(line) for line in archive.read_text().splitlines()]
     assert sorted(e["type"] for e in lines) == sorted(["order.placed.v1"] * 3 + ["result.reported.v1"] * 5
                                                       + ["appointment.booked.v1"] * 2 + ["patient.registered.v1"]
-                                                      + ["eligibility.checked.v1"] * 5 + ["coverage.enrolled.v1"] * 5)
+                                                      + ["eligibility.checked.v1"] * (5 + 11) + ["coverage.enrolled.v1"] * 5)
     assert "Müller" not in result.stderr  # no PHI in logs
 
 
