@@ -119,21 +119,20 @@ class Engine:
     async def stop(self) -> None:
         """Drain (DESIGN promise 6), then close.
 
-        Gateways stop first; every consumer is cancelled (no new deliveries; channels stay open, so
-        handlers in flight finish and ack); after at most ``engine.drain_timeout`` seconds the
-        consumers close: handlers still running are stopped and their messages handed back
-        uncounted (a shutdown never dead-letters a healthy message). Connectors and the broker
-        connection close last.
+        Every consumer is cancelled first, all at once (no new deliveries; channels stay open, so
+        handlers in flight finish and ack), then the gateways stop (their publishes need no consumer);
+        after at most ``engine.drain_timeout`` seconds the consumers close: handlers still running are
+        stopped and their messages handed back uncounted (a shutdown never dead-letters a healthy
+        message). Connectors and the broker connection close last.
         """
-        for gateway in self.gateways:
-            await gateway.stop()
-        self.gateways.clear()
         consumers, self._consumers = self._consumers, []
-        for consumer in consumers:
-            await consumer.cancel()
+        await asyncio.gather(*(consumer.cancel() for consumer in consumers))
         draining = self.in_flight
         if draining:
             log.info("draining", extra={"in_flight": draining, "drain_timeout": self.settings.drain_timeout})
+        for gateway in self.gateways:
+            await gateway.stop()
+        self.gateways.clear()
         try:
             await asyncio.wait_for(self._tracked.idle.wait(), timeout=self.settings.drain_timeout)
         except TimeoutError:

@@ -299,33 +299,37 @@ class KombuConsumer(Consumer):
         self._queue = queue
         self._handler = handler
         self._slots = asyncio.Semaphore(max(prefetch, 1))
-        self._stopped = self._closed = self._waiting_for_slot = False
+        self._stopped = self._closed = self._fetching = False
         self._tasks: dict[asyncio.Task[None], IncomingMessage] = {}
         self._poller = asyncio.create_task(self._poll(), name=f"consume {queue}")
 
     async def _poll(self) -> None:
         delay = POLL_MIN
         while not self._stopped:
-            self._waiting_for_slot = True  # nothing fetched: cancel() may interrupt this wait
             await self._slots.acquire()
-            self._waiting_for_slot = False
+            self._fetching = True  # cancel() waits for a fetch to end (the message goes back), nothing else
             try:
                 message = await self._broker.get(self._queue)
             except Exception:
+                self._fetching = False
                 self._slots.release()
                 log.exception("polling failed", extra={"queue": self._queue})
+                if self._stopped:
+                    return
                 await asyncio.sleep(POLL_MAX)
                 continue
+            self._fetching = False
+            if self._stopped:  # cancelled while fetching: give it back untouched
+                if message is not None:
+                    await self._broker._run(self._broker._release_sync, message)
+                self._slots.release()
+                return
             if message is None:
                 self._slots.release()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, POLL_MAX)
                 continue
             delay = POLL_MIN
-            if self._stopped:  # cancelled while fetching: give it back untouched
-                await self._broker._run(self._broker._release_sync, message)
-                self._slots.release()
-                return
             task = asyncio.create_task(self._handle(message))
             self._tasks[task] = message
             task.add_done_callback(self._forget)
@@ -355,7 +359,7 @@ class KombuConsumer(Consumer):
         if self._stopped:
             return
         self._stopped = True
-        if self._waiting_for_slot:  # every slot is busy: do not wait for a handler to finish
+        if not self._fetching:  # waiting for a slot or sleeping between polls: stop now, not after a handler
             self._poller.cancel()
         await asyncio.wait([self._poller])
         self._broker._consumer_counts[self._queue] -= 1
