@@ -57,7 +57,8 @@ def test_demo_runs_every_sample_to_its_outcome_and_exits_zero(tmp_path: Path) ->
     lines = [json.loads(line) for line in archive.read_text().splitlines()]
     assert sorted(e["type"] for e in lines) == sorted(["order.placed.v1"] * 3 + ["result.reported.v1"] * 5
                                                       + ["appointment.booked.v1"] * 2 + ["patient.registered.v1"]
-                                                      + ["eligibility.checked.v1"] * (5 + 11) + ["coverage.enrolled.v1"] * 5)
+                                                      + ["eligibility.checked.v1"] * (5 + 11)
+                                                      + ["coverage.enrolled.v1"] * 5)
     assert "Müller" not in result.stderr  # no PHI in logs
 
 
