@@ -43,7 +43,9 @@ def test_demo_runs_every_sample_to_its_outcome_and_exits_zero(tmp_path: Path) ->
         #                                             publisher dead-letters it (waiting below), no worker sees it
         "eligibility-x12": (6, 6, 0, 5, 5, 1),     # a 271 of 6 subscribers/dependents; the 3rd has no member id
         "enrolment-x12": (6, 6, 0, 5, 5, 1),       # an 834 of 6 members; the 4th has no member id
-        "fhir-inbound": (6, 6, 0, 5, 10, 1),       # Patient, Appointment, ServiceRequest, 2 Observations, 1 broken
+        "fhir-inbound": (13, 13, 1, 11, 22, 1),    # Patient, Appointment, ServiceRequest, 2 Observations, 1 broken;
+        #                                            a transaction Bundle split in 4 (Patient, 2 Observations, an
+        #                                            Encounter filtered) and a Bulk NDJSON of 2 Patients + 1 Observation
         "orders-inbound": (3, 3, 1, 2, 4, 0),      # the order cancel is filtered
         "referrals-rest": (3, 3, 0, 2, 2, 1),      # 2 referrals to case-management; the truncated JSON dead-letters
         "results-inbound": (4, 4, 0, 3, 6, 1),     # 1 ORU + a batch of 3 whose 2nd message is broken
@@ -55,8 +57,9 @@ def test_demo_runs_every_sample_to_its_outcome_and_exits_zero(tmp_path: Path) ->
     assert outputs["bed-board"]["events"] == 8 and outputs["case-management"]["events"] == 10
     archive = tmp_path / "var" / "demo" / "out" / "event-archive.jsonl"
     lines = [json.loads(line) for line in archive.read_text().splitlines()]
-    assert sorted(e["type"] for e in lines) == sorted(["order.placed.v1"] * 3 + ["result.reported.v1"] * 5
-                                                      + ["appointment.booked.v1"] * 2 + ["patient.registered.v1"]
+    assert sorted(e["type"] for e in lines) == sorted(["order.placed.v1"] * 3 + ["result.reported.v1"] * (5 + 3)
+                                                      + ["appointment.booked.v1"] * 2
+                                                      + ["patient.registered.v1"] * (1 + 3)
                                                       + ["eligibility.checked.v1"] * (5 + 11)
                                                       + ["coverage.enrolled.v1"] * 5)
     assert "Müller" not in result.stderr  # no PHI in logs
