@@ -46,6 +46,7 @@ from middleware.broker import make_broker
 from middleware.broker.base import Broker
 from middleware.cli.common import JsonOption, ProjectOption, fail, open_project, print_json
 from middleware.errors import BrokerError
+from middleware.ingest.folder import folder_status
 from middleware.observe import safe_url
 from middleware.project import Project
 from middleware.tls import TlsOptions
@@ -290,9 +291,11 @@ class Report:
     metrics_url: str | None
     metrics: dict[str, dict[str, Any]] | None  # None: not reachable / not configured
     window_seconds: float | None = None
+    folders: list[dict[str, Any]] = field(default_factory=list)  # ingest.folder[]: files by state
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "folders": self.folders,
             "broker": self.broker,
             "routes": [{"route": r.route, "dead_letters": r.dead_letters,
                         "queues": [asdict(q) for q in r.queues],
@@ -338,7 +341,8 @@ class Status:
             await fill_from_broker(routes, self.broker)
             note = AGE_NOT_AVAILABLE["amqp" if self.url.startswith(("amqp://", "amqps://")) else "kombu"]
         metrics, window = await self._metrics()
-        return Report(safe_url(self.url), routes, note, self.metrics_url, metrics, window)
+        folders = [folder_status(listener) for listener in self.project.settings.ingest.get("folder", ())]
+        return Report(safe_url(self.url), routes, note, self.metrics_url, metrics, window, folders)
 
     async def _metrics(self) -> tuple[dict[str, dict[str, Any]] | None, float | None]:
         if self.metrics_url is None:
@@ -393,6 +397,14 @@ def render(report: Report, console: Console) -> None:
             table.add_row(escape(route.route) if index == 0 else "", escape(queue.queue), escape(role), *cells,
                           end_section=index == len(route.queues) - 1)
     console.print(table)
+    if report.folders:
+        folders = Table(title="watched folders")
+        for column in ("folder", "waiting", "in progress", "done", "with dead letters", "failed"):
+            folders.add_column(column, justify="left" if column == "folder" else "right")
+        states = ("waiting", "in_progress", "done", "with_dead_letters", "failed")
+        for item in report.folders:
+            folders.add_row(escape(item["folder"]), *(str(item[state]) for state in states))
+        console.print(folders)
     if report.metrics is None:
         where = report.metrics_url or "metrics.port is not set (or 0: any free port, unknown to status)"
         console.print(f"engine metrics: not reachable ({escape(where)})")

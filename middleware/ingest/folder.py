@@ -154,6 +154,9 @@ class FolderGateway:
             except OSError as exc:  # the inbox vanished, a full disk...: say so and look again later
                 log.error("watched folder cannot be read", extra={"folder": self.listener.name,
                                                                   "error": f"{type(exc).__name__}: {exc.strerror}"})
+            except Exception as exc:  # never let one bad look stop the watch; the file is taken again later
+                log.exception("watched folder poll failed", extra={"folder": self.listener.name,
+                                                                   "error": type(exc).__name__})
             self._idle.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.listener.poll_interval)
@@ -300,6 +303,35 @@ class FolderGateway:
         tmp = report_path.with_name("." + report_path.name + ".tmp")
         tmp.write_bytes(report.to_json())
         os.replace(tmp, report_path)
+
+
+def folder_status(listener: FolderListener) -> dict[str, Any]:
+    """Files of a watched folder by state, read from its folders (``middleware status``): ``waiting``
+    (matching files in the inbox), ``in_progress`` (in ``processing/``), ``done`` (of which
+    ``with_dead_letters``) and ``failed`` (reports in ``done/`` and ``failed/``)."""
+    inbox = Path(listener.path)
+
+    def names(folder: Path) -> list[str]:
+        try:
+            with os.scandir(folder) as entries:
+                return [e.name for e in entries if e.is_file(follow_symlinks=False) and not e.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+
+    done_reports = [n for n in names(Path(listener.done or inbox / "done")) if n.endswith(REPORT_SUFFIX)]
+    with_dead_letters = 0
+    for name in done_reports:
+        try:
+            with_dead_letters += bool(orjson.loads((Path(listener.done or inbox / "done") / name).read_bytes())
+                                      .get("dead_lettered"))
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            continue
+    return {"folder": listener.name, "path": str(inbox),
+            "waiting": sum(fnmatch.fnmatchcase(n, listener.pattern) and not n.endswith(MARKER_SUFFIX)
+                           for n in names(inbox)),
+            "in_progress": len(names(inbox / PROCESSING)), "done": len(done_reports),
+            "with_dead_letters": with_dead_letters,
+            "failed": sum(n.endswith(REPORT_SUFFIX) for n in names(Path(listener.failed or inbox / "failed")))}
 
 
 def _free_name(path: Path) -> Path:

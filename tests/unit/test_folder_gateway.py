@@ -9,12 +9,15 @@ import shutil
 import time
 from pathlib import Path
 
+import orjson
 import pytest
+from rich.console import Console
 
 from middleware.broker import make_broker
+from middleware.cli.status import Report, render
 from middleware.errors import ConfigError
 from middleware.ingest import FolderListener, GatewayContext, make_gateway
-from middleware.ingest.folder import FolderGateway
+from middleware.ingest.folder import FolderGateway, folder_status
 from middleware.project import Project, load_project
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,3 +144,24 @@ def test_a_claim_fails_for_the_loser_and_never_replaces_a_file_in_processing(pro
 def test_a_file_gone_before_the_claim_is_skipped(project: Path, tmp_path: Path) -> None:
     gateway = gateway_on(project, tmp_path / "in")
     assert gateway._claim(gateway.inbox / "gone.hl7", claimed=False) is None
+
+
+def test_status_counts_a_folders_files_by_state(project: Path, tmp_path: Path) -> None:
+    gateway = gateway_on(project, tmp_path / "in", pattern="*.hl7")
+    for name in ("a.hl7", "b.hl7", "c.txt", ".d.hl7"):
+        (gateway.inbox / name).write_bytes(b"x")
+    (gateway.processing / "e.hl7").write_bytes(b"x")
+    for name, dead in (("f.hl7", 0), ("g.hl7", 2)):
+        (gateway.done / name).write_bytes(b"x")
+        (gateway.done / (name + ".report.json")).write_bytes(orjson.dumps({"dead_lettered": dead}))
+    (gateway.failed / "h.hl7.report.json").write_bytes(b"{}")
+    counts = folder_status(gateway.listener)
+    assert counts == {"folder": "drops", "path": str(gateway.inbox), "waiting": 2, "in_progress": 1, "done": 2,
+                      "with_dead_letters": 1, "failed": 1}
+    report = Report("filesystem://var/broker", [], None, None, None, folders=[counts])
+    assert report.as_json()["folders"] == [counts]
+    console = Console(record=True, width=200)
+    render(report, console)
+    text = console.export_text()
+    assert "watched folders" in text
+    assert "│ drops  │       2 │           1 │    2 │                 1 │      1 │" in text
