@@ -5,6 +5,7 @@ gateways on one folder never take the same file; a gateway killed mid-file resum
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import signal
@@ -20,6 +21,7 @@ import pytest
 
 from middleware.broker import IncomingMessage, make_broker
 from middleware.broker.base import Broker
+from middleware.engine import Engine
 from middleware.ingest import FolderListener
 from middleware.ingest.folder import FolderGateway
 from middleware.observe import Metrics
@@ -278,3 +280,21 @@ async def test_sigkill_mid_file_then_restart_publishes_every_record(
     assert set(positions) == set(range(1, total + 1))  # every record present
     duplicates = len(positions) - total
     assert 0 <= duplicates <= 256  # only the in-flight window is published twice
+
+
+async def test_the_engine_starts_configured_folders_and_counts_their_files_in_metrics(
+        rabbit_project: Project, broker: Broker, inbox: Path, tmp_path: Path) -> None:
+    listener = FolderListener(name="drops", path=str(inbox), queue="ehr.adt", min_age=0.2, poll_interval=0.05,
+                              ledger=str(tmp_path / "ledger"))
+    settings = dataclasses.replace(rabbit_project.settings, ingest={"folder": (listener,)})
+    engine = Engine(dataclasses.replace(rabbit_project, settings=settings))
+    await engine.start()
+    try:
+        assert [type(g) for g in engine.gateways] == [FolderGateway]
+        (inbox / "adt.hl7").write_bytes(batch(4))
+        await wait_for(lambda: (inbox / "done" / "adt.hl7.report.json").exists())
+        assert report_of(inbox / "done", "adt.hl7")["published"] == 4
+        assert engine.metrics.value("middleware_folder_files_finished", folder="drops", outcome="done") == 1
+        await wait_for(lambda: engine.metrics.value("middleware_messages_received", route=ROUTE) == 4)
+    finally:
+        await engine.stop()
