@@ -103,8 +103,13 @@ def stream_834(members: int, d: Delims = Delims()) -> Iterator[bytes]:
     yield _file([f"SE*{count + 1}*0001", "GE*1*101", "IEA*1*000000101"], d)
 
 
-def subscriber_271(n: int, dependents: int = 0, *, hl: int, broken: bool = False) -> tuple[list[str], int]:
-    """Loop 2000C (and 2000D per dependent) of subscriber ``n``; returns the segments and the next HL id."""
+def subscriber_271(n: int, dependents: int = 0, *, hl: int, broken: bool = False,
+                   garbled: bool = False) -> tuple[list[str], int]:
+    """Loop 2000C (and 2000D per dependent) of subscriber ``n``; returns the segments and the next HL id.
+
+    ``broken``: neither a member id nor an MRN (the schema refuses it); ``garbled``: a segment without a
+    valid segment id (the splitter cannot frame the subscriber).
+    """
     family, given = FAMILY[n % len(FAMILY)], GIVEN[(n * 5) % len(GIVEN)]
     active = n % 4 != 0
     loop = [f"HL*{hl}*2*22*{1 if dependents else 0}", f"TRN*2*TRACE{n:05d}*9CLINIC001",
@@ -114,6 +119,8 @@ def subscriber_271(n: int, dependents: int = 0, *, hl: int, broken: bool = False
                                                                           "DTP*347*D8*20261031"]
     if broken:
         loop = [s for s in loop if not s.startswith(("NM1*IL", "REF*EJ"))] + [f"NM1*IL*1*{family}*{given}"]
+    if garbled:
+        loop.insert(3, "rEF EJ MRN")
     parent, hl = hl, hl + 1
     for k in range(dependents):
         loop += [f"HL*{hl}*{parent}*23*0", f"TRN*2*TRACE{n:05d}{k + 1}*9CLINIC001",
@@ -125,14 +132,14 @@ def subscriber_271(n: int, dependents: int = 0, *, hl: int, broken: bool = False
 
 
 def file_271(subscribers: int, *, dependents: dict[int, int] | None = None, broken: Collection[int] = (),
-             d: Delims = Delims()) -> bytes:
+             garbled: Collection[int] = (), d: Delims = Delims()) -> bytes:
     """A 271 answering for ``subscribers`` subscribers (``dependents``: subscriber number -> how many)."""
     body = ["BHT*0022*11*ELIG20261124*20261124*1015", "HL*1**20*1",
             "NM1*PR*2*LAKESIDE HEALTH PLAN*****PI*990000002", "HL*2*1*21*1",
             "NM1*1P*2*RIVERSIDE FAMILY CLINIC*****XX*1234567893"]
     hl = 3
     for n in range(1, subscribers + 1):
-        loop, hl = subscriber_271(n, (dependents or {}).get(n, 0), hl=hl, broken=n in broken)
+        loop, hl = subscriber_271(n, (dependents or {}).get(n, 0), hl=hl, broken=n in broken, garbled=n in garbled)
         body += loop
     segments = _envelope(isa("LAKESIDEHP", "CLINIC01", 201, d, time="1015"),
                          "GS*HB*LAKESIDEHP*CLINIC01*20261124*1015*201*X*005010X279A1", body,
@@ -141,13 +148,14 @@ def file_271(subscribers: int, *, dependents: dict[int, int] | None = None, brok
 
 
 def write_samples(root: Path) -> list[Path]:
-    """The shipped samples: samples/enrolment-x12/ and samples/eligibility-x12/, one broken record in each."""
+    """The shipped samples: samples/enrolment-x12/ and samples/eligibility-x12/, one record in each that cannot
+    be framed (a garbled segment): published, it is dead-lettered alone with its position."""
     enrolment, eligibility = root / "samples" / "enrolment-x12", root / "samples" / "eligibility-x12"
     enrolment.mkdir(parents=True, exist_ok=True)
     eligibility.mkdir(parents=True, exist_ok=True)
     written = [enrolment / "834-northwind-december.x12", eligibility / "271-lakeside-batch.x12"]
-    written[0].write_bytes(file_834(6, broken={4}))
-    written[1].write_bytes(file_271(4, dependents={2: 2}, broken={3}))
+    written[0].write_bytes(file_834(6, garbled={4}))
+    written[1].write_bytes(file_271(4, dependents={2: 2}, garbled={3}))
     return written
 
 

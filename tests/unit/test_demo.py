@@ -41,8 +41,10 @@ def test_demo_runs_every_sample_to_its_outcome_and_exits_zero(tmp_path: Path) ->
         "adt-inbound": (9, 9, 0, 8, 16, 1),        # 8 ADT samples x 2 connectors; the malformed one dead-letters
         "eligibility-batch": (12, 11, 0, 11, 11, 0),  # a CSV roster of 12 rows; the 7th does not frame: the
         #                                             publisher dead-letters it (waiting below), no worker sees it
-        "eligibility-x12": (6, 6, 0, 5, 5, 1),     # a 271 of 6 subscribers/dependents; the 3rd has no member id
-        "enrolment-x12": (6, 6, 0, 5, 5, 1),       # an 834 of 6 members; the 4th has no member id
+        # a 271 of 6 subscribers/dependents and an 834 of 6 members, one record in each that cannot be framed:
+        # the publisher dead-letters it (waiting in the queue below), the worker never receives it
+        "eligibility-x12": (6, 5, 0, 5, 5, 0),
+        "enrolment-x12": (6, 5, 0, 5, 5, 0),
         "fhir-inbound": (13, 13, 1, 11, 22, 1),    # Patient, Appointment, ServiceRequest, 2 Observations, 1 broken;
         #                                            a transaction Bundle split in 4 (Patient, 2 Observations, an
         #                                            Encounter filtered) and a Bulk NDJSON of 2 Patients + 1 Observation
@@ -52,6 +54,7 @@ def test_demo_runs_every_sample_to_its_outcome_and_exits_zero(tmp_path: Path) ->
         "scheduling-inbound": (1, 1, 0, 1, 2, 0),
     }
     assert rows["adt-inbound"]["dead_letters_waiting"] == 1
+    assert rows["eligibility-x12"]["dead_letters_waiting"] == rows["enrolment-x12"]["dead_letters_waiting"] == 1
     assert rows["eligibility-batch"]["dead_letters_waiting"] == 1  # the roster's broken row, dead-lettered alone
     outputs = {o["connector"]: o for o in report["outputs"]}
     assert outputs["bed-board"]["events"] == 8 and outputs["case-management"]["events"] == 10

@@ -214,7 +214,8 @@ def test_mllp_listener_must_feed_a_route_queue_and_not_share_a_port(project: Pat
     listener_line = line_of(config, "- name: ehr-adt")
     assert found == [
         f"config/middleware.yaml:{listener_line}: ingest.mllp ehr-adt: no route consumes queue 'ehr.adt.typo' "
-        "(routes consume: ehr.adt, ehr.orders, fhir.inbound, lis.results, rest.referrals, scheduling.siu)",
+        "(routes consume: ehr.adt, ehr.orders, fhir.inbound, lis.results, payer.roster, rest.referrals, "
+        "scheduling.siu, x12.eligibility, x12.enrolment)",
         f"config/middleware.yaml:{line_of(config, 'name: second')}: ingest.mllp second: port 2575 is already used "
         "by ehr-adt",
     ]

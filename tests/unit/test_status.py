@@ -98,7 +98,8 @@ def test_dead_letters_from_a_demo_run_are_counted(project: Path, env: dict[str, 
     report = status_json(project, env)
     dead = {r["route"]: r["dead_letters"] for r in report["routes"]}
     assert dead == {"adt-inbound": 1, "fhir-inbound": 1, "orders-inbound": 0, "results-inbound": 1,
-                    "scheduling-inbound": 0, "referrals-rest": 1, "eligibility-x12": 1, "enrolment-x12": 1}
+                    "scheduling-inbound": 0, "referrals-rest": 1, "eligibility-x12": 1, "enrolment-x12": 1,
+                    "eligibility-batch": 1}
     assert queues(report)["adt-inbound.dlq"]["oldest_age_seconds"] is not None
     assert all(q["messages"] == 0 for q in queues(report).values() if q["role"] != "dead-letter")
 
