@@ -35,11 +35,13 @@ def names(project: Project) -> RouteTopology:
 
 
 async def take_all(broker: Broker, queue: str, expected: int, *, settle: float = 1.0) -> list[IncomingMessage]:
-    """Every message on ``queue`` (waits for ``expected``, then ``settle`` seconds for extras), acked."""
+    """Every message on ``queue`` (waits for ``expected``, then ``settle`` seconds for extras), each
+    acked as it comes (the queue is emptied)."""
     found: list[IncomingMessage] = []
 
     async def take(message: IncomingMessage) -> None:
         found.append(message)
+        await message.ack()
 
     consumer = await broker.consume(queue, take, prefetch=2000)
     loop = asyncio.get_running_loop()
@@ -48,8 +50,6 @@ async def take_all(broker: Broker, queue: str, expected: int, *, settle: float =
         await asyncio.sleep(0.05)
     await asyncio.sleep(settle)
     await consumer.cancel()
-    for message in found:
-        await message.ack()
     return found
 
 
