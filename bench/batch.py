@@ -11,15 +11,21 @@ a temporary file piece by piece. Each measurement runs in a fresh process of its
   - ``baseline``: the same split, then a bare aio-pika loop publishing each record with publisher
     confirms (256 in flight) to a plain queue: what any publisher on this broker can do at best.
 
-Peak RSS must stay under 200 MB whatever the file size (the splitter reads 64 KiB chunks).
+CSV part: a generated payer roster of ``--csv-mb`` megabytes (10 by default; the issue's 1 GB is a flag
+away, too long for the shared development machine), measured the same way through the ``eligibility-batch``
+route (``csv`` format, its trailer checked); its baseline reads the file with a plain ``csv.reader`` and
+publishes each row (as the same JSON object) with the same bare aio-pika confirmed loop.
 
-Run: .venv/bin/python bench/batch.py [--members 100000] [--url amqp://guest:guest@127.0.0.1:5672/]
+Peak RSS must stay under 200 MB whatever the file size (the splitters read in chunks).
+
+Run: .venv/bin/python bench/batch.py [--members 100000] [--csv-mb 10] [--url amqp://guest:guest@127.0.0.1:5672/]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import os
 import subprocess
@@ -27,7 +33,11 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,11 +57,20 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+ROUTES = {"x12": "enrolment-x12", "csv": "eligibility-batch"}  # format -> the shipped route measured
+CSV_SOURCE = {"trailer": "TRAILER"}
+
+
+def bench_format(path: Path) -> Any:
+    """The format a generated file is read with (the route's options for CSV)."""
+    return get_format("csv", CSV_SOURCE) if path.suffix == ".csv" else get_format("x12")
+
+
 def child_split(path: Path) -> dict[str, float]:
-    x12 = get_format("x12")
+    fmt = bench_format(path)
     started = time.perf_counter()
     with path.open("rb") as stream:
-        records = sum(1 for record in x12.split(stream, SplitInfo()) if record.error is None)
+        records = sum(1 for record in fmt.split(stream, SplitInfo()) if record.error is None)
     return {"records": records, "seconds": time.perf_counter() - started}
 
 
@@ -64,7 +83,7 @@ async def child_publisher(path: Path, url: str) -> dict[str, float]:
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}."
     project = load_project(REPO, {**os.environ, "MIDDLEWARE_BROKER_URL": url, "MIDDLEWARE_QUEUE_PREFIX": prefix})
-    route = project.routes["enrolment-x12"]
+    route = project.routes[ROUTES["csv" if path.suffix == ".csv" else "x12"]]
     broker = make_broker(url)
     await broker.connect()
     try:
@@ -83,8 +102,7 @@ async def child_publisher(path: Path, url: str) -> dict[str, float]:
 async def child_baseline(path: Path, url: str) -> dict[str, float]:
     import aio_pika
 
-    x12 = get_format("x12")
-    queue_name = f"bench-{uuid.uuid4().hex[:8]}.x12-baseline"
+    queue_name = f"bench-{uuid.uuid4().hex[:8]}.{path.suffix[1:]}-baseline"
     connection = await aio_pika.connect(url)
     published = 0
     try:
@@ -92,12 +110,8 @@ async def child_baseline(path: Path, url: str) -> dict[str, float]:
         await channel.declare_queue(queue_name, durable=True)
         in_flight: set[asyncio.Future[object]] = set()
         started = time.perf_counter()
-        with path.open("rb") as stream:
-            for record in x12.split(stream, SplitInfo()):
-                if record.error is not None:
-                    continue
-                message = aio_pika.Message(record.raw, headers=dict(record.headers),
-                                           delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        for raw, headers in _baseline_records(path):
+                message = aio_pika.Message(raw, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
                 in_flight.add(asyncio.ensure_future(channel.default_exchange.publish(message, routing_key=queue_name)))
                 published += 1
                 if len(in_flight) >= WINDOW:
@@ -112,6 +126,22 @@ async def child_baseline(path: Path, url: str) -> dict[str, float]:
     finally:
         await connection.close()
     return {"records": published, "seconds": seconds}
+
+
+def _baseline_records(path: Path) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """What the baseline publishes: X12 records from the format's splitter; CSV rows from a plain csv.reader."""
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as text:
+            rows = csv.reader(text)
+            header = next(rows)
+            for row in rows:
+                if len(row) == len(header):
+                    yield orjson.dumps(dict(zip(header, row, strict=True))), {}
+        return
+    with path.open("rb") as stream:
+        for record in get_format("x12").split(stream, SplitInfo()):
+            if record.error is None:
+                yield record.raw, dict(record.headers)
 
 
 def run_child(kind: str, path: Path, url: str) -> dict[str, float]:
@@ -144,6 +174,33 @@ def x12_section(members: int, url: str, with_broker: bool) -> bool:
         return ok
 
 
+def csv_section(megabytes: float, url: str, with_broker: bool) -> bool:
+    """Print the CSV rows; False when a peak RSS is over the limit."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "roster-bench.csv"
+        rows = 0
+        with path.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file, lineterminator="\r\n")
+            writer.writerow(["member_id", "mrn", "family_name", "given_name", "birth_date", "sex", "payer",
+                             "payer_id", "plan", "status", "coverage_start", "coverage_end", "relationship"])
+            while file.tell() < megabytes * 1e6:
+                rows += 1
+                writer.writerow([f"MBR{rows:09d}", f"DEMO-MRN-{rows}", "Okafor", "Ada", "1984-03-12", "F",
+                                 "Northwind Health Plan, Inc.", "NWHP1", "Gold PPO\nRider: vision", "active",
+                                 "2026-01-01", "", "subscriber"])
+            writer.writerow(["TRAILER", rows])
+        print(f"CSV roster, {rows:,} rows, {path.stat().st_size / 1e6:.1f} MB")
+        print(f"  {'measure':<12} {'records':>9} {'seconds':>8} {'records/s':>10} {'peak RSS MB':>12}")
+        ok = True
+        for kind in ["split", *(["publisher", "baseline"] if with_broker else [])]:
+            result = run_child(kind, path, url)
+            rate = result["records"] / result["seconds"]
+            print(f"  {kind:<12} {int(result['records']):>9,} {result['seconds']:>8.1f} {rate:>10,.0f} "
+                  f"{result['peak_rss_mb']:>12.0f}")
+            ok = ok and result["peak_rss_mb"] < RSS_LIMIT_MB
+        return ok
+
+
 async def rabbitmq_answers(url: str) -> bool:
     import aio_pika
 
@@ -159,6 +216,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", type=int, default=20_000,
                         help="member loops in the generated 834 (100000 for the figures in docs/ingest.md)")
+    parser.add_argument("--csv-mb", type=float, default=10.0,
+                        help="size of the generated CSV roster in MB (0: no CSV part)")
     parser.add_argument("--url", default=os.environ.get("MIDDLEWARE_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     parser.add_argument("--child", choices=["split", "publisher", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
@@ -175,7 +234,9 @@ def main() -> None:
     with_broker = asyncio.run(rabbitmq_answers(args.url))
     if not with_broker:
         print(f"RabbitMQ does not answer at {args.url}: split only")
-    ok = x12_section(args.members, args.url, with_broker)
+    ok = x12_section(args.members, args.url, with_broker) if args.members > 0 else True
+    if args.csv_mb > 0:
+        ok = csv_section(args.csv_mb, args.url, with_broker) and ok
     if not ok:
         raise SystemExit(f"peak RSS over {RSS_LIMIT_MB} MB")
 
