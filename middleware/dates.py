@@ -35,6 +35,8 @@ _ISO = re.compile(
     r"(?:\.(?P<frac>\d{1,9}))?)?(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?"
 )
 _MAX_OFFSET_MINUTES = 18 * 60
+_DIGITS_ONLY = frozenset({4, 6, 8, 10, 12, 14})  # YYYY ... YYYYMMDDHHMMSS: what _HL7 matches without . or +/-
+_UTC_KEYS = frozenset({"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "Etc/Zulu", "Zulu"})
 _DAYS = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February checked for leap years apart
 
 
@@ -103,6 +105,8 @@ class When(NamedTuple):
         """A naive date-time read as local time in ``tz`` (DST-aware); anything else unchanged."""
         if tz is None or not self.naive:
             return self
+        if tz is dt.UTC or getattr(tz, "key", None) in _UTC_KEYS:  # no local time to look up
+            return self._replace(offset=0)
         assert self.month is not None and self.day is not None and self.hour is not None
         local = dt.datetime(self.year, self.month, self.day, self.hour, self.minute or 0, self.second or 0,
                             tzinfo=tz)
@@ -120,12 +124,13 @@ def _offset_text(minutes: int) -> str:
 
 def _checked(match: re.Match[str], offset: int | None) -> When:
     y, mo, d, h, mi, s, fraction = match.group("y", "mo", "d", "h", "mi", "s", "frac")
-    year = int(y)
-    month = None if mo is None else int(mo)
-    day = None if d is None else int(d)
-    hour = None if h is None else int(h)
-    minute = None if mi is None else int(mi)
-    second = None if s is None else int(s)
+    return _when(int(y), None if mo is None else int(mo), None if d is None else int(d),
+                 None if h is None else int(h), None if mi is None else int(mi), None if s is None else int(s),
+                 fraction or "", offset)
+
+
+def _when(year: int, month: int | None, day: int | None, hour: int | None, minute: int | None,
+          second: int | None, fraction: str, offset: int | None) -> When:
     if year < 1:
         raise DateFormatError("year 0000 does not exist")
     if month is not None and not 1 <= month <= 12:
@@ -141,7 +146,7 @@ def _checked(match: re.Match[str], offset: int | None) -> When:
         raise DateFormatError("second out of range (00-59)")
     if hour is None:
         offset = None  # an offset on a date alone says nothing about the date
-    return When(year, month, day, hour, minute, second, fraction or "", offset)
+    return When(year, month, day, hour, minute, second, fraction, offset)
 
 
 def _offset_minutes(sign: str, hours: str, minutes: str) -> int:
@@ -178,6 +183,16 @@ def parse(value: Any) -> When:
 
 
 def _hl7(text: str) -> When:
+    size = len(text)
+    zone = text[-5:] if size > 5 and text[-5] in "+-" else ""
+    if zone:
+        size -= 5
+    if size in _DIGITS_ONLY and text[:size].isdecimal() and (not zone or zone[1:].isdecimal()):
+        # the common shapes (digits, an offset), read without the regex: the same value and checks
+        return _when(int(text[:4]), int(text[4:6]) if size > 4 else None, int(text[6:8]) if size > 6 else None,
+                     int(text[8:10]) if size > 8 else None, int(text[10:12]) if size > 10 else None,
+                     int(text[12:14]) if size > 12 else None, "",
+                     _offset_minutes(zone[0], zone[1:3], zone[3:5]) if zone else None)
     match = _HL7.fullmatch(text)
     if match is None:
         raise DateFormatError("not an HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")

@@ -49,6 +49,13 @@ def rfc3339(iso: str | None, tz: dt.tzinfo) -> str | None:
         when = dates.parse(iso)
     except dates.DateFormatError:
         return None
+    return rfc3339_when(when, tz)
+
+
+def rfc3339_when(when: dates.When | None, tz: dt.tzinfo) -> str | None:
+    """:func:`rfc3339` for an already checked value (None stays None)."""
+    if when is None:
+        return None
     if when.precision is dates.Precision.DAY:
         when = when._replace(hour=0, minute=0, second=0)
     elif when.precision is not dates.Precision.DATETIME:

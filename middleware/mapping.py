@@ -207,12 +207,30 @@ class FieldRule:
     children: tuple[FieldRule, ...] = ()
     typed: bool = False  # ``typed_by``: the accessor returns JSON values typed by the source's data type
 
+    def __post_init__(self) -> None:
+        # a plain ``target: PATH`` (string, no lookup, no each/template/value): evaluate's fast path
+        object.__setattr__(self, "_plain", self.each is None and self.template is None and not self.typed
+                           and self.constant is _UNSET and self.convert == "string" and self.lookup is None)
+
     def evaluate(self, doc: Any, tz: dt.tzinfo | None = None) -> Any:
         """The target's value for ``doc`` (``_UNSET`` when there is none); raises MappingError.
         ``tz`` is the engine's time zone, given to naive date-times (``as: datetime``)."""
-        if self.each is not None:
+        when = None  # the value already parsed as a date (by _most_precise), not parsed again by _finish
+        if self.__dict__["_plain"]:  # the first single value that is a string is the answer as it is
+            raw = _UNSET
+            for accessor in self.paths:
+                values = accessor.read(doc)
+                if values:
+                    raw = values if accessor.multiple else values[0]
+                    if isinstance(raw, str):
+                        return raw
+                    break
+        elif self.each is not None:
             return self._evaluate_each(doc, tz)
-        raw = self._most_precise(doc) if self.convert in _NEEDED_PRECISION and len(self.paths) > 1 else self._raw(doc)
+        elif self.convert in _NEEDED_PRECISION and len(self.paths) > 1:
+            raw, when = self._most_precise(doc)
+        else:
+            raw = self._raw(doc)
         if raw is _UNSET:
             if self.default is not _UNSET:
                 return self.default
@@ -226,6 +244,8 @@ class FieldRule:
             return raw  # HL7 values and templates are strings already: nothing to convert
         if isinstance(raw, list):
             return [self._finish(item, tz) for item in raw]
+        if when is not None and self.constant is _UNSET and self.lookup is None:
+            return when.in_zone(tz).iso() if self.convert == "datetime" else when.truncate(dates.Precision.DAY).iso()
         return self._finish(raw, tz)
 
     @property
@@ -274,28 +294,30 @@ class FieldRule:
                 return values if accessor.multiple else values[0]
         return _UNSET
 
-    def _most_precise(self, doc: Any) -> Any:
+    def _most_precise(self, doc: Any) -> tuple[Any, dates.When | None]:
         """``{path: [A, B], as: datetime}``: the first value precise enough for the target (a time of day
         for ``datetime``, a day for ``date``), else the first value at its own precision. A year-only
-        PV1-44 so gives way to a full EVN-6; a value that is not a date at all is an error, never skipped."""
+        PV1-44 so gives way to a full EVN-6; a value that is not a date at all is an error, never skipped.
+        Gives the value and, for a single value, its parsed date."""
         needed = _NEEDED_PRECISION[self.convert]
         first: Any = _UNSET
+        first_when: dates.When | None = None
         for accessor in self.paths:
             values = accessor.read(doc)
             if not values:
                 continue
             if accessor.multiple:
-                return values if first is _UNSET else first
+                return (values, None) if first is _UNSET else (first, first_when)
             try:
-                precision = dates.parse(values[0]).precision
+                when = dates.parse(values[0])
             except dates.DateFormatError as exc:
                 raise MappingError(f"{self.target}: {accessor.expr} is not a valid {self.convert}: {exc}",
                                    hint="fix the source value or change `as:`") from None
-            if precision >= needed:
-                return values[0]
+            if when.precision >= needed:
+                return values[0], when
             if first is _UNSET:
-                first = values[0]
-        return first
+                first, first_when = values[0], when
+        return first, first_when
 
     def _finish(self, value: Any, tz: dt.tzinfo | None = None) -> Any:
         try:

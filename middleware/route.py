@@ -15,7 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from middleware.delivery.base import RetryPolicy
-from middleware.envelope import build_event, resolve_correlation_id, rfc3339
+from middleware.envelope import build_event, resolve_correlation_id, rfc3339, rfc3339_when
 from middleware.errors import (
     FilterError,
     MappingError,
@@ -178,8 +178,10 @@ def transform(route: Route, raw: bytes, context: MessageContext | None = None,
         if route.match == "first":
             rules = rules[:1]
         identity = source_identity(doc, raw, context)
-        received = (context.received_at or dt.datetime.now(dt.UTC)).isoformat().replace("+00:00", "Z")
-        time = rfc3339(doc.occurred_at(), tz) or received
+        occurred_when = getattr(doc, "occurred_when", None)  # HL7 v2: the checked value, not its ISO text
+        time = rfc3339_when(occurred_when(), tz) if occurred_when else rfc3339(doc.occurred_at(), tz)
+        if time is None:
+            time = (context.received_at or dt.datetime.now(dt.UTC)).isoformat().replace("+00:00", "Z")
         index = 0  # distinct per event of this message (with for_each: the group's position)
         for rule in rules:
             groups = rule.groups(route.format, doc)

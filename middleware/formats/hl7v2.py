@@ -138,9 +138,10 @@ class Segment:
 class Hl7Message:
     """A parsed HL7 v2 message: segments indexed by id, values unescaped as they are read."""
 
-    __slots__ = ("_index", "_message_type", "_whole", "charset", "delimiters", "segments")
+    __slots__ = ("_digest_input", "_index", "_message_type", "_whole", "charset", "delimiters", "segments")
 
-    def __init__(self, segments: list[Segment], delimiters: Delimiters, charset: str) -> None:
+    def __init__(self, segments: list[Segment], delimiters: Delimiters, charset: str,
+                 digest_input: bytes | str | None = None) -> None:
         self.segments = segments
         self.delimiters = delimiters
         self.charset = charset
@@ -150,6 +151,8 @@ class Hl7Message:
         self._index = index
         self._message_type: object = _UNREAD
         self._whole: Hl7Message | None = None  # set on group views: the message they are part of
+        # the segments joined by CR (their UTF-8 bytes, or the text) when parsing already had them
+        self._digest_input = digest_input
 
     def group(self, segments: list[Segment], own: list[Segment], scoped_ids: set[str],
               context: dict[str, Segment]) -> Hl7Message:
@@ -166,6 +169,7 @@ class Hl7Message:
         view._index = index
         view._message_type = self._message_type
         view._whole = self._whole or self
+        view._digest_input = None  # a view answers with the whole message's identity
         return view
 
     def all(self, segment_id: str) -> list[Segment]:
@@ -218,23 +222,31 @@ class Hl7Message:
         message sent again, re-framed or with other line breaks, keeps its identity."""
         whole = self._whole or self  # a group view answers for the whole message
         msh = whole.segments[0]
-        digest = hashlib.sha256("\r".join(s.raw for s in whole.segments).encode()).hexdigest()
+        joined = whole._digest_input
+        if joined is None:
+            joined = "\r".join(s.raw for s in whole.segments)
+        digest = hashlib.sha256(joined.encode() if isinstance(joined, str) else joined).hexdigest()
         return msh.field(3), msh.field(4), msh.field(10), msh.field(7), f"sha256:{digest}"
 
     def occurred_at(self) -> str | None:
         """EVN-6 (event occurred), else EVN-2 (recorded), else MSH-7, as ISO 8601: the first that has a
         time of day, else the first valid date (a year-only EVN-6 does not hide a full EVN-2)."""
+        when = self.occurred_when()
+        return None if when is None else when.iso()
+
+    def occurred_when(self) -> dates.When | None:
+        """:meth:`occurred_at` as a checked value (the envelope ``time`` is built from it unformatted)."""
         fallback = None
-        for expr in ("EVN-6", "EVN-2", "MSH-7"):
-            value = self.get(expr)
-            if value:
+        for path in _OCCURRED_PATHS:
+            values = path.read(self)
+            if values:
                 try:
-                    when = dates.parse_hl7(value)
+                    when = dates.parse_hl7(values[0])
                 except dates.DateFormatError:
                     continue
-                if when.precision is dates.Precision.DATETIME:
-                    return when.iso()
-                fallback = fallback or when.iso()
+                if when.hour is not None:  # Precision.DATETIME
+                    return when
+                fallback = fallback or when
         return fallback
 
     def components(self, text: str) -> list[str]:
@@ -457,6 +469,9 @@ def compile_path(expr: str) -> Hl7Path:
                    _selector(match["repsel"], expr), numbers[1], numbers[2])
 
 
+_OCCURRED_PATHS = tuple(compile_path(expr) for expr in ("EVN-6", "EVN-2", "MSH-7"))
+
+
 # -- parsing ----------------------------------------------------------------------------------
 
 
@@ -517,18 +532,24 @@ def parse(raw: bytes) -> Hl7Message:
     field_separator = text[3]
     end = text.find(field_separator, 4)
     delimiters = _delimiters(field_separator, text[4:end] if end != -1 else text[4:].split("\r", 1)[0])
+    normalised = None
     if "\n" in text:
-        text = text.replace("\r\n", "\r").replace("\n", "\r")
+        text = normalised = text.replace("\r\n", "\r").replace("\n", "\r")
     segments: list[Segment] = []
+    skipped = False
     for number, line in enumerate(text.split("\r"), start=1):
         if not line or (line[0] in " \t" and line.isspace()):
+            skipped = True
             continue
         if not _segment_id_ok(line[:3]) or (len(line) > 3 and line[3] != field_separator):
             raise ParseError(f"segment {number} does not start with a segment id followed by "
                              f"{field_separator!r}",
                              hint="segments are separated by CR; check for line breaks inside field values")
         segments.append(Segment(line, field_separator))
-    message = Hl7Message(segments, delimiters, charset)
+    # what source_identity digests is the segments joined by CR, UTF-8: with no line skipped, that is the
+    # text itself, and the undecoded bytes when they were UTF-8 (or ASCII) with CR line ends already
+    digest_input = None if skipped else data if normalised is None and charset in ("utf-8", "ascii") else text
+    message = Hl7Message(segments, delimiters, charset, digest_input)
     if len(message.all("MSH")) > 1:
         raise ParseError(f"{len(message.all('MSH'))} messages in one (MSH repeated)",
                          hint="publish batches with `middleware publish`, which splits them")
