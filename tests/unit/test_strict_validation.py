@@ -64,7 +64,7 @@ def test_strict_is_only_for_hl7v2(tmp_path: Path) -> None:
     for folder in ("config", "routes", "connectors", "schemas"):
         shutil.copytree(REPO / folder, tmp_path / folder)
     (tmp_path / "routes" / "referrals.yaml").write_text(
-        "route: referrals\nvalidation: strict\nsource: {queue: rest.referrals, format: json}\n"
+        "route: referrals\nvalidation: strict\nsource: {queue: rest.strict-only, format: json}\n"
         "events:\n  - type: patient.merged\n    version: 1\n    map: {patient.mrn: a, merged_mrn: b}\n")
     _, problems = check_project(tmp_path, {})
     assert [str(p) for p in problems] == [
