@@ -281,6 +281,15 @@ def safe_url(url: str) -> str:
     return "".join(masked)
 
 
+def url_has_credentials(url: str) -> bool:
+    """True when some reading of ``url`` carries a userinfo (``user:password@``), whatever the
+    password's characters: the reading :func:`safe_url` masks."""
+    start = _URL_START.match(url)
+    if not start:
+        return False
+    return any(begin == 0 for begin, _ in _secret_spans(url[start.end():]))
+
+
 def mask_secrets(text: str) -> str:
     """``text`` (an error message, a log line) with every ``scheme://`` URL in it passed through
     :func:`safe_url`; a URL ends at whitespace."""

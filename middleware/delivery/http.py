@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import aiohttp
 
@@ -28,7 +28,7 @@ from middleware import project_schema
 from middleware.delivery.auth import ClientCredentials, TokenCache
 from middleware.delivery.base import Connector, ConnectorSpec, Delivery, register
 from middleware.errors import DeliveryError, EngineStopping
-from middleware.observe import safe_url
+from middleware.observe import safe_url, url_has_credentials
 from middleware.tls import TlsOptions, client_context
 
 log = logging.getLogger("middleware.delivery")
@@ -55,7 +55,7 @@ def check_options(options: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str
     found: list[tuple[tuple[str, ...], str]] = []
     url = str(options.get("url", ""))
     header = _authorization_key(options.get("headers") or {})
-    userinfo = "@" in urlsplit(url).netloc
+    userinfo = url_has_credentials(url)
     if userinfo and header:
         found.append((("headers", header), f"url {safe_url(url)} carries credentials (user:password@) and "
                                            f"headers.{header} sets them again: keep one of the two"))

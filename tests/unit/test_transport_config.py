@@ -59,6 +59,14 @@ def test_credentials_in_url_beside_an_authorization_header_are_rejected_at_the_h
     assert "pa%2Fss" not in found[0]
 
 
+@pytest.mark.parametrize("password", ["pa/ss", "pa#ss", "pa?ss", "p/a#s?s@x"])
+def test_credentials_with_any_characters_beside_an_authorization_header_are_rejected(project: Path,
+                                                                                    password: str) -> None:
+    found = problems(project, {"CDR_URL": f"https://svc:{password}@cdr.example.org/events"})
+    assert len(found) == 1 and "carries credentials (user:password@)" in found[0]
+    assert password not in found[0]
+
+
 def test_validate_command_exits_1_naming_the_credentials_conflict(project: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CDR_URL", "https://svc:pw@cdr.example.org/events")
