@@ -11,6 +11,7 @@ import hashlib
 import io
 import re
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -62,22 +63,26 @@ class EventRule:
         return found
 
     def render_subject(self, data: dict[str, Any]) -> str | None:
+        """The ``subject`` with its ``{data.path}`` placeholders filled; None when one of them is absent."""
         if self.subject is None:
             return None
-        missing = False
+        pieces = _template_pieces(self.subject)
+        out = []
+        for number, piece in enumerate(pieces):
+            if number % 2:  # odd places hold the placeholders' paths
+                value = data_get(data, piece)
+                if value is None:
+                    return None
+                piece = str(value)
+            out.append(piece)
+        return "".join(out)
 
-        def fill(path: str) -> str:
-            nonlocal missing
-            value = data_get(data, path)
-            missing = missing or value is None
-            return "" if value is None else str(value)
 
-        rendered = _render_data_template(self.subject, fill)
-        return None if missing else rendered
-
-
-def _render_data_template(text: str, fill: Any) -> str:
-    return _DATA_PLACEHOLDER.sub(lambda m: fill(m.group(1)), text)
+@lru_cache(maxsize=256)
+def _template_pieces(text: str) -> tuple[str, ...]:
+    """Literal text and placeholder paths alternating (``Patient/{patient.mrn}`` -> ``Patient/``, ``patient.mrn``,
+    ``""``), split once per template."""
+    return tuple(_DATA_PLACEHOLDER.split(text))
 
 
 def subject_placeholders(template: str) -> list[str]:
@@ -122,6 +127,10 @@ class MessageContext:
     batch_position: str | None = None  # x-mw-batch-position header: the record's place in it
 
 
+_NO_CONTEXT = MessageContext()
+_UTC = ZoneInfo("UTC")
+
+
 @dataclass
 class Outcome:
     """Result of running a route on one message."""
@@ -146,8 +155,8 @@ def transform(route: Route, raw: bytes, context: MessageContext | None = None,
               tz: ZoneInfo | None = None) -> Outcome:
     """Run ``route`` on ``raw``. Raises a :class:`PipelineError` carrying route, stage and
     correlation id; any other exception is a bug and is wrapped as such by the caller."""
-    context = context or MessageContext()
-    tz = tz or ZoneInfo("UTC")
+    context = context or _NO_CONTEXT
+    tz = tz or _UTC
     correlation_id = context.correlation_id or context.header_correlation_id or ""
     stage = "parse"
     try:

@@ -4,7 +4,9 @@
 - HL7 dates of digits (and an offset) are read without the regex;
 - a naive date-time in UTC needs no zone lookup;
 - the envelope ``time`` is built from the checked date, not its ISO text read again;
-- a ``{path: [A, B], as: datetime}`` value is parsed once.
+- a ``{path: [A, B], as: datetime}`` value is parsed once;
+- event ids are the UUIDv5 text without a UUID object;
+- a subject template is split once, not substituted by a regex per event.
 """
 
 from __future__ import annotations
@@ -12,17 +14,20 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+import uuid
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from middleware import dates
-from middleware.envelope import rfc3339, rfc3339_when
+from middleware.envelope import EVENT_ID_NAMESPACE, event_id, rfc3339, rfc3339_when, uuid5_text
 from middleware.formats import get_format
 from middleware.formats.hl7v2 import Hl7Message
-from middleware.mapping import compile_field
+from middleware.mapping import compile_field, data_get
+from middleware.route import EventRule
 
 HL7 = get_format("hl7v2")
 
@@ -141,3 +146,37 @@ def test_a_datetime_from_several_paths_is_the_conversion_of_the_chosen_value() -
             chosen = rule._most_precise(message)[0]
             assert rule.evaluate(message, tz) == dates.to_datetime(chosen, tz)
             assert date_rule.evaluate(message, tz) == dates.to_date(date_rule._most_precise(message)[0])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(max_size=200))
+def test_event_ids_are_the_uuid5_of_the_json_name(name: str) -> None:
+    assert uuid5_text(name.encode()) == str(uuid.uuid5(EVENT_ID_NAMESPACE, name))
+    identity = ("APP", "FAC", name, "20261124083000", "sha256:00")
+    expected = orjson.dumps(["adt-inbound", list(identity), "patient.admitted.v1", 2]).decode()
+    assert event_id("adt-inbound", identity, "patient.admitted.v1", 2) == str(uuid.uuid5(EVENT_ID_NAMESPACE, expected))
+
+
+def subject_by_substitution(template: str, data: dict[str, Any]) -> str | None:
+    """The subject as one regex substitution renders it (what the split-once template must agree with)."""
+    missing = False
+
+    def fill(match: re.Match[str]) -> str:
+        nonlocal missing
+        value = data_get(data, match.group(1))
+        missing = missing or value is None
+        return "" if value is None else str(value)
+
+    rendered = re.sub(r"\{([^{}]+)\}", fill, template)
+    return None if missing else rendered
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet="ab.{}/-", max_size=20),
+       st.dictionaries(st.sampled_from(["a", "b", "a.b"]), st.one_of(st.none(), st.text(max_size=3), st.integers())))
+def test_a_subject_is_rendered_as_by_substitution(template: str, flat: dict[str, Any]) -> None:
+    data: dict[str, Any] = {key: value for key, value in flat.items() if "." not in key}
+    if "a.b" in flat:
+        data["a"] = {"b": flat["a.b"]}
+    rule = EventRule("t", 1, None, (), subject=template)  # type: ignore[arg-type]  # no schema needed
+    assert rule.render_subject(data) == subject_by_substitution(template, data)
