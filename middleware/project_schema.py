@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-_NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"}
+NAME: dict[str, Any] = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"}
 _CONDITION = {"type": "object"}  # keys are checked by middleware.mapping.compile_condition
 
 TLS_CLIENT: dict[str, Any] = {  # middleware.tls.TlsOptions: broker.tls and a connector's tls
@@ -60,107 +60,23 @@ OAUTH2_CLIENT_CREDENTIALS: dict[str, Any] = {  # middleware.delivery.auth.Client
     },
 }
 
-MLLP_LISTENER: dict[str, Any] = {
+# Pieces shared by the gateways' own specs (middleware/ingest/<kind>.py SPEC).
+ALLOWED_PEERS: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
+                                 "description": "IP addresses / CIDR networks allowed to connect (default: any)"}
+SERVER_TLS: dict[str, Any] = {  # middleware.ingest.MllpTls (MLLP and HTTP listeners); paths relative to the project
     "type": "object",
     "additionalProperties": False,
-    "required": ["port", "queue"],
+    "required": ["cert_file", "key_file"],
+    "description": "TLS: `cert_file`, `key_file`, optional `ca_file` (client certificates are "
+                   "checked against it) and `require_client_cert` (mutual TLS); paths relative to the project",
     "properties": {
-        "name": {**_NAME, "description": "in logs and in the `x-mw-ingest` header (`mllp:<name>`); "
-                                         "default `mllp-<port>`"},
-        "host": {"type": "string", "minLength": 1, "default": "127.0.0.1",
-                 "description": "address to listen on; `0.0.0.0` accepts other hosts (then set allowed_peers, tls)"},
-        "port": {"type": "integer", "minimum": 0, "maximum": 65535, "description": "TCP port (0: any free port)"},
-        "queue": {"type": "string", "minLength": 1, "description": "a route's `source.queue`: where it publishes"},
-        "ack": {"enum": ["after-confirm", "none"], "default": "after-confirm",
-                "description": "answer each message after the broker's confirm, or never answer"},
-        "max_message_bytes": {"type": "integer", "minimum": 64, "default": 1_048_576,
-                              "description": "largest frame; a larger one is answered AE, then the connection closes"},
-        "idle_timeout": {"type": "number", "exclusiveMinimum": 0, "default": 300,
-                         "description": "seconds without a byte before a connection is closed"},
-        "frame_timeout": {"type": "number", "exclusiveMinimum": 0, "default": 60,
-                          "description": "seconds from a start block to its end block"},
-        "max_connections": {"type": "integer", "minimum": 1, "default": 500,
-                            "description": "connections open at once; more are closed at accept"},
-        "max_buffered_bytes": {"type": "integer", "minimum": 64, "default": 33_554_432,  # >= max_message_bytes
-                               "description": "unfinished frames of all connections together; past it the "
-                                              "connection holding the most is dropped"},
-        "allowed_peers": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
-                          "description": "IP addresses / CIDR networks allowed to connect (default: any)"},
-        "tls": {  # middleware.ingest.MllpTls; paths relative to the project folder
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["cert_file", "key_file"],
-            "description": "TLS: `cert_file`, `key_file`, optional `ca_file` (client certificates are "
-                           "checked against it) and `require_client_cert` (mutual TLS); paths relative to the project",
-            "properties": {
-                "cert_file": {"type": "string", "minLength": 1},
-                "key_file": {"type": "string", "minLength": 1},
-                "ca_file": {"type": "string", "minLength": 1},
-                "require_client_cert": {"type": "boolean"},
-            },
-        },
+        "cert_file": {"type": "string", "minLength": 1},
+        "key_file": {"type": "string", "minLength": 1},
+        "ca_file": {"type": "string", "minLength": 1},
+        "require_client_cert": {"type": "boolean"},
     },
 }
 
-_SECRETS = {"type": "array", "items": {"type": "string"}}  # from ${ENV}; empty ones are refused at start
-
-HTTP_LISTENER: dict[str, Any] = {  # middleware.ingest.HttpListener (docs/ingest.md)
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["port", "auth"],
-    "properties": {
-        "name": _NAME,
-        "host": {"type": "string", "minLength": 1},
-        "port": {"type": "integer", "minimum": 0, "maximum": 65535},
-        "auth": {
-            "type": "object",
-            "additionalProperties": False,
-            "minProperties": 1,
-            "properties": {"bearer_tokens": _SECRETS, "api_keys": _SECRETS},
-        },
-        "routes": {"type": "array", "minItems": 1, "items": _NAME},
-        "max_body_bytes": {"type": "integer", "minimum": 64},
-        "rate_limit": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["per_second"],
-            "properties": {"per_second": {"type": "number", "exclusiveMinimum": 0},
-                           "burst": {"type": "integer", "minimum": 1}},
-        },
-        "idempotency_window": {"type": "number", "minimum": 0},
-        "idempotency_max_keys": {"type": "integer", "minimum": 1},
-        "confirm_timeout": {"type": "number", "exclusiveMinimum": 0},
-        "allowed_peers": MLLP_LISTENER["properties"]["allowed_peers"],
-        "tls": MLLP_LISTENER["properties"]["tls"],
-    },
-}
-
-FOLDER_LISTENER: dict[str, Any] = {  # middleware.ingest.FolderListener (docs/ingest.md, "Watched folder")
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["path"],
-    "oneOf": [{"required": ["queue"]}, {"required": ["route"]}],
-    "properties": {
-        "name": {**_NAME, "description": "in logs, metrics and the `x-mw-ingest` header (`folder:<name>`); "
-                                         "default `folder-<n>`"},
-        "path": {"type": "string", "minLength": 1,
-                 "description": "the inbox (relative: to the project folder); `processing/` is made inside it"},
-        "queue": {"type": "string", "minLength": 1, "description": "a route's `source.queue` (or `route`)"},
-        "route": {**_NAME, "description": "the route its files are published to (or `queue`)"},
-        "pattern": {"type": "string", "minLength": 1, "default": "*", "description": "glob a file name must match"},
-        "complete": {"enum": ["stable", "marker"], "default": "stable",
-                     "description": "`stable`: size and mtime unchanged for `min_age`; `marker`: a `<name>.done` "
-                                    "file beside it"},
-        "min_age": {"type": "number", "minimum": 0, "default": 2,
-                    "description": "seconds a file must stay unchanged (`complete: stable`)"},
-        "poll_interval": {"type": "number", "exclusiveMinimum": 0, "default": 1,
-                          "description": "seconds between looks at the inbox"},
-        "done": {"type": "string", "minLength": 1, "default": "<path>/done",
-                 "description": "where files read to the end go, with their report"},
-        "failed": {"type": "string", "minLength": 1, "default": "<path>/failed",
-                   "description": "where files that cannot be read go, with their report"},
-    },
-}
 
 CONFIG: dict[str, Any] = {
     "type": "object",
@@ -237,7 +153,7 @@ def route_schema(formats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "additionalProperties": False,
         "required": ["route", "source", "events"],
         "properties": {
-            "route": _NAME,
+            "route": NAME,
             "description": {"type": "string"},
             "source": {
                 "type": "object",
@@ -275,7 +191,7 @@ def route_schema(formats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                     "type": "object",
                     "additionalProperties": False,
                     "required": ["to"],
-                    "properties": {"to": _NAME, "retry": RETRY},
+                    "properties": {"to": NAME, "retry": RETRY},
                 },
             },
         },
@@ -286,7 +202,7 @@ def connector_schema(types: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Schema of connectors/<name>.yaml; ``types``: each registered connector type's spec (its own
     keys, :mod:`middleware.spec`): an http connector with ``path:`` is an unknown key."""
     common: dict[str, Any] = {
-        "connector": _NAME,
+        "connector": NAME,
         "type": {"enum": list(types)},
         "description": {"type": "string"},
         "retry": RETRY,

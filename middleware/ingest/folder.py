@@ -351,7 +351,36 @@ def folder_route(listener: FolderListener, routes: dict[str, Route] | Any) -> Ro
     return next(r for r in routes.values() if r.source_queue == listener.queue)  # checked by the loader
 
 
-@register("folder", project_schema.FOLDER_LISTENER)
+SPEC: dict[str, Any] = {  # the keys of one ingest.folder[] entry (docs/ingest.md, "Watched folder")
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["path"],
+    "oneOf": [{"required": ["queue"]}, {"required": ["route"]}],
+    "properties": {
+        "name": {**project_schema.NAME,
+                 "description": "in logs, metrics and the `x-mw-ingest` header (`folder:<name>`); "
+                                "default `folder-<n>`"},
+        "path": {"type": "string", "minLength": 1,
+                 "description": "the inbox (relative: to the project folder); `processing/` is made inside it"},
+        "queue": {"type": "string", "minLength": 1, "description": "a route's `source.queue` (or `route`)"},
+        "route": {**project_schema.NAME, "description": "the route its files are published to (or `queue`)"},
+        "pattern": {"type": "string", "minLength": 1, "default": "*", "description": "glob a file name must match"},
+        "complete": {"enum": ["stable", "marker"], "default": "stable",
+                     "description": "`stable`: size and mtime unchanged for `min_age`; `marker`: a `<name>.done` "
+                                    "file beside it"},
+        "min_age": {"type": "number", "minimum": 0, "default": 2,
+                    "description": "seconds a file must stay unchanged (`complete: stable`)"},
+        "poll_interval": {"type": "number", "exclusiveMinimum": 0, "default": 1,
+                          "description": "seconds between looks at the inbox"},
+        "done": {"type": "string", "minLength": 1, "default": "<path>/done",
+                 "description": "where files read to the end go, with their report"},
+        "failed": {"type": "string", "minLength": 1, "default": "<path>/failed",
+                   "description": "where files that cannot be read go, with their report"},
+    },
+}
+
+
+@register("folder", SPEC)
 def _folder_gateway(listener: FolderListener, context: GatewayContext) -> FolderGateway:
     """The gateway of one ``ingest.folder[]`` entry."""
     return FolderGateway(listener, context.broker, context.settings, folder_route(listener, context.routes),

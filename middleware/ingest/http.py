@@ -509,7 +509,41 @@ def _trace(request: web.Request) -> tuple[str, dict[str, str]]:
     return given or trace_id or new_id(), headers
 
 
-@register("http", project_schema.HTTP_LISTENER)
+_SECRETS: dict[str, Any] = {"type": "array", "items": {"type": "string"}}  # from ${ENV}; empty: refused at start
+
+SPEC: dict[str, Any] = {  # the keys of one ingest.http[] entry (docs/ingest.md)
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["port", "auth"],
+    "properties": {
+        "name": project_schema.NAME,
+        "host": {"type": "string", "minLength": 1},
+        "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+        "auth": {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "properties": {"bearer_tokens": _SECRETS, "api_keys": _SECRETS},
+        },
+        "routes": {"type": "array", "minItems": 1, "items": project_schema.NAME},
+        "max_body_bytes": {"type": "integer", "minimum": 64},
+        "rate_limit": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["per_second"],
+            "properties": {"per_second": {"type": "number", "exclusiveMinimum": 0},
+                           "burst": {"type": "integer", "minimum": 1}},
+        },
+        "idempotency_window": {"type": "number", "minimum": 0},
+        "idempotency_max_keys": {"type": "integer", "minimum": 1},
+        "confirm_timeout": {"type": "number", "exclusiveMinimum": 0},
+        "allowed_peers": project_schema.ALLOWED_PEERS,
+        "tls": project_schema.SERVER_TLS,
+    },
+}
+
+
+@register("http", SPEC)
 def _http_gateway(listener: HttpListener, context: GatewayContext) -> HttpGateway:
     """The gateway of one ``ingest.http[]`` entry (every route it accepts)."""
     return HttpGateway(listener, context.broker, context.settings, context.routes, context.metrics)

@@ -44,6 +44,7 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from middleware import project_schema, topology
 from middleware.broker.base import Broker, OutgoingMessage
@@ -516,7 +517,37 @@ def _tls_reason(exc: BaseException) -> str:
     return str(reason) if reason else type(exc).__name__
 
 
-@register("mllp", project_schema.MLLP_LISTENER)
+SPEC: dict[str, Any] = {  # the keys of one ingest.mllp[] entry
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["port", "queue"],
+    "properties": {
+        "name": {**project_schema.NAME,
+                 "description": "in logs and in the `x-mw-ingest` header (`mllp:<name>`); default `mllp-<port>`"},
+        "host": {"type": "string", "minLength": 1, "default": "127.0.0.1",
+                 "description": "address to listen on; `0.0.0.0` accepts other hosts (then set allowed_peers, tls)"},
+        "port": {"type": "integer", "minimum": 0, "maximum": 65535, "description": "TCP port (0: any free port)"},
+        "queue": {"type": "string", "minLength": 1, "description": "a route's `source.queue`: where it publishes"},
+        "ack": {"enum": ["after-confirm", "none"], "default": "after-confirm",
+                "description": "answer each message after the broker's confirm, or never answer"},
+        "max_message_bytes": {"type": "integer", "minimum": 64, "default": 1_048_576,
+                              "description": "largest frame; a larger one is answered AE, then the connection closes"},
+        "idle_timeout": {"type": "number", "exclusiveMinimum": 0, "default": 300,
+                         "description": "seconds without a byte before a connection is closed"},
+        "frame_timeout": {"type": "number", "exclusiveMinimum": 0, "default": 60,
+                          "description": "seconds from a start block to its end block"},
+        "max_connections": {"type": "integer", "minimum": 1, "default": 500,
+                            "description": "connections open at once; more are closed at accept"},
+        "max_buffered_bytes": {"type": "integer", "minimum": 64, "default": 33_554_432,  # >= max_message_bytes
+                               "description": "unfinished frames of all connections together; past it the "
+                                              "connection holding the most is dropped"},
+        "allowed_peers": project_schema.ALLOWED_PEERS,
+        "tls": project_schema.SERVER_TLS,
+    },
+}
+
+
+@register("mllp", SPEC)
 def _mllp_gateway(listener: MllpListener, context: GatewayContext) -> MllpGateway:
     """The gateway of one ``ingest.mllp[]`` entry: it feeds the route consuming ``listener.queue``."""
     route = next(r for r in context.routes.values() if r.source_queue == listener.queue)  # checked by the loader
