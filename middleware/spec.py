@@ -83,6 +83,11 @@ def register(kind: str, name: str, spec: Mapping[str, Any] | None, factory: Call
     return component
 
 
+def unregister(kind: str, name: str) -> None:
+    """Forget the ``kind`` component ``name`` (a test's own connector type, once the test is over)."""
+    _registry[kind].pop(name, None)
+
+
 def components(kind: str) -> dict[str, Component]:
     """Every registered ``kind`` component by name (entry points loaded on first use)."""
     _load(kind)

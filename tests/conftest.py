@@ -14,7 +14,7 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -186,6 +186,24 @@ class Sink:
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"sink got {len(self.requests)} request(s), expected {count}")
             await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def connector_type() -> Iterator[Callable[[str, Callable[..., object]], None]]:
+    """Register a test's own connector type (like any connector type) for that test only: the
+    registry forgets it afterwards, so validation messages and docs tables elsewhere never list it."""
+    from middleware import spec
+    from middleware.delivery import base
+
+    names: list[str] = []
+
+    def add(name: str, factory: Callable[..., object]) -> None:
+        base.register(name)(factory)  # type: ignore[arg-type]
+        names.append(name)
+
+    yield add
+    for name in names:
+        spec.unregister("connector", name)
 
 
 @pytest.fixture

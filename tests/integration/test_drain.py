@@ -22,7 +22,6 @@ from middleware.broker import make_broker, naming
 from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
 from middleware.cli.publish import publish_files
 from middleware.delivery import Connector, Delivery
-from middleware.delivery import base as delivery_base
 from middleware.delivery.base import ConnectorSpec
 from middleware.engine import Engine, declare_route_topology
 from middleware.errors import BrokerError
@@ -292,10 +291,10 @@ class _BrokerFailing(Connector):
 
 
 async def test_failure_on_the_last_allowed_delivery_is_dead_lettered_with_its_reason(
-        rabbit_project: Project, broker: Broker) -> None:
+        rabbit_project: Project, broker: Broker, connector_type: Callable[[str, type], None]) -> None:
     """A failure that gives a message back is retried by redelivery; on its last allowed delivery
     the worker dead-letters it itself, with stage, error, attempts and times (not RabbitMQ, bare)."""
-    delivery_base.register("broker-failing")(_BrokerFailing)  # like any connector type
+    connector_type("broker-failing", _BrokerFailing)  # like any connector type, for this test only
     settings = dataclasses.replace(rabbit_project.settings, delivery_limit=2)
     project = dataclasses.replace(rabbit_project, settings=settings)
     failing = ConnectorSpec("case-management", "broker-failing", {})

@@ -17,7 +17,6 @@ from middleware.broker import naming
 from middleware.broker.base import Broker
 from middleware.deadletter import DeadLetter
 from middleware.delivery import Connector, Delivery
-from middleware.delivery import base as delivery_base
 from middleware.delivery.base import ConnectorSpec
 from middleware.engine import Engine
 from middleware.project import Project
@@ -80,10 +79,11 @@ class _ExplodingConnector(Connector):
 
 
 async def test_connector_bug_is_bounded_and_does_not_stall_other_sinks(
-        broker: Broker, rabbit_project: Project, sink: Sink, tmp_path: Path) -> None:
+        broker: Broker, rabbit_project: Project, sink: Sink, tmp_path: Path,
+        connector_type: Callable[[str, type], None]) -> None:
     """A connector that crashes on every message: redelivered delivery_limit times, then dead-lettered
     with its reason (promise 4); the other connector of the route is not held up (promise 5)."""
-    delivery_base.register("explodes")(_ExplodingConnector)  # like any connector type
+    connector_type("explodes", _ExplodingConnector)  # like any connector type, for this test only
     settings = dataclasses.replace(rabbit_project.settings, delivery_limit=3)
     crashing = ConnectorSpec("case-management", "explodes", {})
     project = dataclasses.replace(rabbit_project, settings=settings)
