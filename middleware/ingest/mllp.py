@@ -46,19 +46,18 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from middleware import project_schema, topology
-from middleware.broker.base import Broker, OutgoingMessage
-from middleware.deadletter import dead_letter_body
+from middleware import project_schema
+from middleware.broker.base import Broker
 from middleware.errors import BrokerError, ConfigError, ParseError, Problem
 from middleware.formats import hl7v2
 from middleware.ingest import GatewayContext, MllpListener, register
 from middleware.ingest.mllp_framing import Frame, FrameDecoder, FrameTooLarge, FramingError, frame
 from middleware.ingest.peers import PeerFilter, parse_networks
+from middleware.ingest.publisher import Publisher
 from middleware.ingest.tls import server_context
 from middleware.observe import Metrics
 from middleware.project import Settings
 from middleware.route import Route
-from middleware.topology import RouteTopology
 
 log = logging.getLogger("middleware.ingest.mllp")
 
@@ -274,7 +273,8 @@ class MllpGateway:
         self.metrics = metrics
         self.confirm_timeout = confirm_timeout
         self.drain_timeout = settings.drain_timeout if drain_timeout is None else drain_timeout
-        self.topology = RouteTopology.of(route, settings.queue_prefix)
+        self.publisher = Publisher(broker, route, settings)  # the one way in
+        self.topology = self.publisher.topology
         self.queue = self.topology.inbound  # the loader checked that route consumes listener.queue
         self.dead_letter_queue = self.topology.dead_letter
         self.source = f"mllp:{listener.name}"
@@ -292,7 +292,7 @@ class MllpGateway:
     async def start(self, *, declare: bool = True) -> None:
         """Declare the route's queues (unless ``declare`` is False) and start listening."""
         if declare:
-            await topology.declare(self.broker, self.topology, self.settings.delivery_limit)
+            await self.publisher.declare()
         if self.listener.tls is not None:
             try:
                 self._tls = server_context(self.listener.tls)
@@ -446,7 +446,7 @@ class MllpGateway:
         outcome = "accepted" if error is None else "dead-lettered"
         try:
             if error is None:
-                await asyncio.wait_for(self.broker.publish(self._message(raw, correlation_id), queue=self.queue),
+                await asyncio.wait_for(self.publisher.publish(raw, source=self.source, correlation_id=correlation_id),
                                        self.confirm_timeout)
             else:
                 await asyncio.wait_for(self._dead_letter(raw, error, correlation_id), self.confirm_timeout)
@@ -471,15 +471,8 @@ class MllpGateway:
             return build_ack(header, _code(header, "A"))
         return build_ack(header, _code(header, "E"), error=ERR_DATA, text=str(error))
 
-    def _message(self, raw: bytes, correlation_id: str) -> OutgoingMessage:
-        return OutgoingMessage(body=raw, headers={INGEST_HEADER: self.source}, correlation_id=correlation_id,
-                               message_id=str(uuid.uuid4()), content_type=CONTENT_TYPE)
-
     async def _dead_letter(self, raw: bytes, error: ParseError, correlation_id: str) -> None:
-        message = dead_letter_body(raw, headers={INGEST_HEADER: self.source}, content_type=CONTENT_TYPE,
-                                   message_id=str(uuid.uuid4()), route=self.route.name, stage="parse", error=error,
-                                   replay_queue=self.queue, correlation_id=correlation_id)
-        await self.broker.publish(message, queue=self.dead_letter_queue)
+        await self.publisher.dead_letter(raw, error, source=self.source, correlation_id=correlation_id)
         if self.metrics is not None:
             self.metrics.dead_lettered.labels(self.route.name, "parse").inc()
 
