@@ -85,6 +85,7 @@ def test_sync_publisher_on_rabbitmq_publishes_a_batch_file_one_message_per_recor
             names = RouteTopology.of(rabbit_project.routes["adt-inbound"], rabbit_project.settings.queue_prefix)
             for queue in names.queues:
                 await client.delete_queue(queue)
+            await client.delete_exchange(names.exchange)  # the publisher declared the route's topology
         finally:
             await client.close()
         return got
