@@ -227,7 +227,10 @@ class FolderGateway:
     # -- publishing ---------------------------------------------------------------------------
 
     async def _take(self, path: Path, *, claimed: bool) -> int:
-        taken = await asyncio.to_thread(self._claim, path, claimed=claimed)
+        try:
+            taken = await asyncio.to_thread(self._claim, path, claimed=claimed)
+        except OSError as exc:  # cannot even be opened (its mode, ...): it would block the inbox at every poll
+            return await self._unreadable(path, exc)
         if taken is None:
             return 0
         fd, target = taken
@@ -291,6 +294,26 @@ class FolderGateway:
         log.info("folder file finished", extra={
             "folder": name, "file": path.name, "outcome": report.outcome, "records": report.records,
             "published": report.published, "dead_lettered": report.dead_lettered, "seconds": report.seconds})
+        return 1
+
+    async def _unreadable(self, path: Path, exc: OSError) -> int:
+        """Move a file this engine cannot open to failed/ with its report (another engine that took it
+        first wins: the file is then gone and nothing happens)."""
+        name, wall = self.listener.name, time.time()
+        report = FileReport(file=path.name, folder=name, route=self.route.name, outcome="failed",
+                            error=f"{type(exc).__name__}: {exc.strerror or exc}", claimed_at=_utc(wall),
+                            finished_at=_utc(wall))
+        log.error("folder file cannot be read", extra={"folder": name, "file": path.name,
+                                                       "error": type(exc).__name__})
+        self._seen.pop(path.name, None)
+        try:
+            await asyncio.to_thread(self._finish, path, report)
+        except FileNotFoundError:
+            return 0
+        path.with_name(path.name + MARKER_SUFFIX).unlink(missing_ok=True)
+        self.reports.append(report)
+        if self.metrics is not None:
+            self.metrics.folder_finished.labels(name, report.outcome).inc()
         return 1
 
     def _finish(self, path: Path, report: FileReport) -> None:

@@ -8,9 +8,11 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -169,17 +171,6 @@ async def test_a_broken_record_is_dead_lettered_alone_and_the_file_is_done_with_
     await dead.reject(requeue=True)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
-async def test_a_file_that_cannot_be_read_goes_to_failed(
-        rabbit_project: Project, broker: Broker, inbox: Path, gateways: Callable[..., Any]) -> None:
-    await gateways(min_age=0.0)
-    path = inbox / "locked.hl7"
-    path.write_bytes(batch(2))
-    path.chmod(0o200)
-    await wait_for(lambda: (inbox / "failed" / "locked.hl7.report.json").exists())
-    assert report_of(inbox / "failed", "locked.hl7")["error"].startswith("PermissionError")
-
-
 async def test_two_gateways_on_one_folder_take_each_file_once(
         rabbit_project: Project, broker: Broker, inbox: Path, gateways: Callable[..., Any]) -> None:
     inbox.mkdir()
@@ -207,7 +198,8 @@ GATEWAY_SCRIPT = textwrap.dedent("""
     from middleware.ingest.folder import FolderGateway
     from middleware.project import load_project
 
-    async def main(repo, inbox, ledger):
+    async def main(repo, inbox, ledger, files="1"):
+        files = int(files)
         project = load_project(repo)
         broker = make_broker(project.settings.broker_url)
         await broker.connect()
@@ -216,7 +208,7 @@ GATEWAY_SCRIPT = textwrap.dedent("""
         gateway = FolderGateway(listener, broker, project.settings, project.routes["adt-inbound"])
         await gateway.start()
         print("started", flush=True)
-        while not gateway.reports:
+        while len(gateway.reports) < files:
             await asyncio.sleep(0.05)
         await gateway.stop()
         await broker.close()
@@ -244,6 +236,49 @@ async def positions_on(broker: Broker, queue: str, expected: int) -> list[int]:
     for message in held:
         await message.reject(requeue=True)
     return found
+
+
+def as_unprivileged() -> list[str]:
+    """The command prefix that runs a process as a user who cannot read another's 0600 file: ``nobody``
+    when the tests run as root (CI does; root reads any file whatever its mode), else ourselves."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+
+
+async def test_a_file_that_cannot_be_opened_goes_to_failed_and_the_next_files_are_taken(
+        rabbit_project: Project, rabbit_env: dict[str, str], broker: Broker) -> None:
+    """The gateway runs in a process of a user the file's mode shuts out (``nobody`` under root): the
+    open fails with EACCES as it would in production, the file goes to failed/ with its report, and the
+    file behind it in the inbox is still published (an unreadable file does not block the folder)."""
+    shared = Path(tempfile.mkdtemp(prefix="mw-folder-"))  # not tmp_path: pytest's is 0700, closed to nobody
+    try:
+        shared.chmod(0o777)
+        inbox = shared / "inbox"
+        inbox.mkdir(mode=0o777)
+        inbox.chmod(0o777)
+        locked = inbox / "a-locked.hl7"
+        locked.write_bytes(batch(2))
+        locked.chmod(0o200 if not as_unprivileged() else 0o600)  # root's own, readable by root only
+        os.utime(locked, ns=(1, 1))  # the oldest: taken first
+        readable = inbox / "b-fine.hl7"
+        readable.write_bytes(batch(3))
+        readable.chmod(0o666)
+        ledger = shared / "ledger"
+        ledger.mkdir(mode=0o777)
+        ledger.chmod(0o777)
+        command = [*as_unprivileged(), sys.executable, "-c", GATEWAY_SCRIPT, str(REPO), str(inbox), str(ledger), "2"]
+        env = {**rabbit_env, "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(shared)}
+        done = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        report = report_of(inbox / "failed", "a-locked.hl7")
+        assert report["outcome"] == "failed"
+        assert report["error"].startswith("PermissionError"), report
+        assert (inbox / "failed" / "a-locked.hl7").exists() and not locked.exists()
+        assert report_of(inbox / "done", "b-fine.hl7")["published"] == 3
+        assert await count_on(broker, topology_of(rabbit_project).inbound) == 3
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 @pytest.mark.timeout(240)
