@@ -281,6 +281,86 @@ async def test_a_file_that_cannot_be_opened_goes_to_failed_and_the_next_files_ar
         shutil.rmtree(shared, ignore_errors=True)
 
 
+WATCHER_SCRIPT = textwrap.dedent("""
+    import asyncio, json, pathlib, sys
+    from middleware.broker import make_broker
+    from middleware.ingest import FolderListener
+    from middleware.ingest.folder import FolderGateway
+    from middleware.project import load_project
+
+    async def main(repo, inbox, ledger, name, files):
+        project = load_project(repo)
+        broker = make_broker(project.settings.broker_url)
+        await broker.connect()
+        listener = FolderListener(name=name, path=inbox, route="adt-inbound", min_age=0.0, poll_interval=0.01,
+                                  ledger=ledger)
+        gateway = FolderGateway(listener, broker, project.settings, project.routes["adt-inbound"])
+        await gateway.start()
+        print("watching", flush=True)
+        done = pathlib.Path(inbox) / "done"
+        while len(list(done.glob("*.report.json"))) < int(files):
+            await asyncio.sleep(0.05)
+        await gateway.stop()
+        await broker.close()
+        print(json.dumps([r.file for r in gateway.reports]), flush=True)
+
+    asyncio.run(main(*sys.argv[1:]))
+""")
+
+
+async def batch_keys_on(broker: Broker, queue: str, expected: int) -> list[tuple[str, int]]:
+    """(``x-mw-batch-id``, ``x-mw-batch-position``) of every message on ``queue`` (held, then handed back)."""
+    found: list[tuple[str, int]] = []
+    held: list[IncomingMessage] = []
+
+    async def take(message: IncomingMessage) -> None:
+        found.append((str(message.headers["x-mw-batch-id"]), int(message.headers["x-mw-batch-position"])))
+        held.append(message)
+
+    consumer = await broker.consume(queue, take, prefetch=min(expected + 1000, 65_535))
+    await wait_for(lambda: len(found) >= expected)
+    await asyncio.sleep(0.3)  # one more would show up meanwhile
+    await consumer.cancel()
+    for message in held:
+        await message.reject(requeue=True)
+    return found
+
+
+async def test_two_engine_processes_on_one_folder_claim_each_file_once_and_publish_each_record_once(
+        rabbit_project: Project, rabbit_env: dict[str, str], broker: Broker, inbox: Path, tmp_path: Path) -> None:
+    """Two separate processes (their own interpreters, broker connections and locks) race for 30 files."""
+    inbox.mkdir()
+    staging = tmp_path / "staging"  # written here, renamed into the inbox once both engines watch it
+    staging.mkdir()
+    files, per_file = 30, 40
+    for index in range(files):
+        (staging / f"f{index:03}.hl7").write_bytes(batch(per_file, first=index * per_file + 1))
+    await declare(broker, topology_of(rabbit_project), rabbit_project.settings.delivery_limit)
+    command = [sys.executable, "-c", WATCHER_SCRIPT, str(REPO), str(inbox), str(tmp_path / "ledger")]
+    engines = [subprocess.Popen([*command, name, str(files)], env=rabbit_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE) for name in ("a", "b")]
+    try:
+        for engine in engines:
+            assert engine.stdout is not None
+            assert await asyncio.to_thread(engine.stdout.readline) == b"watching\n", engine.stderr
+        for path in sorted(staging.iterdir()):
+            path.rename(inbox / path.name)
+        outputs = [await asyncio.to_thread(engine.communicate, timeout=90) for engine in engines]
+    finally:
+        for engine in engines:
+            if engine.poll() is None:
+                engine.kill()
+    assert [engine.returncode for engine in engines] == [0, 0], [err.decode()[-2000:] for _, err in outputs]
+    taken = [set(orjson.loads(out.splitlines()[-1])) for out, _ in outputs]
+    assert not taken[0] & taken[1], "a file was claimed by both engines"
+    assert taken[0] | taken[1] == {f"f{i:03}.hl7" for i in range(files)}
+    assert taken[0] and taken[1], "one engine took every file: the race was not exercised"
+    queue = topology_of(rabbit_project).inbound
+    assert await count_on(broker, queue) == files * per_file
+    keys = await batch_keys_on(broker, queue, files * per_file)
+    assert len(keys) == len(set(keys)) == files * per_file  # every record of every file, once
+
+
 @pytest.mark.timeout(240)
 async def test_sigkill_mid_file_then_restart_publishes_every_record(
         rabbit_project: Project, rabbit_env: dict[str, str], broker: Broker, inbox: Path, tmp_path: Path) -> None:
