@@ -134,6 +134,8 @@ class Metrics:
                               ["route", "type"], registry=r)
         self.delivered = Counter("middleware_events_delivered", "Events accepted by a sink",
                                  ["route", "connector"], registry=r)
+        self.skipped = Counter("middleware_deliveries_skipped", "Events a delivery's when: did not match (acked)",
+                               ["route", "connector"], registry=r)
         self.retries = Counter("middleware_delivery_retries", "Delivery attempts that were retried",
                                ["route", "connector"], registry=r)
         self.dead_lettered = Counter("middleware_dead_lettered", "Messages sent to a dead-letter queue",

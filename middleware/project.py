@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import os
 import ssl
 from collections.abc import Mapping
@@ -20,7 +21,9 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as JsonSchemaError
 
 from middleware import project_schema
-from middleware.delivery.base import ConnectorSpec, RetryPolicy, connector_problems
+from middleware.delivery.base import BreakerPolicy, ConnectorSpec, RetryPolicy, connector_problems
+from middleware.delivery.outbound import Outbound, compile_map, compile_when
+from middleware.durations import parse_duration
 from middleware.errors import ConfigError, Problem
 from middleware.formats import Unsplit, get_format
 from middleware.ingest import FolderListener, HttpListener, HttpRateLimit, MllpListener, MllpTls, gateway_specs
@@ -387,7 +390,8 @@ class _Loader:
                 if isinstance(doc.data, dict) and isinstance(doc.data.get("connector"), str):
                     self.broken_connectors.add(doc.data["connector"])  # reported once, in its own file
                 continue
-            options = {k: v for k, v in data.items() if k not in ("connector", "type", "description", "retry")}
+            options = {k: v for k, v in data.items()
+                       if k not in ("connector", "type", "description", "retry", "breaker")}
             if isinstance(options.get("path"), str) and not Path(options["path"]).is_absolute():
                 options["path"] = str(self.root / options["path"])  # relative to the project, not the cwd
             if self._connector_problems(doc, data["type"], options):
@@ -395,7 +399,8 @@ class _Loader:
                 continue
             connectors[data["connector"]] = ConnectorSpec(
                 name=data["connector"], type=data["type"], options=options,
-                retry=_retry_policy(data.get("retry"), RetryPolicy()), file=doc.file, line=doc.line(("connector",)))
+                retry=_retry_policy(data.get("retry"), RetryPolicy()), breaker=_breaker_policy(data.get("breaker")),
+                file=doc.file, line=doc.line(("connector",)))
         return connectors
 
     def _connector_problems(self, doc: YamlDoc, type_name: str, options: dict[str, Any]) -> bool:
@@ -453,7 +458,20 @@ def _retry_policy(spec: Mapping[str, Any] | None, base: RetryPolicy) -> RetryPol
         multiplier=backoff.get("multiplier", base.multiplier),
         jitter=backoff.get("jitter", base.jitter),
         retry_on=frozenset(spec["retry_on"]) if "retry_on" in spec else base.retry_on,
+        delays=tuple(max(1, math.ceil(parse_duration(d) or 0)) for d in spec["delays"]) if "delays" in spec
+        else base.delays,
+        max_age=parse_duration(spec["max_age"]) if "max_age" in spec else base.max_age,
     )
+
+
+def _breaker_policy(spec: Mapping[str, Any] | None) -> BreakerPolicy:
+    """A connector's ``breaker:`` block over the defaults."""
+    base = BreakerPolicy()
+    if not spec:
+        return base
+    probe_every = parse_duration(spec["probe_every"]) if "probe_every" in spec else None
+    return BreakerPolicy(failures=spec.get("failures", base.failures),
+                         probe_every=base.probe_every if probe_every is None else probe_every)
 
 
 class _RouteCompiler:
@@ -548,6 +566,23 @@ class _RouteCompiler:
             self.doc.problem(("deliver", index, "to"), f"no connector {name!r} in connectors/"
                                                        f"{_did_you_mean(name, sorted(self.connectors))}")
         retry = _retry_policy(spec["retry"], connector.retry) if connector and "retry" in spec else None
-        return DeliveryRule(name, retry)
+        retry = retry or (connector.retry if connector else None)  # the effective policy: topology reads its delays
+        return DeliveryRule(name, retry, outbound=self._outbound(index, spec))
+
+    def _outbound(self, index: int, spec: dict[str, Any]) -> Outbound | None:
+        """A deliver entry's ``when:`` and ``map:`` (paths over the CloudEvent), problems at their line."""
+        if "when" not in spec and "map" not in spec:
+            return None
+        at: PathKey = ("deliver", index)
+        when = mapping = None
+        try:
+            when = compile_when(spec["when"]) if "when" in spec else None
+        except SpecError as exc:
+            self.doc.problem((*at, "when", exc.key) if exc.key else (*at, "when"), f"when: {exc}")
+        try:
+            mapping = compile_map(spec["map"], self.lookups) if "map" in spec else None
+        except SpecError as exc:
+            self.doc.problem((*at, "map", exc.key) if exc.key else (*at, "map"), f"map: {exc}")
+        return Outbound(when, mapping)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from middleware.durations import DURATION, DURATION_OR_FOREVER
+
 NAME: dict[str, Any] = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"}
 _CONDITION = {"type": "object"}  # keys are checked by middleware.mapping.compile_condition
 
@@ -42,6 +44,17 @@ RETRY: dict[str, Any] = {
             "items": {"enum": ["connection", "timeout", "429", "5xx"]},
             "uniqueItems": True,
         },
+        "delays": {"type": "array", "minItems": 1, "maxItems": 20, "items": DURATION},
+        "max_age": DURATION_OR_FOREVER,
+    },
+}
+
+BREAKER: dict[str, Any] = {  # middleware.delivery.base.BreakerPolicy
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "failures": {"type": "integer", "minimum": 1},
+        "probe_every": DURATION,
     },
 }
 
@@ -191,7 +204,10 @@ def route_schema(formats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                     "type": "object",
                     "additionalProperties": False,
                     "required": ["to"],
-                    "properties": {"to": NAME, "retry": RETRY},
+                    "properties": {"to": NAME, "retry": RETRY,
+                                   "when": _CONDITION,  # checked by middleware.delivery.outbound.compile_when
+                                   "map": {"type": "object", "minProperties": 1,
+                                           "additionalProperties": {"type": ["string", "object"]}}},
                 },
             },
         },
@@ -206,6 +222,7 @@ def connector_schema(types: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "type": {"enum": list(types)},
         "description": {"type": "string"},
         "retry": RETRY,
+        "breaker": BREAKER,
     }
     return {
         "type": "object",

@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from middleware.delivery.base import RetryPolicy
+from middleware.delivery.outbound import Outbound
 from middleware.envelope import build_event, resolve_correlation_id, rfc3339, rfc3339_when
 from middleware.errors import (
     FilterError,
@@ -92,10 +93,12 @@ def subject_placeholders(template: str) -> list[str]:
 
 @dataclass(frozen=True)
 class DeliveryRule:
-    """``deliver[i]``: a connector name and an optional retry policy override."""
+    """``deliver[i]``: a connector name, an optional retry policy override and the entry's
+    ``when:`` / ``map:`` (:class:`middleware.delivery.outbound.Outbound`, None without them)."""
 
     connector: str
     retry: RetryPolicy | None = None
+    outbound: Outbound | None = None
 
 
 @dataclass(frozen=True)

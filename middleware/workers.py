@@ -17,6 +17,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from dataclasses import replace
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -26,7 +27,7 @@ from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
 from middleware.deadletter import dead_letter
 from middleware.delivery.base import Connector, Delivery, RetryPolicy
 from middleware.delivery.retry import send_with_retry
-from middleware.errors import BrokerError, DeliveryError, EngineStopping, MiddlewareError, PipelineError
+from middleware.errors import BrokerError, DeliveryError, EngineStopping, MappingError, MiddlewareError, PipelineError
 from middleware.observe import Metrics
 from middleware.route import MessageContext, Route, transform
 
@@ -156,6 +157,7 @@ class DeliveryWorker:
         self.delivery_limit = delivery_limit  # deliveries after which a connector bug dead-letters
         self.queue = naming.delivery_queue(route.name, connector.name, prefix)
         self.dead_letter_queue = naming.dead_letter_queue(route.name, prefix)
+        self.outbound = next((d.outbound for d in route.deliver if d.connector == connector.name), None)
 
     async def handle(self, message: IncomingMessage) -> None:
         """Deliver one event; ack on success, dead-letter (then ack) on a final failure.
@@ -187,6 +189,11 @@ class DeliveryWorker:
             route=self.route.name,
             event_type=str(message.headers.get("x-mw-event-type", "")),
         )
+        if self.outbound is not None:  # the deliver entry's when: / map: (middleware.delivery.outbound)
+            prepared = await self._prepare(message, delivery)
+            if prepared is None:
+                return
+            delivery = prepared
         first_failure: list[str] = []
 
         def on_retry(attempt: int, error: DeliveryError) -> None:
@@ -223,6 +230,24 @@ class DeliveryWorker:
         self.metrics.delivered.labels(*labels).inc()
         log.info("delivered", extra={"route": labels[0], "connector": labels[1], "correlation_id": correlation_id,
                                      "event_id": delivery.event_id, "attempts": attempts})
+
+    async def _prepare(self, message: IncomingMessage, delivery: Delivery) -> Delivery | None:
+        """Apply the deliver entry's ``when`` / ``map``: the delivery to send, or None when the event was
+        skipped (acked and counted) or its map failed (dead-lettered)."""
+        assert self.outbound is not None
+        try:
+            prepared = self.outbound.prepare(message.body)
+        except MappingError as exc:
+            await self._dead_letter(message, delivery, exc, None)
+            return None
+        if prepared is None:
+            await message.ack()
+            self.metrics.skipped.labels(self.route.name, self.connector.name).inc()
+            log.debug("skipped by when", extra={"route": self.route.name, "connector": self.connector.name,
+                                                "event_id": delivery.event_id, "event_type": delivery.event_type})
+            return None
+        body, content_type = prepared
+        return replace(delivery, body=body, content_type=content_type or delivery.content_type)
 
     async def _dead_letter(self, message: IncomingMessage, delivery: Delivery, error: Exception,
                            first_failure: str | None, *, attempts: int | None = None) -> None:

@@ -18,6 +18,10 @@ class RetryPolicy:
         initial: first backoff in seconds; ``multiplier`` grows it up to ``max``.
         jitter: add up to this many seconds of random jitter to each wait.
         retry_on: outcomes that are retried: ``connection``, ``timeout``, ``429``, ``5xx``.
+        delays: once the attempts in process are used up, the message waits on the broker this many
+            seconds (one delay queue per tier, the last tier repeats) and is tried again.
+        max_age: seconds after its first failure that a delivery is still retried (None: forever);
+            after that, or on a non-retryable outcome, it is dead-lettered.
     """
 
     attempts: int = 5
@@ -26,6 +30,17 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: float = 0.5
     retry_on: frozenset[str] = frozenset({"connection", "timeout", "429", "5xx"})
+    delays: tuple[int, ...] = (5, 30, 300, 1800)
+    max_age: float | None = 86400.0
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """A connector's circuit breaker: ``failures`` retryable failures in a row open it; while open its
+    delivery consumers pause and one message is tried every ``probe_every`` seconds; a success closes it."""
+
+    failures: int = 5
+    probe_every: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -39,19 +54,27 @@ class ConnectorSpec:
     type: str
     options: Mapping[str, Any] = field(default_factory=dict)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     file: str = ""
     line: int = 0
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """One event to send: the CloudEvent JSON bytes plus the ids sinks need."""
+    """One event to send: the CloudEvent JSON bytes plus the ids sinks need. With a deliver entry's
+    outbound ``map:``, ``body`` is the mapped document and ``content_type`` says so (``application/json``)."""
 
     body: bytes
     event_id: str
     correlation_id: str
     route: str
     event_type: str
+    content_type: str = "application/cloudevents+json"
+
+    @property
+    def mapped(self) -> bool:
+        """True when ``body`` is an outbound map's document rather than the CloudEvent."""
+        return self.content_type != "application/cloudevents+json"
 
 
 class Connector:

@@ -161,7 +161,7 @@ class HttpConnector(Connector):
         if self._session is None:
             self._open()
         assert self._session is not None
-        headers: dict[str, Any] = {**self.headers, "Content-Type": CONTENT_TYPE,
+        headers: dict[str, Any] = {**self.headers, "Content-Type": delivery.content_type,
                                    "Idempotency-Key": delivery.event_id}
         if delivery.correlation_id:
             headers["X-Correlation-ID"] = delivery.correlation_id
