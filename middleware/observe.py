@@ -155,6 +155,34 @@ class Metrics:
                                        ["folder", "outcome"], registry=r)
         self.folder_records = Counter("middleware_folder_records", "Records of watched-folder files confirmed "
                                       "(published or dead_lettered)", ["folder", "outcome"], registry=r)
+        # journal, message age and SLA (middleware/journal/, docs/operations.md "SLA and feed health")
+        self.journal_written = Counter("middleware_journal_written", "Journal records written", registry=r)
+        self.journal_dropped = Counter("middleware_journal_dropped", "Journal records dropped (store down, slow "
+                                       "or its queue full); the pipeline went on", registry=r)
+        ages = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 86400)
+        self.route_age = Histogram("middleware_route_message_age_seconds", "At the route worker: now - when the "
+                                   "message was received", ["route"], registry=r, buckets=ages)
+        self.route_event_age = Histogram("middleware_route_event_age_seconds", "At the route worker: now - the "
+                                         "business event time", ["route"], registry=r, buckets=ages)
+        self.delivery_age = Histogram("middleware_delivery_message_age_seconds", "At delivery: now - when the "
+                                      "message was received", ["route", "connector"], registry=r, buckets=ages)
+        self.delivery_event_age = Histogram("middleware_delivery_event_age_seconds", "At delivery: now - the "
+                                            "business event time", ["route", "connector"], registry=r, buckets=ages)
+        self.last_received = Gauge("middleware_route_last_received_timestamp_seconds", "When the route last "
+                                   "took in a message, Unix time", ["route"], registry=r)
+        self.source_last_received = Gauge("middleware_source_last_received_timestamp_seconds", "When a source "
+                                          "(x-mw-ingest: mllp:<listener>, http:<listener>, publish) last sent a "
+                                          "message, Unix time", ["source"], registry=r)
+        self.sla_deliver_breaches = Counter("middleware_sla_deliver_within_breaches", "Events delivered later "
+                                            "than the route's sla.deliver_within", ["route", "connector"], registry=r)
+        self.sla_silent_breaches = Counter("middleware_sla_silent_feed_breaches", "Times a route's feed went "
+                                           "silent for longer than sla.silent_after", ["route"], registry=r)
+        self.sla_error_breaches = Counter("middleware_sla_error_rate_breaches", "Times a route's error rate rose "
+                                          "above sla.max_error_rate", ["route"], registry=r)
+        self.sla_silent = Gauge("middleware_sla_feed_silent", "1 while the route's feed is silent (sla.silent_after)",
+                                ["route"], registry=r)
+        self.sla_error_rate = Gauge("middleware_sla_error_rate", "Dead letters / messages over the last 15 minutes",
+                                    ["route"], registry=r)
 
     def value(self, name: str, **labels: str) -> float:
         """Current value of a counter sample (0 if never incremented), e.g. for the demo summary."""

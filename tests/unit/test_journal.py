@@ -1,0 +1,153 @@
+"""The journal: batched writes off the hot path, trace by any id, pending ages, SLA state, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from middleware.journal import (
+    Journal,
+    JournalSettings,
+    NullJournal,
+    Sla,
+    format_duration,
+    open_journal,
+    open_store,
+    parse_duration,
+    sla_state,
+    trace,
+)
+from middleware.journal.store import SqlStore
+from middleware.observe import Metrics
+
+
+def settings(tmp_path: Path, **overrides: object) -> JournalSettings:
+    return JournalSettings(**{"url": f"sqlite:///{tmp_path / 'journal.db'}", "flush_interval": 0.01, **overrides})
+
+
+def one_message(journal: Journal, *, t0: float, delivered: bool = True) -> None:
+    """The hops of one HL7 message with two events, delivered to one connector (one retry)."""
+    common = {"correlation_id": "cid-1", "source": "mllp:ehr-adt"}
+    journal.record("adt-inbound", "ingest", "received", at=t0, message_id="m-1", **common)
+    for n in (1, 2):
+        journal.record("adt-inbound", "route", "routed", at=t0 + 0.1, message_id="m-1", source_id="MSG00001",
+                       event_id=f"ev-{n}", event_type="patient.admitted.v1", received_at=t0, **common)
+        journal.record("adt-inbound", "deliver", "retry", at=t0 + 0.2, event_id=f"ev-{n}", connector="cdr",
+                       attempt=1, detail="503", correlation_id="cid-1")
+        if delivered:
+            journal.record("adt-inbound", "deliver", "delivered", at=t0 + 0.5, event_id=f"ev-{n}",
+                           connector="cdr", attempt=2, correlation_id="cid-1", received_at=t0)
+
+
+async def test_records_are_written_in_batches_and_traced_by_any_id(tmp_path: Path) -> None:
+    journal = Journal(settings(tmp_path))
+    await journal.start()
+    t0 = time.time() - 10
+    one_message(journal, t0=t0)
+    await asyncio.sleep(0.1)  # the background writer flushes on its own
+    assert journal.written == 7
+    for key in ("cid-1", "m-1", "MSG00001", "ev-2"):
+        [path] = trace(journal.store, key)
+        assert path.correlation_id == "cid-1" and path.source == "mllp:ehr-adt" and path.outcome == "routed"
+        assert [e.event_id for e in path.events] == ["ev-1", "ev-2"]
+        delivery = path.events[1].deliveries[0]
+        assert (delivery.connector, delivery.outcome, delivery.attempts, delivery.retries) == ("cdr", "delivered", 2, 1)
+        assert delivery.seconds == pytest.approx(0.5)
+    assert trace(journal.store, "nothing-like-it") == []
+    await journal.stop()
+
+
+async def test_stop_flushes_what_is_queued(tmp_path: Path) -> None:
+    journal = Journal(settings(tmp_path, flush_interval=60.0))
+    await journal.start()
+    one_message(journal, t0=time.time())
+    await journal.stop()
+    assert open_store(journal.settings.url).count() == 7
+
+
+async def test_a_failing_store_drops_and_counts_records_logs_once_and_never_raises(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(SqlStore):
+        def write(self, rows: object) -> None:
+            raise OSError("disk gone")
+
+        def prune(self, before: float) -> None:
+            raise OSError("disk gone")
+
+        def close(self) -> None:
+            pass
+
+    metrics = Metrics()
+    journal = Journal(settings(tmp_path), metrics, store=Broken())
+    journal._store_reset = lambda: None  # type: ignore[method-assign]  # keep the broken store
+    with caplog.at_level(logging.WARNING, logger="middleware.journal"):
+        await journal.start()
+        for _ in range(3):
+            one_message(journal, t0=time.time())
+            await journal.flush()
+        await journal.stop()
+    assert journal.dropped == 21
+    assert metrics.value("middleware_journal_dropped") == 21
+    assert len([r for r in caplog.records if r.name == "middleware.journal"]) == 1
+
+
+async def test_a_full_queue_drops_new_records_instead_of_growing(tmp_path: Path) -> None:
+    journal = Journal(settings(tmp_path, max_queue=5, flush_interval=60.0))
+    for n in range(8):
+        journal.record("r", "route", "routed", event_id=str(n))
+    assert journal.dropped == 3 and len(journal._pending) == 5
+
+
+def test_disabled_journal_is_a_no_op() -> None:
+    journal = open_journal(JournalSettings(enabled=False))
+    assert isinstance(journal, NullJournal) and not journal.enabled
+    journal.record("r", "route", "routed", correlation_id="x")
+
+
+async def test_retention_prunes_records_older_than_the_window(tmp_path: Path) -> None:
+    journal = Journal(settings(tmp_path, retention=3600.0))
+    await journal.start()
+    journal.record("r", "route", "routed", at=time.time() - 7200, correlation_id="old")
+    journal.record("r", "route", "routed", correlation_id="new")
+    await journal.stop()
+    again = Journal(settings(tmp_path, retention=3600.0))
+    await again.start()  # prunes on start
+    assert trace(again.store, "old") == [] and len(trace(again.store, "new")) == 1
+    await again.stop()
+
+
+async def test_oldest_pending_and_sla_state(tmp_path: Path) -> None:
+    journal = Journal(settings(tmp_path))
+    await journal.start()
+    now = time.time()
+    one_message(journal, t0=now - 600, delivered=False)  # waiting 10 minutes for cdr
+    journal.record("adt-inbound", "ingest", "received", at=now - 30, message_id="m-2", correlation_id="cid-2")
+    journal.record("adt-inbound", "route", "dead_lettered", at=now - 20, message_id="m-3", correlation_id="cid-3",
+                   error_class="ParseError", detail="parse")
+    await journal.flush()
+    store = journal.store
+    assert store.oldest_pending("adt-inbound", "cdr") == pytest.approx(now - 600)
+    assert store.oldest_pending("adt-inbound") == pytest.approx(now - 30)  # m-2 not taken by the route yet
+    assert store.last_received("adt-inbound") == pytest.approx(now - 20)
+    route = SimpleNamespace(name="adt-inbound", deliver=[SimpleNamespace(connector="cdr")],
+                            sla=Sla(deliver_within=300, silent_after=10, max_error_rate=0.01))
+    state = sla_state(store, route, now)
+    assert state.state == "breach" and set(state.breaches) == {"silent", "deliver_within", "max_error_rate"}
+    assert state.oldest_pending["cdr"] == pytest.approx(600, abs=1)
+    assert state.error_rate == pytest.approx(0.5)  # m-1 routed, m-3 dead-lettered
+    relaxed = SimpleNamespace(**{**route.__dict__, "sla": Sla(deliver_within=3600, silent_after=3600)})
+    assert sla_state(store, relaxed, now).state == "ok"
+    await journal.stop()
+
+
+def test_durations() -> None:
+    assert parse_duration("5m") == 300 and parse_duration("7d") == 604800 and parse_duration(90) == 90
+    assert parse_duration("1.5h") == 5400 and parse_duration("250ms") == 0.25
+    with pytest.raises(ValueError):
+        parse_duration("5 minutes")
+    assert format_duration(0.25) == "250 ms" and format_duration(725) == "12m 05s" and format_duration(None) == "-"
