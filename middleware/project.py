@@ -29,6 +29,7 @@ from middleware.formats import Unsplit, get_format
 from middleware.ingest import FolderListener, HttpListener, HttpRateLimit, MllpListener, MllpTls, gateway_specs
 from middleware.ingest.peers import parse_networks
 from middleware.ingest.tls import server_context
+from middleware.journal.config import JournalSettings, Sla
 from middleware.mapcheck import check_map
 from middleware.mapping import LookupTable, SpecError, compile_condition, compile_field
 from middleware.observe import mask_secrets
@@ -56,6 +57,7 @@ class Settings:
     metrics_port: int | None = None
     ingest: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # ingest.<kind>[] listeners, by kind
     audit_path: Path = Path("var/audit.log")  # anchored to the project folder by the loader
+    journal: JournalSettings = JournalSettings()  # journal: (sqlite path anchored to the project folder)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -240,6 +242,7 @@ class _Loader:
                 "metrics_host": metrics.get("host"),
                 "metrics_port": metrics.get("port"),
                 "audit_path": (data.get("audit") or {}).get("path"),
+                "journal": _journal_settings(data.get("journal") or {}),
                 "ingest": self._listeners(doc, data.get("ingest") or {}),
             }
             if values["timezone"]:
@@ -254,6 +257,9 @@ class _Loader:
             self.problems.append(Problem(doc.file, line, "broker.tls is set but the broker URL is amqp:// "
                                          "(no TLS): use amqps:// in broker.url or MIDDLEWARE_BROKER_URL"))
         values["queue_prefix"] = self.env.get("MIDDLEWARE_QUEUE_PREFIX", values.get("queue_prefix"))
+        journal = values.get("journal") or JournalSettings()
+        journal = replace(journal, url=self.env.get("MIDDLEWARE_JOURNAL_URL") or journal.url)
+        values["journal"] = journal.anchored(self.root)
         settings = Settings(**{k: v for k, v in values.items() if v is not None})
         settings = replace(settings, audit_path=(self.root / settings.audit_path).absolute())  # links not resolved
         return _anchor_embedded_broker(settings, self.root)
@@ -436,6 +442,16 @@ class _Loader:
         return routes
 
 
+def _journal_settings(block: Mapping[str, Any]) -> JournalSettings:
+    """``journal:`` of config/middleware.yaml (already schema-checked) as :class:`JournalSettings`."""
+    options = dict(block)
+    for key in ("retention", "flush_interval"):
+        seconds = parse_duration(block[key]) if key in block else None
+        if seconds is not None:
+            options[key] = seconds
+    return JournalSettings(**options)
+
+
 def _anchor_embedded_broker(settings: Settings, root: Path) -> Settings:
     """Resolve a relative ``filesystem://`` broker folder against the project folder."""
     prefix = "filesystem://"
@@ -474,6 +490,13 @@ def _breaker_policy(spec: Mapping[str, Any] | None) -> BreakerPolicy:
                          probe_every=base.probe_every if probe_every is None else probe_every)
 
 
+def _sla(spec: Mapping[str, Any] | None) -> Sla | None:
+    """A route's ``sla:`` (schema-checked: durations and a rate) as :class:`Sla`."""
+    if not spec:
+        return None
+    return Sla(**{k: float(v) if k == "max_error_rate" else parse_duration(v) for k, v in spec.items()})
+
+
 class _RouteCompiler:
     """Compiles one schema-valid route document, recording problems on it."""
 
@@ -501,6 +524,7 @@ class _RouteCompiler:
             filter=self._condition(("filter",), data.get("filter")),
             match=data.get("match", "first"),
             validation=self._validation(),
+            sla=_sla(data.get("sla")),
             description=data.get("description", ""),
             file=self.doc.file,
             line=self.doc.line(("route",)),

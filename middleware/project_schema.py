@@ -128,6 +128,18 @@ CONFIG: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"path": {"type": "string", "minLength": 1}},
         },
+        "journal": {  # middleware.journal.JournalSettings
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "url": {"type": "string", "pattern": "^(sqlite:///|postgres(ql)?://)"},
+                "retention": DURATION,
+                "batch_size": {"type": "integer", "minimum": 1, "maximum": 100000},
+                "flush_interval": DURATION,
+                "max_queue": {"type": "integer", "minimum": 1},
+            },
+        },
     },
 }
 
@@ -196,6 +208,16 @@ def route_schema(formats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                             "additionalProperties": {"type": ["string", "object"]},
                         },
                     },
+                },
+            },
+            "sla": {  # middleware.journal.Sla
+                "type": "object",
+                "additionalProperties": False,
+                "minProperties": 1,
+                "properties": {
+                    "deliver_within": DURATION,
+                    "silent_after": DURATION,
+                    "max_error_rate": {"type": "number", "minimum": 0, "maximum": 1},
                 },
             },
             "deliver": {

@@ -12,7 +12,7 @@ import io
 import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from middleware.delivery.base import RetryPolicy
@@ -28,6 +28,9 @@ from middleware.errors import (
 from middleware.formats import Format, SplitInfo
 from middleware.mapping import Condition, FieldRule, Template, apply_rules, data_get
 from middleware.schemas import EventSchema
+
+if TYPE_CHECKING:
+    from middleware.journal.config import Sla
 
 _DATA_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 _STAGE_ERRORS: dict[str, type[PipelineError]] = {
@@ -116,6 +119,7 @@ class Route:
     description: str = ""
     file: str = ""
     line: int = 0
+    sla: Sla | None = None  # sla: deliver_within, silent_after, max_error_rate (docs/routes.md)
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ class Outcome:
     events: list[dict[str, Any]] = field(default_factory=list)
     filtered: bool = False
     message_type: str | None = None
+    source_id: str | None = None  # the message's own id (HL7 MSH-10, a FHIR resource id), for the journal
 
 
 def source_identity(doc: Any, raw: bytes, context: MessageContext) -> tuple[str, ...]:
@@ -168,7 +173,7 @@ def transform(route: Route, raw: bytes, context: MessageContext | None = None,
                                                 context.header_correlation_id)
         if route.validation == "strict":
             route.format.check_structure(doc)  # type: ignore[attr-defined]  # checked by the loader
-        outcome = Outcome(correlation_id, message_type=doc.message_type)
+        outcome = Outcome(correlation_id, message_type=doc.message_type, source_id=doc.message_id)
         stage = "filter"
         if route.filter is not None and not route.filter.matches(doc):
             unsplit = getattr(doc, "unsplit_reason", None)  # a FHIR Bundle: a container, not a resource

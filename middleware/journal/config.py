@@ -1,34 +1,18 @@
-"""``journal:`` of config/middleware.yaml and ``sla:`` of a route, as frozen data; durations like ``7d``.
+"""``journal:`` of config/middleware.yaml and ``sla:`` of a route, as frozen data (durations parsed by
+:mod:`middleware.durations`).
 
 Kept free of driver imports: the project loader reads it, the engine opens the store.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_URL = "sqlite:///var/journal.db"
-DURATION_PATTERN = r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)?$"
-_DURATION = re.compile(DURATION_PATTERN)
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_duration(value: str | float | int) -> float:
-    """Seconds in ``value``: a number (seconds) or ``<number><ms|s|m|h|d>`` (``5m``, ``7d``, ``1.5h``);
-    raises ``ValueError`` for anything else."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    match = _DURATION.match(value.strip())
-    if not match:
-        raise ValueError(f"not a duration: {value!r} (write e.g. 90s, 5m, 2h, 7d)")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
-
-
-def format_duration(seconds: float | None) -> str:
+def format_age(seconds: float | None) -> str:
     """``seconds`` for a person: ``850 ms``, ``42.0 s``, ``12m 05s``, ``3h 20m``, ``2d 4h``; ``-`` for None."""
     if seconds is None:
         return "-"
