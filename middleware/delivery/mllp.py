@@ -205,12 +205,7 @@ class MllpConnector(Connector):
         payload = self.message(delivery)
         expected = control_id(delivery.event_id) if delivery.event_id else _msh10(payload)
         async with self._slots:
-            body = await self._exchange(payload)
-        try:
-            code, text = read_ack(body, expected)
-        except AckError as exc:
-            raise DeliveryError(f"{self.name}: {self.describe()}: {exc}", retryable=True,
-                                hint="the answer is not an ACK to this message: it will be retried") from None
+            code, text = await self._exchange(payload, expected)
         if code in ("AA", "CA"):
             return
         reason = f": {text}" if text else ""
@@ -221,8 +216,9 @@ class MllpConnector(Connector):
         raise DeliveryError(f"{self.name}: {self.describe()} answered {code or 'no MSA-1'}{reason}", retryable=True,
                             hint="the receiver could not take the message now: it will be retried")
 
-    async def _exchange(self, payload: bytes) -> bytes:
-        """Send on an idle connection (or a new one) and return the answer; a failed connection is dropped."""
+    async def _exchange(self, payload: bytes, expected: str) -> tuple[str, str]:
+        """Send on an idle connection (or a new one) and read the ACK (code, text); a connection that
+        failed or answered something else than this message's ACK is dropped."""
         retry_on = self.spec.retry.retry_on
         link: _Link | None = None
         try:
@@ -248,11 +244,17 @@ class MllpConnector(Connector):
             self._drop(link)
             raise
         assert link is not None
+        try:
+            answer = read_ack(body, expected)
+        except AckError as exc:
+            self._drop(link)
+            raise DeliveryError(f"{self.name}: {self.describe()}: {exc}", retryable=True,
+                                hint="the answer is not an ACK to this message: it will be retried") from None
         if self._closed:
             link.close()
         else:
             self._idle.append(link)
-        return body
+        return answer
 
     async def _connect(self) -> _Link:
         context = client_context(self.tls) if self.tls is not None else None
