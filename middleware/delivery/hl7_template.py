@@ -457,7 +457,8 @@ def from_yaml(block: Mapping[str, Any] | None) -> dict[str, Hl7Template]:
 
     ``templates: {<event type>: {message_type: ..., fields: {"PID-5.1": <source> | null}}}``: a field
     of a built-in template is replaced (``null`` removes it; ``PV1-19`` replaces ``PV1-19.1`` too);
-    ``SEG-n`` of a segment the template lacks appends that segment. A repeating segment is addressed as ``OBX[*]-3.1`` (relative to the item).
+    ``SEG-n`` of a segment the template lacks appends that segment. A repeating segment is addressed
+    as ``OBX[*]-3.1`` (relative to the item).
     """
     templates = dict(BUILT_IN)
     for kind, spec in (block or {}).items():
