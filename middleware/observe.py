@@ -199,8 +199,10 @@ class Metrics:
         return result
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int) -> Any:
-    """Serve ``/metrics`` (Prometheus text) and ``/healthz``; returns the aiohttp runner to clean up."""
+async def serve_metrics(metrics: Metrics, host: str, port: int, setup: Any = None) -> Any:
+    """Serve ``/metrics`` (Prometheus text) and ``/healthz``; returns the aiohttp runner to clean up.
+
+    ``setup(app)``, if given, adds more to the same listener (the console at ``/``)."""
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -213,6 +215,8 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> Any:
 
     app = web.Application()
     app.add_routes([web.get("/metrics", metrics_page), web.get("/healthz", health)])
+    if setup is not None:
+        setup(app)
     runner = web.AppRunner(app)
     await runner.setup()
     try:

@@ -47,7 +47,11 @@ async def _serve_metrics(engine: Engine) -> Any:
     settings = engine.settings
     if settings.metrics_port is None:
         return None
-    runner = await serve_metrics(engine.metrics, settings.metrics_host, settings.metrics_port)
+    from middleware.console import console_extras, setup_console  # jinja2 only for `run`
+
+    runner = await serve_metrics(engine.metrics, settings.metrics_host, settings.metrics_port,
+                                 setup=lambda app: setup_console(app, engine.project, engine.metrics,
+                                                                 extras=console_extras(engine)))
     port = runner.addresses[0][1] if runner.addresses else settings.metrics_port
     log.info("metrics listening", extra={"host": settings.metrics_host, "port": port})
     return runner
