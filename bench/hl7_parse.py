@@ -5,7 +5,10 @@ Measures messages/s per core for:
   - the same plus JSON Schema validation and the CloudEvents envelope (the whole pure route);
   - our tokenizer alone reading the fields the route reads;
   - python-hl7 ``hl7.parse`` (parse only);
-  - hl7apy ``parse_message`` (parse only, find_groups=False).
+  - hl7apy ``parse_message`` (parse only, find_groups=False);
+  - a map of ten fields by plain paths beside the same ten fields by CEL ``expr:`` (upper, join,
+    coalesce, date, substring, a conditional...), by ten bare ``expr: path('X')``, and by JSONata
+    (``jsonata-python``, only when installed: the language we measured against CEL; issue 13).
 Inputs: the ADT A01/A03/A04/A08/A40 messages of ../shared/corpus plus samples/adt-inbound.
 
 Run: .venv/bin/python bench/hl7_parse.py [--seconds 3]
@@ -107,6 +110,7 @@ def main() -> None:
     def hl7apy_parse(raw: bytes) -> object:
         return parse_message(normalized(raw), find_groups=False)
 
+    contenders = expression_contenders(fmt)
     warnings.simplefilter("ignore")
     print(f"messages: {len(messages)} ADT messages that adt-inbound turns into events; {args.seconds:.1f}s each")
     results = {}
@@ -114,13 +118,67 @@ def main() -> None:
                      ("ours: whole route (+ schema validation, CloudEvents envelope)", ours_route),
                      ("ours: tokenizer + 20 field reads", ours_fields),
                      ("python-hl7 hl7.parse (parse only)", python_hl7),
-                     ("hl7apy parse_message (parse only)", hl7apy_parse)):
+                     ("hl7apy parse_message (parse only)", hl7apy_parse),
+                     *contenders):
         seconds = args.seconds if "hl7apy" not in name else max(args.seconds, 2.0)
         results[name] = rate(fn, messages, seconds)
     baseline = results["hl7apy parse_message (parse only)"]
     print(f"{'contender':70} {'msg/s':>10} {'x hl7apy':>9}")
     for name, value in results.items():
         print(f"{name:70} {value:10,.0f} {value / baseline:9.1f}")
+
+
+PLAIN_TEN = {"mrn": "PID-3.1", "family": "PID-5.1", "given": "PID-5.2", "birth": "PID-7", "sex": "PID-8",
+             "facility": "PV1-3.1", "city": "PID-11.3", "class": "PV1-2", "event": "MSH-9.2", "id": "MSH-10"}
+CEL_TEN = {
+    "mrn": "trim(path('PID-3.1'))",
+    "family": "upper(path('PID-5.1'))",
+    "given": "join([path('PID-5.2'), path('PID-5.3'), path('PID-5.1')], ' ')",
+    "birth": "date(path('PID-7'))",
+    "sex": "lower(coalesce(path('PID-8'), 'U'))",
+    "facility": "substring(coalesce(path('PV1-3.1'), ''), 0, 3)",
+    "city": "coalesce(path('PID-11.3'), path('PID-11.1'))",
+    "class": "path('PV1-2') == 'I' ? 'inpatient' : 'other'",
+    "event": "coalesce(path('MSH-9.1'), '') + '^' + coalesce(path('MSH-9.2'), '')",
+    "id": "path('MSH-10')",
+}
+JSONATA_TEN = {  # the same ten over a dict of the paths' first values (JSONata cannot read HL7 itself)
+    "mrn": "$trim(p0)", "family": "$uppercase(p1)", "given": "$join([p2, p10, p1], ' ')",
+    "birth": "$substring(p3, 0, 4) & '-' & $substring(p3, 4, 2) & '-' & $substring(p3, 6, 2)",
+    "sex": "$lowercase(p4 ? p4 : 'U')", "facility": "$substring(p5 ? p5 : '', 0, 3)", "city": "p6 ? p6 : p11",
+    "class": "p7 = 'I' ? 'inpatient' : 'other'", "event": "p12 & '^' & p8", "id": "p9",
+}
+JSONATA_PATHS = ["PID-3.1", "PID-5.1", "PID-5.2", "PID-7", "PID-8", "PV1-3.1", "PID-11.3", "PV1-2", "MSH-9.2",
+                 "MSH-10", "PID-5.3", "PID-11.1", "MSH-9.1"]
+
+
+def expression_contenders(fmt: object) -> list[tuple[str, object]]:
+    """Ten fields mapped by plain paths, by CEL expressions doing work, by bare CEL paths, by JSONata."""
+    from middleware.mapping import apply_rules, compile_field
+
+    def rules(spec: dict[str, object]) -> tuple[object, ...]:
+        return tuple(compile_field(k, v, fmt, {}) for k, v in spec.items())  # type: ignore[arg-type]
+
+    plain = rules(PLAIN_TEN)
+    cel_work = rules({k: {"expr": v} for k, v in CEL_TEN.items()})
+    cel_bare = rules({k: {"expr": f"path('{v}')"} for k, v in PLAIN_TEN.items()})
+    found = [("map: 10 plain paths", lambda raw: apply_rules(plain, fmt.parse(raw))),  # type: ignore[attr-defined]
+             ("map: 10 CEL expr (functions, conditional)",
+              lambda raw: apply_rules(cel_work, fmt.parse(raw))),  # type: ignore[attr-defined]
+             ("map: 10 CEL expr: path('X') alone", lambda raw: apply_rules(cel_bare, fmt.parse(raw)))]  # type: ignore[attr-defined]
+    try:
+        import jsonata
+    except ImportError:
+        return found
+    programs = [(k, jsonata.Jsonata(v)) for k, v in JSONATA_TEN.items()]
+    accessors = [fmt.compile_path(p) for p in JSONATA_PATHS]  # type: ignore[attr-defined]
+
+    def with_jsonata(raw: bytes) -> object:
+        doc = fmt.parse(raw)  # type: ignore[attr-defined]
+        values = {f"p{n}": found[0] for n, a in enumerate(accessors) if (found := a.read(doc))}  # absent: undefined
+        return {k: p.evaluate(values) for k, p in programs}
+
+    return [*found, ("map: 10 JSONata expressions (jsonata-python)", with_jsonata)]
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ A field rule maps one target path in the event data (``patient.mrn``) from a sou
 - a string: a source expression of the route's format (``PID-3.1``);
 - ``{path: EXPR}`` or ``{path: [EXPR, EXPR]}`` (the first that yields a value wins);
 - ``{value: CONSTANT}``; ``{template: "{PID-5.2} {PID-5.1}"}``;
+- ``{expr: "upper(path('PID-5.1'))"}``: a CEL expression (:mod:`middleware.expressions`);
 
 with options ``as`` (string, date, datetime, int, decimal, bool), ``lookup`` (a table in
 config/lookups/), ``default`` and ``required``. An expression that selects repetitions
@@ -23,12 +24,13 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from middleware import dates
-from middleware.errors import MappingError
+from middleware.errors import MappingError, PipelineError
+from middleware.expressions import EvaluationError, Expression, ExpressionError, compile_expression
 from middleware.formats import Format, PathAccessor
 
 FIELD_KEYS = frozenset({"path", "value", "template", "as", "lookup", "default", "required", "each", "map",
-                        "typed_by"})
-CONDITION_KEYS = frozenset({"message_type", "equals", "exists", "missing"})
+                        "typed_by", "expr"})
+CONDITION_KEYS = frozenset({"message_type", "equals", "exists", "missing", "expr"})
 _TEMPLATE_PART = re.compile(r"\{([^{}]+)\}")
 
 
@@ -101,12 +103,14 @@ CONVERSIONS: dict[str, Callable[[Any], Any]] = {
 @dataclass(frozen=True)
 class Condition:
     """All of: message type in ``message_types``; each ``equals`` path has one of its values;
-    each ``exists`` path has a value; each ``missing`` path has none."""
+    each ``exists`` path has a value; each ``missing`` path has none; ``expr`` gives true."""
 
     message_types: frozenset[str] | None
     equals: tuple[tuple[PathAccessor, frozenset[str]], ...]
     exists: tuple[PathAccessor, ...]
     missing: tuple[PathAccessor, ...]
+    expression: Expression | None = None
+    error: type[PipelineError] = MappingError  # what a failing expression raises (FilterError for filter:)
 
     def matches(self, doc: Any) -> bool:
         types = self.message_types
@@ -118,9 +122,16 @@ class Condition:
         for accessor, allowed in self.equals:
             if not any(str(v) in allowed for v in accessor.read(doc)):
                 return False
-        return all(accessor.read(doc) for accessor in self.exists) and not any(
-            accessor.read(doc) for accessor in self.missing
-        )
+        if not all(accessor.read(doc) for accessor in self.exists) or any(
+                accessor.read(doc) for accessor in self.missing):
+            return False
+        if self.expression is None:
+            return True
+        try:
+            return self.expression.test(doc)
+        except EvaluationError as exc:
+            raise self.error(f"condition expr {self.expression.source!r} failed: {exc}",
+                             hint="fix the expression, or guard it (path('...') != null && ...)") from None
 
     def lacks_trigger(self, doc: Any) -> bool:
         """The message type is a bare code whose trigger cannot be inferred (a v2.1 ``ADT`` without EVN-1)
@@ -148,8 +159,10 @@ def _compile_expr(fmt: Format, expr: Any, key: str) -> PathAccessor:
         raise SpecError(str(exc), key) from None
 
 
-def compile_condition(spec: Any, fmt: Format) -> Condition:
-    """Compile a ``filter``/``when`` mapping; raises :class:`SpecError`."""
+def compile_condition(spec: Any, fmt: Format, lookups: Mapping[str, LookupTable] | None = None,
+                      error: type[PipelineError] = MappingError) -> Condition:
+    """Compile a ``filter``/``when`` mapping; raises :class:`SpecError`. ``error``: what a failing
+    ``expr`` raises on a message (the stage it dead-letters at)."""
     if not isinstance(spec, dict) or not spec:
         raise SpecError("a condition is a mapping with message_type, equals, exists or missing")
     for key in spec:
@@ -167,7 +180,13 @@ def compile_condition(spec: Any, fmt: Format) -> Condition:
         tuple(_compile_expr(fmt, e, key) for e in _strings(spec[key], key)) if key in spec else ()
         for key in ("exists", "missing")
     )
-    return Condition(types, equals, exists, missing)
+    expression = None
+    if "expr" in spec:
+        try:
+            expression = compile_expression(spec["expr"], fmt, lookups)
+        except ExpressionError as exc:
+            raise SpecError(f"expr {spec['expr']!r}: {exc}", "expr") from None
+    return Condition(types, equals, exists, missing, expression, error)
 
 
 # -- field rules ------------------------------------------------------------------------------
@@ -206,10 +225,12 @@ class FieldRule:
     each: tuple[Format, str] | None = None  # (format, scope expression) for ``each:`` rules
     children: tuple[FieldRule, ...] = ()
     typed: bool = False  # ``typed_by``: the accessor returns JSON values typed by the source's data type
+    expression: Expression | None = None  # ``expr:``
 
     def __post_init__(self) -> None:
         # a plain ``target: PATH`` (string, no lookup, no each/template/value): evaluate's fast path
         object.__setattr__(self, "_plain", self.each is None and self.template is None and not self.typed
+                           and self.expression is None
                            and self.constant is _UNSET and self.convert == "string" and self.lookup is None)
 
     def evaluate(self, doc: Any, tz: dt.tzinfo | None = None) -> Any:
@@ -288,6 +309,13 @@ class FieldRule:
         if self.template is not None:
             rendered = self.template.render(doc)
             return _UNSET if rendered is None else rendered
+        if self.expression is not None:
+            try:
+                value = self.expression.evaluate(doc)
+            except EvaluationError as exc:
+                raise MappingError(f"{self.target}: expr {self.source!r} failed: {exc}",
+                                   hint="fix the expression or guard it, e.g. coalesce(path('...'), '')") from None
+            return _UNSET if value is None else value
         for accessor in self.paths:
             values = accessor.read(doc)
             if values:
@@ -355,9 +383,9 @@ def compile_field(target: str, spec: Any, fmt: Format, lookups: Mapping[str, Loo
         return _compile_each(target, spec, fmt, lookups)
     if "typed_by" in spec:
         return _compile_typed(target, spec, fmt)
-    sources = [k for k in ("path", "value", "template") if k in spec]
+    sources = [k for k in ("path", "value", "template", "expr") if k in spec]
     if len(sources) != 1:
-        raise SpecError(f"{target}: give exactly one of path, value, template, each")
+        raise SpecError(f"{target}: give exactly one of path, value, template, expr, each")
     convert = spec.get("as", "string")
     if convert not in CONVERSIONS:
         raise SpecError(f"{target}: unknown type {convert!r} for as: (use {', '.join(CONVERSIONS)})", "as")
@@ -372,6 +400,14 @@ def compile_field(target: str, spec: Any, fmt: Format, lookups: Mapping[str, Loo
                               "default": spec.get("default", _UNSET), "required": bool(spec.get("required"))}
     if "value" in spec:
         return FieldRule(target, repr(spec["value"]), constant=spec["value"], **common)
+    if "expr" in spec:
+        try:
+            expression = compile_expression(spec["expr"], fmt, lookups)
+        except ExpressionError as exc:
+            raise SpecError(f"{target}: expr {spec['expr']!r}: {exc}", "expr") from None
+        # without as: / lookup: the value stays as the expression typed it (a number, a list, a boolean)
+        return FieldRule(target, spec["expr"], expression=expression,
+                         typed="as" not in spec and lookup is None, **common)
     if "template" in spec:
         text = spec["template"]
         if not isinstance(text, str):

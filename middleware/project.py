@@ -24,7 +24,7 @@ from middleware import project_schema
 from middleware.delivery.base import BreakerPolicy, ConnectorSpec, RetryPolicy, connector_problems
 from middleware.delivery.outbound import Outbound, compile_map, compile_when
 from middleware.durations import parse_duration
-from middleware.errors import ConfigError, Problem
+from middleware.errors import ConfigError, FilterError, MappingError, Problem
 from middleware.formats import Unsplit, get_format
 from middleware.ingest import FolderListener, HttpListener, HttpRateLimit, MllpListener, MllpTls, gateway_specs
 from middleware.ingest.peers import parse_networks
@@ -541,7 +541,8 @@ class _RouteCompiler:
         if spec is None:
             return None
         try:
-            return compile_condition(spec, self.format)
+            return compile_condition(spec, self.format, self.lookups,
+                                     FilterError if path == ("filter",) else MappingError)
         except SpecError as exc:
             self.doc.problem((*path, exc.key) if exc.key else path, str(exc))
             return None

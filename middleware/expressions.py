@@ -1,0 +1,491 @@
+"""``expr:`` in maps, filters and ``when:`` conditions: CEL (Common Expression Language) expressions.
+
+CEL has no loops, no recursion and no access to the machine: an expression is a pure function of the
+values it is given. The message is read with literal paths in the route's own notation, which are
+compiled once at load like any map path:
+
+- ``path('PID-5.1')``: the first value the path selects, or ``null`` when there is none;
+- ``paths('OBX[*]-5')``: every value it selects (a list, possibly empty).
+
+Each such call is replaced by a variable before CEL compiles the expression, so evaluating it reads
+just those paths and calls no Python function to reach the message. The function library
+(:data:`FUNCTIONS`) adds string, date, code-table, coalesce and phone functions; string and date
+functions given ``null`` give ``null`` (an absent field stays absent).
+
+Bounds (the Rust CEL library offers no cost limit or interrupt, so they hold by construction): an
+expression is at most :data:`MAX_LENGTH` characters, comprehensions (``all``, ``exists``,
+``exists_one``, ``map``, ``filter``) are not nested, so work is linear in the message; every function
+result and the expression's result are capped at :data:`MAX_RESULT` characters or items.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import logging
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cel
+
+from middleware import dates
+from middleware.formats import Format, PathAccessor
+
+MAX_LENGTH = 1000
+"""Characters in one expression."""
+MAX_RESULT = 100_000
+"""Characters of a string (or items of a list) a function or an expression may produce."""
+
+logging.getLogger("cel").addHandler(logging.NullHandler())
+logging.getLogger("cel").propagate = False  # it logs failing function calls, whose text may quote values
+
+_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
+_READERS = frozenset({"path", "paths"})
+# CEL's own functions and methods (cel-rust): allowed besides the library below
+_BUILTINS = frozenset({
+    "size", "int", "uint", "double", "string", "bytes", "bool", "timestamp", "duration", "type", "dyn", "has",
+    "matches", "contains", "startsWith", "endsWith", "max", "min",
+    "getFullYear", "getMonth", "getDayOfYear", "getDayOfMonth", "getDate", "getDayOfWeek", "getHours",
+    "getMinutes", "getSeconds", "getMilliseconds",
+}) | _MACROS
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LOOKUP_TABLE = re.compile(r"\blookup\s*\(\s*(['\"])([^'\"]*)\1")
+
+
+class ExpressionError(ValueError):
+    """An expression that cannot be compiled (syntax, unknown names, a bad path, a bound exceeded)."""
+
+
+class EvaluationError(Exception):
+    """An expression that failed on one message; the text never quotes the message's values."""
+
+
+class _FunctionError(ValueError):
+    """A library function given something it cannot use (raised inside CEL, reported as EvaluationError)."""
+
+
+# -- the function library -------------------------------------------------------------------------
+
+
+def _text(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _FunctionError(f"{name}() expects a string, got {type(value).__name__}")
+    return str(value)
+
+
+def _capped(name: str, value: Any) -> Any:
+    if isinstance(value, str | list) and len(value) > MAX_RESULT:
+        raise _FunctionError(f"{name}() result is longer than {MAX_RESULT:,}")
+    return value
+
+
+def _upper(s: Any) -> Any:
+    return None if s is None else _text("upper", s).upper()
+
+
+def _lower(s: Any) -> Any:
+    return None if s is None else _text("lower", s).lower()
+
+
+def _trim(s: Any) -> Any:
+    return None if s is None else _text("trim", s).strip()
+
+
+def _substring(s: Any, start: int, end: int | None = None) -> Any:
+    if s is None:
+        return None
+    if not isinstance(start, int) or (end is not None and not isinstance(end, int)) or start < 0 \
+            or (end is not None and end < start):
+        raise _FunctionError("substring() takes 0 <= start <= end (whole numbers)")
+    return _text("substring", s)[start:end]
+
+
+def _replace(s: Any, old: Any, new: Any) -> Any:
+    if s is None:
+        return None
+    old_text = _text("replace", old)
+    if not old_text:
+        raise _FunctionError("replace() needs a non-empty text to replace")
+    return _capped("replace", _text("replace", s).replace(old_text, "" if new is None else _text("replace", new)))
+
+
+def _split(s: Any, separator: Any) -> Any:
+    if s is None:
+        return []
+    sep = _text("split", separator)
+    if not sep:
+        raise _FunctionError("split() needs a non-empty separator")
+    return _capped("split", _text("split", s).split(sep))
+
+
+def _join(items: Any, separator: Any = "") -> Any:
+    if items is None:
+        return None
+    if not isinstance(items, list):
+        raise _FunctionError(f"join() expects a list, got {type(items).__name__}")
+    return _capped("join", _text("join", separator).join(_text("join", i) for i in items if i not in (None, "")))
+
+
+def _coalesce(*values: Any) -> Any:
+    for value in values:
+        if value is not None and value != "" and value != []:
+            return value
+    return None
+
+
+def _when(name: str, value: Any) -> dates.When:
+    try:
+        return dates.parse(value)
+    except dates.DateFormatError as exc:
+        raise _FunctionError(f"{name}(): not a date: {exc}") from None
+
+
+def _date(s: Any) -> Any:
+    return None if s in (None, "") else _when("date", s).truncate(dates.Precision.DAY).iso()
+
+
+def _datetime(s: Any) -> Any:
+    return None if s in (None, "") else _when("datetime", s).iso()
+
+
+def _format_date(s: Any, pattern: Any) -> Any:
+    if s in (None, ""):
+        return None
+    when = _when("format_date", s)
+    if when.day is None:
+        raise _FunctionError("format_date() needs a value with at least a day")
+    moment = dt.datetime(when.year, when.month or 1, when.day, when.hour or 0, when.minute or 0, when.second or 0)
+    return _capped("format_date", moment.strftime(_text("format_date", pattern)))
+
+
+def _age(birth: Any, at: Any = None) -> Any:
+    if birth in (None, ""):
+        return None
+    born = _when("age", birth)
+    if born.day is None or born.month is None:
+        raise _FunctionError("age() needs a birth date with a day")
+    if at in (None, ""):
+        today = dt.datetime.now(dt.UTC).date()
+        year, month, day = today.year, today.month, today.day
+    else:
+        then = _when("age", at)
+        year, month, day = then.year, then.month or 12, then.day or 31
+    years = year - born.year - ((month, day) < (born.month, born.day))
+    return max(years, 0)
+
+
+def _phone(s: Any, country: Any = None) -> Any:
+    """``+<digits>`` when the number is international (``+``/``00``) or a country code is given, else digits."""
+    if s in (None, ""):
+        return None
+    text = _text("phone", s).strip()
+    digits = "".join(c for c in text if c.isdigit())
+    if len(digits) < 3:
+        raise _FunctionError("phone(): fewer than 3 digits")
+    if text.startswith("+"):
+        return "+" + digits
+    if digits.startswith("00"):
+        return "+" + digits[2:]
+    if country not in (None, ""):
+        code = _text("phone", country).lstrip("+")
+        if not code.isdigit():
+            raise _FunctionError("phone(): the country code is digits, e.g. '44'")
+        if digits.startswith(code) and len(digits) > 10:
+            return "+" + digits
+        return "+" + code + digits.lstrip("0")
+    return digits
+
+
+FUNCTIONS: Mapping[str, Callable[..., Any]] = {
+    "upper": _upper, "lower": _lower, "trim": _trim, "substring": _substring, "replace": _replace,
+    "split": _split, "join": _join, "coalesce": _coalesce, "date": _date, "datetime": _datetime,
+    "format_date": _format_date, "age": _age, "phone": _phone,
+}
+"""The library every expression may call (besides CEL's own and ``lookup``); see docs/routes.md."""
+_ARITY: Mapping[str, tuple[int, int]] = {
+    "upper": (1, 1), "lower": (1, 1), "trim": (1, 1), "substring": (2, 3), "replace": (3, 3), "split": (2, 2),
+    "join": (1, 2), "coalesce": (1, 99), "date": (1, 1), "datetime": (1, 1), "format_date": (2, 2),
+    "age": (1, 2), "phone": (1, 2), "lookup": (2, 2),
+}
+
+
+def _lookup_function(tables: Mapping[str, Any]) -> Callable[[Any, Any], Any]:
+    def lookup(table: Any, code: Any) -> Any:
+        found = tables.get(table)
+        if found is None:
+            raise _FunctionError(f"lookup(): no table {table!r} in config/lookups/")
+        if code is None:
+            return None
+        try:
+            return found.translate(code)
+        except KeyError:
+            return None
+
+    return lookup
+
+
+# -- compiling --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Binding:
+    name: str  # the variable that replaced the path() / paths() call
+    accessor: PathAccessor
+    many: bool
+
+
+@dataclass(frozen=True)
+class _Frame:
+    opener: str  # ( [ {
+    function: str | None  # the function this ( calls
+    method: bool  # called as receiver.function(...)
+    macro: bool
+
+
+class _Scanner:
+    """One pass over the expression: replaces ``path('...')`` calls, finds comprehension variables,
+    refuses nested comprehensions and counts the arguments of library calls."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.out: list[str] = []
+        self.paths: list[tuple[str, bool]] = []  # (path, many) in variable order
+        self.bound: set[str] = set()  # comprehension variables
+        self.calls: list[tuple[str, int]] = []  # (library function, argument count incl. a receiver)
+
+    def run(self) -> str:
+        text, i = self.text, 0
+        stack: list[tuple[_Frame, list[int]]] = []  # frame, [commas, has content]
+        previous = ""  # last significant character outside strings
+        while i < len(text):
+            char = text[i]
+            if char in "'\"" or (char in "rRbB" and i + 1 < len(text) and text[i + 1] in "'\""):
+                end = self._string_end(i)
+                self.out.append(text[i:end])
+                self._content(stack)
+                i, previous = end, "s"
+                continue
+            ident = _IDENT.match(text, i) if char.isalpha() or char == "_" else None
+            if ident is not None:
+                name, i = ident.group(), ident.end()
+                method = previous == "."
+                after = _skip_space(text, i)
+                calls = after < len(text) and text[after] == "("
+                if name in _READERS and calls and not method:
+                    i = self._reader(name, after)
+                    self._content(stack)
+                    previous = "s"
+                    continue
+                if name in _READERS and calls:
+                    raise ExpressionError(f"{name}() is a function, not a method: write {name}('...')")
+                if calls:
+                    self.out.append(text[ident.start():after + 1])
+                    if stack and not method:
+                        self._content(stack)
+                    macro = method and name in _MACROS
+                    if macro and any(f.macro for f, _ in stack):
+                        raise ExpressionError(f"nested comprehensions are not allowed (.{name}() inside another): "
+                                              "they make the cost grow with the square of the message")
+                    if macro:
+                        var = _IDENT.match(text, _skip_space(text, after + 1))
+                        if var is not None:
+                            self.bound.add(var.group())
+                    stack.append((_Frame("(", name, method, macro), [0, 0]))
+                    i, previous = after + 1, "("
+                    continue
+                self.out.append(name)
+                if not method:
+                    self._content(stack)
+                previous = "a"
+                continue
+            if char in "([{":
+                self._content(stack)
+                stack.append((_Frame(char, None, False, False), [0, 0]))
+            elif char in ")]}":
+                if stack:
+                    frame, (commas, content) = stack.pop()
+                    if frame.function is not None and frame.function in _ARITY:
+                        self.calls.append((frame.function, (commas + 1 if content else 0) + frame.method))
+            elif char == "," and stack:
+                stack[-1][1][0] += 1
+            elif not char.isspace():
+                self._content(stack)
+            self.out.append(char)
+            if not char.isspace():
+                previous = char
+            i += 1
+        return "".join(self.out)
+
+    @staticmethod
+    def _content(stack: list[tuple[_Frame, list[int]]]) -> None:
+        if stack:
+            stack[-1][1][1] = 1
+
+    def _string_end(self, start: int) -> int:
+        text, i = self.text, start
+        raw = text[i] in "rR"
+        if text[i] in "rRbB":
+            i += 1
+        quote = text[i:i + 3] if text[i:i + 3] in ("'''", '"""') else text[i]
+        i += len(quote)
+        while i < len(text):
+            if text[i] == "\\" and not raw:
+                i += 2
+                continue
+            if text.startswith(quote, i):
+                return i + len(quote)
+            if len(quote) == 1 and text[i] == "\n":
+                break
+            i += 1
+        raise ExpressionError(f"unclosed string starting at character {start + 1}")
+
+    def _reader(self, name: str, paren: int) -> int:
+        """``path('X')`` at ``paren`` (its opening parenthesis): replaced by a variable; returns the end."""
+        text = self.text
+        start = _skip_space(text, paren + 1)
+        usage = f"{name}() takes one quoted path, e.g. {name}('PID-5.1')"
+        if start >= len(text) or text[start] not in "'\"":
+            raise ExpressionError(usage)
+        end = self._string_end(start)
+        close = _skip_space(text, end)
+        if close >= len(text) or text[close] != ")":
+            raise ExpressionError(usage)
+        literal = text[start + 1:end - 1]
+        if "\\" in literal or not literal.strip():
+            raise ExpressionError(usage)
+        self.out.append(f"_path{len(self.paths)}")
+        self.paths.append((literal.strip(), name == "paths"))
+        return close + 1
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A compiled ``expr:``; :meth:`evaluate` per message."""
+
+    source: str  # as written in YAML, for error messages
+    program: Any  # cel.Program
+    bindings: tuple[_Binding, ...]
+    functions: Mapping[str, Callable[..., Any]]  # only those the expression calls
+    _local: threading.local = field(default_factory=threading.local, compare=False, repr=False)
+
+    def _context(self) -> tuple[Any, list[dict[str, Any]]]:
+        """This thread's cel.Context (functions converted once, not per message: about twice as fast as
+        a dict per call) and the holder its variable resolver reads the current message's values from."""
+        made: tuple[Any, list[dict[str, Any]]] | None = getattr(self._local, "made", None)
+        if made is None:
+            holder: list[dict[str, Any]] = [{}]
+            context = cel.Context(variables={b.name: None for b in self.bindings}, functions=dict(self.functions))
+            context.set_variable_resolver(lambda name: holder[0].get(name))  # None: the registered null
+            made = self._local.made = (context, holder)
+        return made
+
+    def evaluate(self, doc: Any) -> Any:
+        """The expression's value on ``doc`` (None for CEL null); raises :class:`EvaluationError`."""
+        values: dict[str, Any] = {}
+        for binding in self.bindings:
+            found = binding.accessor.read(doc)
+            values[binding.name] = found if binding.many else (found[0] if found else None)
+        context, holder = self._context()
+        holder[0] = values
+        try:
+            result = self.program.execute(context)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+            raise EvaluationError(_reason(exc)) from None
+        finally:
+            holder[0] = {}
+        if isinstance(result, str | list) and len(result) > MAX_RESULT:
+            raise EvaluationError(f"result is longer than {MAX_RESULT:,}")
+        if isinstance(result, dt.datetime):  # timestamp(): event data is JSON
+            return result.isoformat().replace("+00:00", "Z")
+        if isinstance(result, dt.timedelta | bytes):
+            raise EvaluationError(f"a {type(result).__name__} is not a JSON value: convert it with string()")
+        return result
+
+    def test(self, doc: Any) -> bool:
+        """A condition's expression: must give true or false."""
+        result = self.evaluate(doc)
+        if not isinstance(result, bool):
+            raise EvaluationError(f"a condition must give true or false, got {type(result).__name__}")
+        return result
+
+
+def _reason(exc: Exception) -> str:
+    """The library's message without the parts that may quote values (Python errors of our functions
+    carry only our own text)."""
+    text = str(exc)
+    inner = re.search(r"_FunctionError: (.*?)(\. Check function arguments.*)?$", text, re.S)
+    if inner:
+        return inner.group(1)
+    if "Python function call failed" in text:  # a library function given a wrong type: name it, not the value
+        name = re.search(r"Function '([^']+)'", text)
+        return f"{name.group(1) if name else 'a function'}() cannot use its arguments"
+    return text.split(". Convert explicitly")[0].split(". Check that")[0][:300]
+
+
+def compile_expression(text: Any, fmt: Format, lookups: Mapping[str, Any] | None = None) -> Expression:
+    """Compile ``text`` for routes of format ``fmt``; raises :class:`ExpressionError` saying what is wrong."""
+    if not isinstance(text, str) or not text.strip():
+        raise ExpressionError("expr must be a non-empty string")
+    if len(text) > MAX_LENGTH:
+        raise ExpressionError(f"expression is longer than {MAX_LENGTH} characters: split it into fields")
+    try:
+        cel.compile(text)  # syntax first, on the text as written: the columns are the author's
+    except ValueError as exc:
+        raise ExpressionError(_syntax(str(exc))) from None
+    scanner = _Scanner(text)
+    rewritten = scanner.run()
+    bindings = []
+    for number, (path, many) in enumerate(scanner.paths):
+        try:
+            accessor = fmt.compile_path(path)
+        except ValueError as exc:
+            raise ExpressionError(f"path {path!r}: {exc}") from None
+        bindings.append(_Binding(f"_path{number}", accessor, many))
+    try:
+        program = cel.compile(rewritten)
+    except ValueError as exc:
+        raise ExpressionError(_syntax(str(exc))) from None
+    references = program.references()
+    names = {b.name for b in bindings} | scanner.bound
+    unknown = sorted(set(references["variables"]) - names)
+    if unknown:
+        raise ExpressionError(f"unknown name {unknown[0]!r}: read the message with path('...'), e.g. "
+                              "path('PID-5.1'), and quote text ('...')")
+    tables = lookups or {}
+    library: dict[str, Callable[..., Any]] = {**FUNCTIONS, "lookup": _lookup_function(tables)}
+    called = {f for f in references["functions"] if f[0].isalpha()}
+    for name in sorted(called - set(library) - _BUILTINS):
+        close = difflib.get_close_matches(name, [*library, *_BUILTINS], n=1)
+        raise ExpressionError(f"unknown function {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + " (functions: docs/routes.md, Expressions)")
+    for name, count in scanner.calls:
+        low, high = _ARITY[name]
+        if not low <= count <= high:
+            want = str(low) if low == high else f"{low} to {high}"
+            raise ExpressionError(f"{name}() takes {want} argument{'s' if high > 1 else ''}, given {count}")
+    for match in _LOOKUP_TABLE.finditer(text):
+        if match.group(2) not in tables:
+            known = ", ".join(sorted(tables)) or "none"
+            raise ExpressionError(f"lookup(): no table {match.group(2)!r} in config/lookups/ (known: {known})")
+    return Expression(text, program, tuple(bindings), {n: library[n] for n in sorted(called & set(library))})
+
+
+def _syntax(message: str) -> str:
+    """cel's parse error, shortened to the first ERROR line with its caret picture."""
+    found = re.search(r"ERROR: <input>:(\d+):(\d+): (.*?)(\n|$)", message)
+    if not found:
+        return f"invalid expression: {message}"
+    line, column, what = found.groups()[:3]
+    what = re.sub(r"expecting \{.*\}", "expecting a value or an operator", what)
+    return f"invalid expression at line {line}, column {column}: {what}"
