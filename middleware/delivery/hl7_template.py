@@ -192,8 +192,8 @@ def render(template: Hl7Template, event: Mapping[str, Any], header: Header,
         if value:
             msh.put(Target(number), value, d)
     msh.put(Target(9), tuple(template.message_type.split("^")), d)
-    data = event.get("data")
-    scope = data if isinstance(data, Mapping) else {}
+    data = event.get("data")  # a delivery's outbound map: may have reshaped the event into plain data
+    scope = data if isinstance(data, Mapping) else {} if "specversion" in event else event
     segments = [msh]
     for rule in template.segments:
         if rule.name == "MSH":

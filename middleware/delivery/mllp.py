@@ -177,8 +177,8 @@ class MllpConnector(Connector):
         except orjson.JSONDecodeError:
             raise DeliveryError(f"{self.name}: the event is not JSON", retryable=False,
                                 hint="the delivery queue holds something else than a CloudEvent") from None
-        kind = hl7_template.event_kind(str(event.get("type", delivery.event_type)) if isinstance(event, dict)
-                                       else delivery.event_type)
+        kind = hl7_template.event_kind(delivery.event_type or (str(event.get("type", "")) if isinstance(event, dict)
+                                                               else ""))
         template = self.templates.get(kind)
         if template is None or not isinstance(event, dict):
             raise DeliveryError(f"{self.name}: no HL7 template for event type {kind!r}", retryable=False,

@@ -228,3 +228,13 @@ def test_event_kind_drops_the_major_version() -> None:
     assert event_kind("patient.admitted.v1") == "patient.admitted"
     assert event_kind("patient.admitted") == "patient.admitted"
     assert event_kind("x.vip") == "x.vip"
+
+
+def test_a_document_reshaped_by_a_delivery_map_is_read_as_the_data_with_the_type_from_the_delivery() -> None:
+    mapped = {"patient": {"mrn": "MAPPED-1", "name": {"family": "Roe"}}}  # what an outbound map: produced
+    raw = connector().message(Delivery(json.dumps(mapped).encode(), EVENT_ID, "c", "adt-inbound",
+                                       "patient.updated.v1"), NOW)
+    message = parsed(raw)
+    assert field(message, "MSH.F9") == "ADT^A08^ADT_A01"
+    assert field(message, "PID.F3.R1.C1") == "MAPPED-1"
+    assert field(message, "PID.F5.R1.C1") == "Roe"
