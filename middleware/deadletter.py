@@ -32,7 +32,7 @@ from middleware.observe import mask_secrets
 PREFIX = "x-mw-"
 REASON_HEADERS = frozenset(PREFIX + name for name in (
     "route", "stage", "connector", "error-class", "error", "attempts", "first-failure", "last-failure",
-    "correlation-id", "replay-queue"))
+    "correlation-id", "replay-queue", "last-error", "parked"))  # the last two: a parked delivery's (delivery.parking)
 _MAX_ERROR_TEXT = 2000
 
 

@@ -11,6 +11,7 @@ from middleware import topology
 from middleware.broker import make_broker
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage
 from middleware.delivery.base import Connector, ConnectorSpec, make_connector
+from middleware.delivery.breaker import ConnectorGate
 from middleware.ingest import Gateway, GatewayContext, make_gateway
 from middleware.observe import Metrics, safe_url
 from middleware.project import Project, Settings
@@ -72,6 +73,7 @@ class Engine:
         used = {d.connector for r in project.routes.values() for d in r.deliver}
         self.connectors: dict[str, Connector] = {name: make_connector(specs[name]) for name in sorted(used)}
         self._consumers: list[Consumer] = []
+        self.gates: dict[str, ConnectorGate] = {}  # per connector: its breaker and delivery consumers
         self._start_gateways = gateways
         self.gateways: list[Gateway] = []
         self._tracked = _Tracked()
@@ -98,7 +100,14 @@ class Engine:
             for rule in route.deliver:
                 worker = DeliveryWorker(route, self.connectors[rule.connector], self.broker, self.metrics,
                                         retry=rule.retry, prefix=prefix, delivery_limit=self.settings.delivery_limit)
-                await self._consume(worker.queue, worker.handle, prefetch)
+                gate = self.gates.get(rule.connector)
+                if gate is None:
+                    gate = self.gates[rule.connector] = ConnectorGate(
+                        rule.connector, self.connectors[rule.connector].spec.breaker, self.broker, self.metrics)
+                worker.breaker = gate.breaker
+                self._consumers.append(await gate.consume(
+                    worker.queue, self._tracked.wrap(worker.handle), prefetch, worker.probe, route=route.name,
+                    delay_queues=list(worker.delay_queues.values())))
             route_worker = RouteWorker(route, self.broker, self.metrics, prefix=prefix, tz=tz,
                                        delivery_limit=self.settings.delivery_limit)
             await self._consume(route_worker.queue, route_worker.handle, prefetch)
@@ -127,6 +136,8 @@ class Engine:
         """
         consumers, self._consumers = self._consumers, []
         await asyncio.gather(*(consumer.cancel() for consumer in consumers))
+        for gate in self.gates.values():  # no more probes nor resumes
+            await gate.stop()
         draining = self.in_flight
         if draining:
             log.info("draining", extra={"in_flight": draining, "drain_timeout": self.settings.drain_timeout})

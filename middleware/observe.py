@@ -138,6 +138,16 @@ class Metrics:
                                ["route", "connector"], registry=r)
         self.retries = Counter("middleware_delivery_retries", "Delivery attempts that were retried",
                                ["route", "connector"], registry=r)
+        self.parked = Counter("middleware_deliveries_parked", "Deliveries parked in a delay queue on the broker "
+                              "(retries in process used up, breaker open or a long Retry-After)",
+                              ["route", "connector"], registry=r)
+        self.parked_messages = Gauge("middleware_parked_messages", "Deliveries waiting in the delay queues now "
+                                     "(their depths, as last read by the engine)", ["route", "connector"], registry=r)
+        self.breaker_open = Gauge("middleware_breaker_open", "1 while a connector's circuit breaker is open "
+                                  "(its deliveries paused, one probe every probe_every), else 0",
+                                  ["connector"], registry=r)
+        self.breaker_opened = Counter("middleware_breaker_opened", "Times a connector's circuit breaker opened",
+                                      ["connector"], registry=r)
         self.dead_lettered = Counter("middleware_dead_lettered", "Messages sent to a dead-letter queue",
                                      ["route", "stage"], registry=r)
         self.processing = Histogram("middleware_route_seconds", "Time to turn one inbound message into events",

@@ -12,11 +12,12 @@ tests' clean-up read queue lists from here; nothing else builds them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from middleware.broker import naming
 from middleware.broker.base import Broker
+from middleware.delivery.base import RetryPolicy
 
 if TYPE_CHECKING:
     from middleware.route import Route
@@ -27,7 +28,8 @@ class RouteTopology:
     """The names of one route's queues and exchange (``prefix`` already applied).
 
     ``deliveries`` maps each connector the route delivers to onto its delivery queue, in the
-    route's ``deliver:`` order.
+    route's ``deliver:`` order; ``delays`` maps it onto its retry policy's delay tiers (seconds),
+    one delay queue each.
     """
 
     route: str
@@ -36,6 +38,7 @@ class RouteTopology:
     exchange: str
     deliveries: Mapping[str, str]
     dead_letter: str
+    delays: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, route: Route, prefix: str = "") -> RouteTopology:
@@ -45,7 +48,8 @@ class RouteTopology:
                    exchange=naming.events_exchange(prefix),
                    deliveries={rule.connector: naming.delivery_queue(route.name, rule.connector, prefix)
                                for rule in route.deliver},
-                   dead_letter=naming.dead_letter_queue(route.name, prefix))
+                   dead_letter=naming.dead_letter_queue(route.name, prefix),
+                   delays={rule.connector: (rule.retry or RetryPolicy()).delays for rule in route.deliver})
 
     @property
     def binding_key(self) -> str:
@@ -61,6 +65,10 @@ class RouteTopology:
         self.delivery(connector)  # an unknown connector is a KeyError here too
         return naming.delay_queue(self.route, connector, seconds, self.prefix)
 
+    def delay_queues(self, connector: str) -> list[tuple[int, str]]:
+        """``(seconds, queue)`` of each delay tier of the delivery to ``connector``, shortest first."""
+        return [(seconds, self.delay(connector, seconds)) for seconds in sorted(set(self.delays.get(connector, ())))]
+
     def partition(self, connector: str, partition: int) -> str:
         """Partition queue ``partition`` of an ordered delivery to ``connector``."""
         self.delivery(connector)
@@ -73,8 +81,9 @@ class RouteTopology:
 
     @property
     def queues(self) -> list[str]:
-        """Every queue the route declares: inbound, delivery queues, dead letters."""
-        return [*self.work_queues, self.dead_letter]
+        """Every queue the route declares: inbound, delivery queues, delay queues, dead letters."""
+        delay = [queue for connector in self.deliveries for _, queue in self.delay_queues(connector)]
+        return [*self.work_queues, *delay, self.dead_letter]
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,7 @@ class Topology:
 
 
 async def declare(broker: Broker, topology: RouteTopology, delivery_limit: int) -> None:
-    """Declare a route's dead-letter, inbound and delivery queues, the events exchange and bindings.
+    """Declare a route's dead-letter, inbound, delivery and delay queues, the events exchange and bindings.
 
     The engine, the publisher and the gateways all declare through this, so every declaration of a
     queue carries the same arguments (RabbitMQ refuses a redeclaration with different ones).
@@ -126,6 +135,9 @@ async def declare(broker: Broker, topology: RouteTopology, delivery_limit: int) 
         await broker.declare_queue(queue, kind="work", dead_letter_to=topology.dead_letter,
                                    delivery_limit=delivery_limit)
         await broker.bind(queue, topology.exchange, topology.binding_key)
+    for connector, queue in topology.deliveries.items():
+        for seconds, delay in topology.delay_queues(connector):  # a parked delivery waits there, then returns
+            await broker.declare_queue(delay, kind="delay", dead_letter_to=queue, message_ttl=seconds)
 
 
 async def delete(broker: Broker, topology: Topology) -> list[str]:

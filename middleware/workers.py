@@ -25,7 +25,9 @@ import orjson
 from middleware.broker import naming
 from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
 from middleware.deadletter import dead_letter
+from middleware.delivery import parking
 from middleware.delivery.base import Connector, Delivery, RetryPolicy
+from middleware.delivery.breaker import CircuitBreaker
 from middleware.delivery.retry import send_with_retry
 from middleware.errors import BrokerError, DeliveryError, EngineStopping, MappingError, MiddlewareError, PipelineError
 from middleware.observe import Metrics
@@ -156,16 +158,27 @@ class DeliveryWorker:
         self.retry = retry or connector.spec.retry
         self.delivery_limit = delivery_limit  # deliveries after which a connector bug dead-letters
         self.queue = naming.delivery_queue(route.name, connector.name, prefix)
+        self.delay_queues = {s: naming.delay_queue(route.name, connector.name, s, prefix) for s in self.retry.delays}
+        self.breaker: CircuitBreaker | None = None  # the engine sets its connector's (middleware.delivery.breaker)
         self.dead_letter_queue = naming.dead_letter_queue(route.name, prefix)
         self.outbound = next((d.outbound for d in route.deliver if d.connector == connector.name), None)
 
     async def handle(self, message: IncomingMessage) -> None:
-        """Deliver one event; ack on success, dead-letter (then ack) on a final failure.
+        """Deliver one event; ack on success, park it on the broker after a retryable failure (until
+        ``retry.max_age``), dead-letter (then ack) on a final failure.
 
         A broker failure gives the message back, except on its last allowed delivery: then it is
         dead-lettered here with the error (never for a stopping engine)."""
+        await self._handle(message, probe=False)
+
+    async def probe(self, message: IncomingMessage) -> bool:
+        """Try ``message`` once while the breaker is open (parked again if it fails); True if it went."""
+        await self._handle(message, probe=True)
+        return self.breaker is None or not self.breaker.is_open
+
+    async def _handle(self, message: IncomingMessage, *, probe: bool) -> None:
         try:
-            await self._deliver(message)
+            await self._deliver(message, probe=probe)
         except EngineStopping:
             raise
         except Exception as exc:
@@ -179,7 +192,7 @@ class DeliveryWorker:
                                 event_type=str(message.headers.get("x-mw-event-type", "")))
             await self._dead_letter(message, delivery, exc, None, attempts=message.delivery_count + 1)
 
-    async def _deliver(self, message: IncomingMessage) -> None:
+    async def _deliver(self, message: IncomingMessage, *, probe: bool = False) -> None:
         labels = (self.route.name, self.connector.name)
         correlation_id = message.correlation_id or ""
         delivery = Delivery(
@@ -194,6 +207,12 @@ class DeliveryWorker:
             if prepared is None:
                 return
             delivery = prepared
+        history = parking.History.of(message.headers)
+        breaker = self.breaker
+        if breaker is not None and breaker.is_open and not probe:  # in flight when it opened, or came back
+            await self._failed(message, delivery, parking.not_sent(self.connector.name, history.last_error),
+                               history, None)
+            return
         first_failure: list[str] = []
 
         def on_retry(attempt: int, error: DeliveryError) -> None:
@@ -206,9 +225,12 @@ class DeliveryWorker:
 
         started = time.perf_counter()
         try:
-            attempts = await send_with_retry(self.connector, delivery, self.retry, on_retry=on_retry)
+            attempts = await send_with_retry(
+                self.connector, delivery, replace(self.retry, attempts=1) if probe else self.retry,
+                on_retry=on_retry, interrupted=(lambda: breaker.is_open) if breaker and not probe else None,
+                on_attempt=breaker.record if breaker else None)
         except DeliveryError as exc:
-            await self._dead_letter(message, delivery, exc, first_failure[0] if first_failure else None)
+            await self._failed(message, delivery, exc, history, first_failure[0] if first_failure else None)
             return
         except (BrokerError, EngineStopping):
             raise  # the broker failed mid-way, or we are stopping: the message comes back
@@ -248,6 +270,31 @@ class DeliveryWorker:
             return None
         body, content_type = prepared
         return replace(delivery, body=body, content_type=content_type or delivery.content_type)
+
+    async def _failed(self, message: IncomingMessage, delivery: Delivery, error: DeliveryError,
+                      history: parking.History, first_failure: str | None) -> None:
+        """Park a retryable failure on the broker until ``retry.max_age``; dead-letter the others."""
+        now = dt.datetime.now(dt.UTC)
+        first = history.first_failure or (dt.datetime.fromisoformat(first_failure) if first_failure else now)
+        attempts = history.attempts + error.attempts
+        if error.retryable and not parking.expired(first, self.retry.max_age, now):
+            await self._park(message, delivery, error, history, attempts, first, now)
+            return
+        if error.retryable:  # retried for max_age: DESIGN promise 5's only retryable dead letter
+            error = parking.gave_up(error, first, now, self.retry.max_age)
+        await self._dead_letter(message, delivery, error, parking.timestamp(first), attempts=attempts)
+
+    async def _park(self, message: IncomingMessage, delivery: Delivery, error: DeliveryError,
+                    history: parking.History, attempts: int, first: dt.datetime, now: dt.datetime) -> None:
+        seconds = parking.tier(self.retry.delays, history.parked, error.retry_after)
+        copy = parking.parked_message(message, attempts=attempts, first_failure=first, now=now, error=error,
+                                      parked=history.parked + 1)
+        await parking.park(self.broker, message, self.delay_queues[seconds], copy)
+        self.metrics.parked.labels(self.route.name, self.connector.name).inc()
+        log.info("parked", extra={"route": self.route.name, "connector": self.connector.name,
+                                  "correlation_id": delivery.correlation_id or None, "event_id": delivery.event_id,
+                                  "delay_seconds": seconds, "attempts": attempts, "parked": history.parked + 1,
+                                  "status": error.status, "error_class": type(error).__name__})
 
     async def _dead_letter(self, message: IncomingMessage, delivery: Delivery, error: Exception,
                            first_failure: str | None, *, attempts: int | None = None) -> None:

@@ -23,6 +23,7 @@ from yaml.events import AliasEvent
 from yaml.nodes import CollectionNode
 
 from middleware.errors import Problem
+from middleware.yamlhints import explain
 
 MAX_ALIAS_NODES = 100_000
 """Nodes that aliases may add to one file once expanded (``map: *patient`` adds a few dozen)."""
@@ -106,7 +107,8 @@ class _BoundedLoader(yaml.SafeLoader):
 def load_yaml(path: Path, display: str, *, max_alias_nodes: int = MAX_ALIAS_NODES) -> YamlDoc:
     """Read ``path``; syntax errors, duplicate keys and oversized aliases become problems (data None on error)."""
     try:
-        loader = _BoundedLoader(path.read_text(encoding="utf-8"), max_alias_nodes)
+        text = path.read_text(encoding="utf-8")
+        loader = _BoundedLoader(text, max_alias_nodes)
     except (OSError, UnicodeDecodeError) as exc:
         return YamlDoc(display, None, problems=[Problem(display, 1, f"cannot read file: {exc}")])
     lines: dict[PathKey, int] = {}
@@ -121,9 +123,8 @@ def load_yaml(path: Path, display: str, *, max_alias_nodes: int = MAX_ALIAS_NODE
         line = exc.problem_mark.line + 1 if exc.problem_mark else 1
         return YamlDoc(display, None, problems=[Problem(display, line, str(exc.problem))])
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        return YamlDoc(display, None, problems=[Problem(display, line, f"invalid YAML: {exc.problem}")])
+        line, message = explain(exc, text)  # the line where the fix goes, in plain words, with a hint
+        return YamlDoc(display, None, problems=[Problem(display, line, message)])
     except RecursionError:  # the composer recurses once per nesting level
         line = loader.get_mark().line + 1
         return YamlDoc(display, None, problems=[Problem(display, line, "YAML nested too deeply")])

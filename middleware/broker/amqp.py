@@ -4,6 +4,10 @@
   poison message that crashes or stalls its consumer) is dead-lettered, at-least-once, into the
   route's dead-letter queue instead of looping forever.
 - Dead-letter queues are classic durable queues, so operators can browse them.
+- Delay queues (a delivery parked during a sink outage) are quorum queues with a per-queue
+  ``x-message-ttl`` (RabbitMQ 3.10+): messages expire at the head in publish order, and
+  ``at-least-once`` dead-lettering (publisher confirms inside RabbitMQ) moves each back to its
+  delivery queue, so a parked message survives a node loss and is never dropped on the way back.
 - Every publish waits for the broker's confirm; a publish to a queue is ``mandatory``, so a
   message to a queue that does not exist is an error, not a silent drop.
 - A publish that fails because the connection dropped waits for the robust connection to come
@@ -217,10 +221,16 @@ class AmqpBroker(Broker):
             await connection.close()
 
     async def declare_queue(self, name: str, *, kind: str = "work", dead_letter_to: str | None = None,
-                            delivery_limit: int = 10) -> None:
+                            delivery_limit: int = 10, message_ttl: float | None = None) -> None:
         arguments: dict[str, Any]
         if kind == "dead-letter":
             arguments = {"x-queue-type": "classic"}
+        elif kind == "delay":  # a quorum queue, like the delivery queue it feeds (see the module docstring)
+            if not dead_letter_to or message_ttl is None:
+                raise ValueError("a delay queue needs dead_letter_to and message_ttl")
+            arguments = {"x-queue-type": "quorum", "x-message-ttl": int(message_ttl * 1000),
+                         "x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead_letter_to,
+                         "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
         elif kind == "work":
             arguments = {"x-queue-type": "quorum", "x-delivery-limit": delivery_limit}
             if dead_letter_to:

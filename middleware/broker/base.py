@@ -112,10 +112,12 @@ class Broker:
         return True
 
     async def declare_queue(self, name: str, *, kind: str = "work", dead_letter_to: str | None = None,
-                            delivery_limit: int = 10) -> None:
+                            delivery_limit: int = 10, message_ttl: float | None = None) -> None:
         """Declare a durable queue. ``kind`` is ``work`` (quorum on RabbitMQ, with a delivery
-        limit that dead-letters poison messages to ``dead_letter_to``) or ``dead-letter``
-        (classic durable, so it can be browsed without counting deliveries)."""
+        limit that dead-letters poison messages to ``dead_letter_to``), ``dead-letter``
+        (classic durable, so it can be browsed without counting deliveries) or ``delay`` (nobody
+        consumes it: each message goes to queue ``dead_letter_to`` ``message_ttl`` seconds after
+        it was published)."""
         raise NotImplementedError
 
     async def declare_exchange(self, name: str) -> None:

@@ -18,7 +18,9 @@ Only one engine may consume from one folder at a time (a lock file enforces it);
 processes may publish (``middleware publish``, gateways). kombu is synchronous, so every call
 runs on one worker thread; consumers poll with ``basic_get`` and keep at most ``prefetch``
 messages in flight. The delivery limit of RabbitMQ quorum queues is emulated: a message
-requeued ``delivery_limit`` times goes to the queue's dead-letter queue.
+requeued ``delivery_limit`` times goes to the queue's dead-letter queue. So is a delay queue's
+per-queue TTL: a message published to it carries when it is due, and the consuming engine moves
+each due message, oldest first, back to the queue it waits for (see :meth:`KombuBroker._move_due_sync`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -58,6 +60,7 @@ T = TypeVar("T")
 POLL_MIN, POLL_MAX = 0.005, 0.2  # seconds between polls of an empty queue (backs off)
 SPOOL_PROPERTY = "mw_spool_file"
 DEATH_HEADER = "x-mw-delivery-limit-exceeded"
+DUE_HEADER = "x-mw-due"  # Unix time a message in a delay queue goes back to its target queue
 SCAN_BUDGET = 10  # a directory scan waits at least this many times its own duration: listing stays under ~10 %
 REFILL_AFTER = 0.02  # seconds: how soon an empty queue looks on disk again (other processes publish)
 STALE_AFTER = 1.0  # seconds: how often a non-empty index is refreshed, so other publishers' files keep FIFO order
@@ -258,6 +261,7 @@ def _remove_stale_temporary_files(folder: Path) -> int:
 class _QueueArgs:
     dead_letter_to: str | None
     delivery_limit: int
+    message_ttl: float | None = None  # a delay queue: seconds before a message goes to dead_letter_to
 
 
 class KombuIncoming(IncomingMessage):
@@ -398,6 +402,8 @@ class KombuBroker(Broker):
         self._held: dict[str, str] = {}  # spool file -> queue, for messages this process holds
         self._outbox: list[tuple[OutgoingMessage, str, str, asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._waiting: dict[str, KombuIncoming] = {}  # delay queue -> its oldest message, held until due
+        self._mover: asyncio.Task[None] | None = None
 
     @property
     def spooled(self) -> bool:
@@ -433,6 +439,9 @@ class KombuBroker(Broker):
                               hint="check the folder's permissions") from None
 
     async def close(self) -> None:
+        if self._mover is not None:
+            self._mover.cancel()
+            await asyncio.wait([self._mover])
         await self._run(self._close_sync)
         self._executor.shutdown(wait=True)
 
@@ -455,10 +464,13 @@ class KombuBroker(Broker):
     # -- topology -------------------------------------------------------------------------------
 
     async def declare_queue(self, name: str, *, kind: str = "work", dead_letter_to: str | None = None,
-                            delivery_limit: int = 10) -> None:
-        if kind not in ("work", "dead-letter"):
+                            delivery_limit: int = 10, message_ttl: float | None = None) -> None:
+        if kind not in ("work", "dead-letter", "delay"):
             raise ValueError(f"unknown queue kind {kind!r}")
-        self._queues[name] = _QueueArgs(dead_letter_to if kind == "work" else None, delivery_limit)
+        if kind == "delay" and (not dead_letter_to or message_ttl is None):
+            raise ValueError("a delay queue needs dead_letter_to and message_ttl")
+        self._queues[name] = _QueueArgs(dead_letter_to if kind != "dead-letter" else None, delivery_limit,
+                                        message_ttl if kind == "delay" else None)
         await self._run(lambda: Queue(name, durable=True, no_declare=False)(self._channel).declare())
 
     async def declare_exchange(self, name: str) -> None:
@@ -476,6 +488,9 @@ class KombuBroker(Broker):
         if (queue is None) == (exchange is None):
             raise ValueError("publish to exactly one of queue= or exchange=")
         key = queue if queue is not None else routing_key
+        args = self._queues.get(queue) if queue is not None else None
+        if args is not None and args.message_ttl is not None:  # a delay queue: stamp when it is due
+            message = replace(message, headers={**message.headers, DUE_HEADER: time.time() + args.message_ttl})
         if self._folder is None:
             await self._run(self._publish_sync, message, exchange or "", key)
             return
@@ -558,7 +573,44 @@ class KombuBroker(Broker):
         if self._folder is not None and self._lock_file is None:
             await self._run(self._take_consumer_lock)
         self._consumer_counts[queue] = self._consumer_counts.get(queue, 0) + 1
+        if self._mover is None or self._mover.done():  # the consuming engine moves due delayed messages
+            self._mover = asyncio.create_task(self._move_due(), name="embedded broker delay queues")
         return KombuConsumer(self, queue, handler, prefetch)
+
+    async def _move_due(self) -> None:
+        """Every tick, move the due messages of each delay queue back to their target queue."""
+        while True:
+            ttls = [args.message_ttl for args in self._queues.values() if args.message_ttl is not None]
+            tick = min(max(min(ttls) / 10, 0.02), 1.0) if ttls else 1.0
+            try:
+                await self._run(self._move_due_sync)
+            except Exception:
+                log.exception("moving due delayed messages failed; trying again")
+            await asyncio.sleep(tick)
+
+    def _move_due_sync(self) -> None:
+        """Per delay queue, oldest first: publish each due message to its target, then ack it. The
+        first message not yet due is held (in ``processing/`` on the spool, so a crash gives it back)
+        until it is: one TTL per queue means every later message is due later."""
+        now = time.time()
+        for name, args in list(self._queues.items()):
+            if args.message_ttl is None or args.dead_letter_to is None:
+                continue
+            while True:
+                message = self._waiting.pop(name, None) or self._get_sync(name)
+                if message is None:
+                    break
+                due = message.headers.get(DUE_HEADER)
+                if isinstance(due, int | float) and due > now:
+                    self._waiting[name] = message
+                    break
+                headers = {k: v for k, v in message.headers.items() if k != DUE_HEADER}
+                self._publish_sync(OutgoingMessage(message.body, headers, message.correlation_id,
+                                                   message.message_id,
+                                                   message.content_type or "application/octet-stream"),
+                                   "", args.dead_letter_to)
+                self._settle_sync(message, None)
+
 
     def _take_consumer_lock(self) -> None:
         assert self._folder is not None
@@ -587,7 +639,7 @@ class KombuBroker(Broker):
     async def get(self, queue: str) -> IncomingMessage | None:
         return await self._run(self._get_sync, queue)
 
-    def _get_sync(self, queue: str) -> IncomingMessage | None:
+    def _get_sync(self, queue: str) -> KombuIncoming | None:
         raw = self._channel.basic_get(queue, no_ack=self.spooled)
         if raw is None:
             return None
@@ -631,13 +683,17 @@ class KombuBroker(Broker):
 
     async def queue_info(self, queue: str) -> QueueInfo:
         size = await self._run(self._channel._size, queue)
-        return QueueInfo(queue, int(size), self._consumer_counts.get(queue, 0))
+        held = 1 if queue in self._waiting else 0  # a delay queue's oldest message, held until due
+        return QueueInfo(queue, int(size) + held, self._consumer_counts.get(queue, 0))
 
     async def purge(self, queue: str) -> int:
         return int(await self._run(self._channel.queue_purge, queue) or 0)
 
     async def delete_queue(self, queue: str) -> None:
         await self.purge(queue)
+        waiting = self._waiting.pop(queue, None)
+        if waiting is not None:  # a delay queue's held message goes with its queue
+            await self._run(self._settle_sync, waiting, None)
         self._queues.pop(queue, None)
         await self._run(self._channel.queue_delete, queue)
 

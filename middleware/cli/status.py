@@ -107,7 +107,9 @@ def route_queues(project: Project) -> list[RouteStatus]:
     result = []
     for route in Topology.of(project.routes.values(), project.settings.queue_prefix):
         queues = [QueueStatus(route.inbound, "inbound")]
-        queues += [QueueStatus(queue, "delivery", connector) for connector, queue in route.deliveries.items()]
+        for connector, queue in route.deliveries.items():
+            queues.append(QueueStatus(queue, "delivery", connector))
+            queues += [QueueStatus(delay, "delay", connector) for _, delay in route.delay_queues(connector)]
         queues.append(QueueStatus(route.dead_letter, "dead-letter"))
         result.append(RouteStatus(route.route, queues))
     return result

@@ -14,6 +14,8 @@ Transport security: ``tls`` (CA bundle, client certificate for mutual TLS, verif
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import errno
 import logging
 import ssl
@@ -38,11 +40,21 @@ DEFAULT_TIMEOUT = 10.0
 MAX_CONNECTIONS = 100
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Seconds the sink asks us to wait: ``Retry-After`` as delay-seconds or an HTTP-date (RFC 9110)."""
+    if not value:
+        return None
     try:
-        return max(float(value), 0.0) if value else None
+        return max(float(value), 0.0)
     except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None  # unreadable: fall back to our own backoff
+    if when.tzinfo is None:  # an HTTP-date is always GMT
+        when = when.replace(tzinfo=dt.UTC)
+    return max((when - (now or dt.datetime.now(dt.UTC))).total_seconds(), 0.0)
 
 
 def _authorization_key(headers: Mapping[str, Any]) -> str | None:

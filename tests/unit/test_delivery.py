@@ -78,10 +78,16 @@ async def test_http_gives_up_after_the_policy_attempts(sink: Sink) -> None:
 
 async def test_429_honours_retry_after_and_retry_on(sink: Sink) -> None:
     sink.script = [429]
-    sink.reply_headers = {"Retry-After": "0.3"}
+    sink.reply_headers = {"Retry-After": "0.04"}
     started = time.perf_counter()
-    attempts, _ = await send(http_spec(sink.url))
-    assert attempts == 2 and time.perf_counter() - started >= 0.05  # capped at the policy's max (0.05s)
+    attempts, _ = await send(http_spec(sink.url, retry=dataclasses.replace(FAST, initial=0.001, max=0.05)))
+    assert attempts == 2 and time.perf_counter() - started >= 0.04  # waited as long as the sink asked
+    sink.script = [429]
+    sink.reply_headers = {"Retry-After": "0.3"}  # longer than in-process retry waits (max 0.05): parked instead
+    with pytest.raises(DeliveryError) as raised:
+        await send(http_spec(sink.url))
+    assert raised.value.retryable and raised.value.retry_after == 0.3 and raised.value.attempts == 1
+    sink.reply_headers = {}
     sink.script = [429]
     only_5xx = dataclasses.replace(FAST, retry_on=frozenset({"5xx"}))
     with pytest.raises(DeliveryError) as raised:

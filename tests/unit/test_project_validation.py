@@ -146,7 +146,9 @@ def test_unknown_connector_type_and_missing_url(project: Path) -> None:
 def test_yaml_syntax_error(project: Path) -> None:
     (project / "connectors" / "broken.yaml").write_text("connector: broken\ntype: [http\n")
     found = problems(project)
-    assert len(found) == 1 and found[0].startswith("connectors/broken.yaml:3: invalid YAML")
+    assert found == ["connectors/broken.yaml:2: invalid YAML at column 7: the [ opened here is not closed with ] "
+                     "(PyYAML stopped at line 3, column 1) (add the ], separate items with commas, or quote a value "
+                     "that contains [, ], ',' or ': ')"]
 
 
 def test_duplicate_yaml_key(project: Path) -> None:

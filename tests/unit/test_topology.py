@@ -37,7 +37,10 @@ def test_a_route_topology_follows_the_documented_naming_rules(project: Project) 
     assert adt.binding_key == "adt-inbound.#"
     assert adt.delay("case-management", 30) == "P.adt-inbound.to.case-management.delay.30"
     assert adt.partition("bed-board", 3) == "P.adt-inbound.to.bed-board.p3"
+    assert adt.delay_queues("bed-board") == [(s, f"P.adt-inbound.to.bed-board.delay.{s}") for s in (5, 30, 300, 1800)]
     assert adt.queues == ["P.ehr.adt", "P.adt-inbound.to.case-management", "P.adt-inbound.to.bed-board",
+                          *(f"P.adt-inbound.to.{c}.delay.{s}" for c in ("case-management", "bed-board")
+                            for s in (5, 30, 300, 1800)),
                           "P.adt-inbound.dlq"]
 
 
