@@ -43,10 +43,10 @@ from middleware.project import Project
 log = logging.getLogger("middleware.console")
 HERE = Path(__file__).parent
 REFRESH_SECONDS = 3
-_HEADERS = {
+_HEADERS = {  # Referrer-Policy same-origin: with no-referrer Chromium sends "Origin: null" on our own form posts
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
                                "form-action 'self'; base-uri 'none'",
-    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
