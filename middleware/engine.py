@@ -13,6 +13,9 @@ from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage
 from middleware.delivery.base import Connector, ConnectorSpec, make_connector
 from middleware.delivery.breaker import ConnectorGate
 from middleware.ingest import Gateway, GatewayContext, make_gateway
+from middleware.journal import open_journal
+from middleware.journal.hooks import attach as attach_journal
+from middleware.journal.monitor import SlaMonitor
 from middleware.observe import Metrics, safe_url
 from middleware.project import Project, Settings
 from middleware.route import Route
@@ -69,6 +72,8 @@ class Engine:
         self.topology = Topology.of(project.routes.values(), self.settings.queue_prefix)
         self.broker = broker or make_broker(self.settings.broker_url, self.settings.broker_tls)
         self.metrics = metrics or Metrics()
+        self.journal = open_journal(self.settings.journal, self.metrics)  # hop records (middleware.journal)
+        self.sla = SlaMonitor(project.routes.values(), self.metrics)  # silent feeds, error rates
         specs = {**project.connectors, **(connector_specs or {})}
         used = {d.connector for r in project.routes.values() for d in r.deliver}
         self.connectors: dict[str, Connector] = {name: make_connector(specs[name]) for name in sorted(used)}
@@ -89,6 +94,7 @@ class Engine:
         Listeners bind first: a port that is taken fails the start before any message is taken.
         """
         await self.broker.connect()
+        await self.journal.start()
         for route_topology in self.topology:
             await topology.declare(self.broker, route_topology, self.settings.delivery_limit)
         for connector in self.connectors.values():
@@ -100,6 +106,7 @@ class Engine:
             for rule in route.deliver:
                 worker = DeliveryWorker(route, self.connectors[rule.connector], self.broker, self.metrics,
                                         retry=rule.retry, prefix=prefix, delivery_limit=self.settings.delivery_limit)
+                worker.journal = self.journal
                 gate = self.gates.get(rule.connector)
                 if gate is None:
                     gate = self.gates[rule.connector] = ConnectorGate(
@@ -110,7 +117,9 @@ class Engine:
                     delay_queues=list(worker.delay_queues.values())))
             route_worker = RouteWorker(route, self.broker, self.metrics, prefix=prefix, tz=tz,
                                        delivery_limit=self.settings.delivery_limit)
+            route_worker.journal = self.journal
             await self._consume(route_worker.queue, route_worker.handle, prefetch)
+        self.sla.start()
         log.info("engine started", extra={"routes": sorted(self.project.routes), "broker": safe_url(self.broker.url)})
 
     async def _consume(self, queue: str, handler: Handler, prefetch: int) -> None:
@@ -122,6 +131,7 @@ class Engine:
         for kind, listeners in self.settings.ingest.items():
             for listener in listeners:
                 gateway = make_gateway(kind, listener, context)
+                attach_journal(gateway, self.journal)  # the publishers record what comes in
                 await gateway.start(declare=False)  # start() above declared every route's queues
                 self.gateways.append(gateway)
 
@@ -153,6 +163,8 @@ class Engine:
             await consumer.close()
         for connector in self.connectors.values():
             await connector.close()
+        await self.sla.stop()
+        await self.journal.stop()  # writes what is still queued
         await self.broker.close()
         log.info("engine stopped")
 

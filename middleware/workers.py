@@ -30,6 +30,8 @@ from middleware.delivery.base import Connector, Delivery, RetryPolicy
 from middleware.delivery.breaker import CircuitBreaker
 from middleware.delivery.retry import send_with_retry
 from middleware.errors import BrokerError, DeliveryError, EngineStopping, MappingError, MiddlewareError, PipelineError
+from middleware.journal import NULL_JOURNAL, NullJournal
+from middleware.journal import hooks as journal_hooks
 from middleware.observe import Metrics
 from middleware.route import MessageContext, Route, transform
 
@@ -53,6 +55,8 @@ def is_last_delivery(message: IncomingMessage, delivery_limit: int) -> bool:
 
 class RouteWorker:
     """Consumes a route's inbound queue: parse -> filter -> map -> validate -> publish events -> ack."""
+
+    journal: NullJournal = NULL_JOURNAL  # the engine gives its own (middleware.journal)
 
     def __init__(self, route: Route, broker: Broker, metrics: Metrics, *, prefix: str = "",
                  tz: ZoneInfo | None = None, delivery_limit: int = 10) -> None:
@@ -84,6 +88,7 @@ class RouteWorker:
     async def _route(self, message: IncomingMessage) -> None:
         name = self.route.name
         self.metrics.received.labels(name).inc()
+        came_in = journal_hooks.route_received(self, message)
         header_cid = message.headers.get("X-Correlation-ID") or message.headers.get("x-correlation-id")
         context = MessageContext(
             correlation_id=message.correlation_id,
@@ -104,6 +109,7 @@ class RouteWorker:
         if outcome.filtered:
             await message.ack()
             self.metrics.filtered.labels(name).inc()
+            journal_hooks.route_finished(self, message, outcome, came_in)
             log.info("filtered", extra={"route": name, "correlation_id": outcome.correlation_id,
                                         "message_type": outcome.message_type})
             return
@@ -111,6 +117,7 @@ class RouteWorker:
         await message.ack()
         for event in outcome.events:
             self.metrics.events.labels(name, event["type"]).inc()
+        journal_hooks.route_finished(self, message, outcome, came_in)
         log.info("routed", extra={"route": name, "correlation_id": outcome.correlation_id,
                                   "message_type": outcome.message_type, "events": len(outcome.events),
                                   "event_ids": [e["id"] for e in outcome.events]})
@@ -141,6 +148,7 @@ class RouteWorker:
         )
         await message.ack()
         self.metrics.dead_lettered.labels(self.route.name, stage).inc()
+        journal_hooks.route_dead_lettered(self, message, error, stage, correlation_id)
         log.warning("dead-lettered", extra={"route": self.route.name, "stage": stage,
                                             "correlation_id": correlation_id,
                                             "error_class": type(error).__name__})
@@ -148,6 +156,8 @@ class RouteWorker:
 
 class DeliveryWorker:
     """Consumes one (route, connector) delivery queue and sends each event with retries."""
+
+    journal: NullJournal = NULL_JOURNAL  # the engine gives its own (middleware.journal)
 
     def __init__(self, route: Route, connector: Connector, broker: Broker, metrics: Metrics, *,
                  retry: RetryPolicy | None = None, prefix: str = "", delivery_limit: int = 10) -> None:
@@ -219,6 +229,7 @@ class DeliveryWorker:
             if not first_failure:
                 first_failure.append(dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
             self.metrics.retries.labels(*labels).inc()
+            journal_hooks.delivery_retry(self, delivery, attempt, error)
             log.info("delivery retry", extra={"route": labels[0], "connector": labels[1], "attempt": attempt,
                                               "correlation_id": correlation_id, "event_id": delivery.event_id,
                                               "status": error.status})
@@ -250,6 +261,7 @@ class DeliveryWorker:
             self.metrics.delivery_seconds.labels(*labels).observe(time.perf_counter() - started)
         await message.ack()
         self.metrics.delivered.labels(*labels).inc()
+        journal_hooks.delivered(self, message, delivery, attempts)
         log.info("delivered", extra={"route": labels[0], "connector": labels[1], "correlation_id": correlation_id,
                                      "event_id": delivery.event_id, "attempts": attempts})
 
@@ -310,6 +322,7 @@ class DeliveryWorker:
         )
         await message.ack()
         self.metrics.dead_lettered.labels(self.route.name, "deliver").inc()
+        journal_hooks.delivery_dead_lettered(self, message, delivery, error, attempts)
         log.warning("dead-lettered", extra={"route": self.route.name, "connector": self.connector.name,
                                             "stage": "deliver", "correlation_id": correlation_id,
                                             "event_id": delivery.event_id, "error_class": type(error).__name__,

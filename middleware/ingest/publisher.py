@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +30,9 @@ from middleware.deadletter import dead_letter_body
 from middleware.errors import BrokerError, ConfigError, ParseError, Problem
 from middleware.formats import Record, SplitInfo
 from middleware.ingest.ledger import Finished, Ledger, file_digest
+from middleware.journal import NULL_JOURNAL, NullJournal
+from middleware.journal.hooks import RECEIVED_AT_HEADER
+from middleware.journal.records import DEAD_LETTERED, INGEST, RECEIVED
 from middleware.project import Settings, load_project
 from middleware.route import Route
 from middleware.topology import RouteTopology, declare
@@ -98,8 +102,10 @@ class Publisher:
     ``window``: how many publishes of one input may await their confirm at once.
     """
 
-    def __init__(self, broker: Broker, route: Route, settings: Settings, *, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(self, broker: Broker, route: Route, settings: Settings, *, window: int = DEFAULT_WINDOW,
+                 journal: NullJournal = NULL_JOURNAL) -> None:
         self.broker = broker
+        self.journal = journal  # records what comes in (the engine gives gateways its own)
         self.route = route
         self.settings = settings
         self.window = max(window, 1)
@@ -158,20 +164,24 @@ class Publisher:
         ``source`` goes in the ``x-mw-ingest`` header (who sent it); a ``correlation_id`` given is
         kept, else a new one is made; ``headers`` are added to the message.
         """
-        cid = correlation_id or new_id()
-        await self.broker.publish(self._message(raw, cid, {INGEST_HEADER: source, **(headers or {})}, message_id),
-                                  queue=self.queue)
+        cid, mid, now = correlation_id or new_id(), message_id or new_id(), time.time()
+        await self.broker.publish(self._message(raw, cid, {INGEST_HEADER: source, RECEIVED_AT_HEADER: now,
+                                                           **(headers or {})}, mid), queue=self.queue)
+        self.journal.record(self.route.name, INGEST, RECEIVED, at=now, correlation_id=cid, message_id=mid,
+                            source=source)
         return cid
 
     async def dead_letter(self, raw: bytes, error: ParseError, *, source: str, correlation_id: str | None = None,
                           headers: Mapping[str, Any] | None = None, message_id: str | None = None) -> str:
         """Put ``raw``, which cannot be taken in, on the route's dead-letter queue with its reason."""
-        cid = correlation_id or new_id()
+        cid, mid = correlation_id or new_id(), message_id or new_id()
         message = dead_letter_body(raw, headers={INGEST_HEADER: source, **(headers or {})},
-                                   content_type=self.content_type, message_id=message_id or new_id(),
+                                   content_type=self.content_type, message_id=mid,
                                    route=self.route.name, stage=error.stage or "parse", error=error,
                                    replay_queue=self.queue, correlation_id=cid)
         await self.broker.publish(message, queue=self.dead_letter_queue)
+        self.journal.record(self.route.name, INGEST, DEAD_LETTERED, correlation_id=cid, message_id=mid, source=source,
+                            error_class=type(error).__name__, detail=error.stage or "parse")
         return cid
 
     async def publish_stream(self, stream: BinaryIO, *, source: str, name: str | None = None, start: int = 1,

@@ -1,0 +1,160 @@
+"""What the workers and the publisher call at each hop: one journal record plus the age, last-received
+and SLA metrics, so each hook in the I/O shell is one line.
+
+Two headers carry times between hops (Unix seconds, as numbers): ``x-mw-received-at``, set by the
+publisher when a message enters the middleware and copied onto its events by the route worker, and
+``x-mw-event-time``, the event's business time (CloudEvents ``time``), set by the route worker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from middleware.journal.records import (
+    DEAD_LETTERED,
+    DELIVER,
+    DELIVERED,
+    FILTERED,
+    RETRY,
+    ROUTE,
+    ROUTED,
+)
+
+RECEIVED_AT_HEADER = "x-mw-received-at"
+EVENT_TIME_HEADER = "x-mw-event-time"
+INGEST_HEADER = "x-mw-ingest"
+
+
+def _seconds(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str | bytes):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def event_seconds(event: dict[str, Any]) -> float | None:
+    """An event's ``time`` as Unix seconds (None when absent or not a date-time)."""
+    try:
+        return dt.datetime.fromisoformat(str(event["time"])).timestamp()
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def received_at(headers: dict[str, Any]) -> float | None:
+    """When the message entered the middleware, from its ``x-mw-received-at`` header."""
+    return _seconds(headers.get(RECEIVED_AT_HEADER))
+
+
+def event_headers(event: dict[str, Any], received: float | None) -> dict[str, float]:
+    """The time headers an event is published with."""
+    headers = {EVENT_TIME_HEADER: event_seconds(event)} if "time" in event else {}
+    if received is not None:
+        headers[RECEIVED_AT_HEADER] = received
+    return {k: v for k, v in headers.items() if v is not None}
+
+
+# -- route worker ---------------------------------------------------------------------------------
+
+
+def route_received(worker: Any, message: Any) -> float:
+    """A message reached its route worker: last-received gauges (route, source) and its age since it
+    came in; returns when it came in (now if no publisher stamped it)."""
+    now = time.time()
+    name = worker.route.name
+    came_in = received_at(message.headers) or now
+    metrics = worker.metrics
+    metrics.last_received.labels(name).set(now)
+    source = _text(message.headers.get(INGEST_HEADER))
+    if source:
+        metrics.source_last_received.labels(source).set(now)
+    metrics.route_age.labels(name).observe(max(0.0, now - came_in))
+    return came_in
+
+
+def route_finished(worker: Any, message: Any, outcome: Any, came_in: float) -> None:
+    """Routed (one record per event, with its id and type) or filtered."""
+    name, journal = worker.route.name, worker.journal
+    common = {"correlation_id": outcome.correlation_id, "message_id": message.message_id,
+              "source_id": outcome.source_id, "received_at": came_in,
+              "source": _text(message.headers.get(INGEST_HEADER))}
+    if outcome.filtered:
+        journal.record(name, ROUTE, FILTERED, **common)
+        return
+    now = time.time()
+    ages = worker.metrics.route_event_age.labels(name)
+    for event in outcome.events:
+        occurred = event_seconds(event)
+        if occurred is not None:
+            ages.observe(max(0.0, now - occurred))
+        journal.record(name, ROUTE, ROUTED, event_id=event.get("id"), event_type=event.get("type"),
+                       event_time=occurred, at=now, **common)
+
+
+def route_dead_lettered(worker: Any, message: Any, error: Exception, stage: str, correlation_id: str | None) -> None:
+    worker.journal.record(worker.route.name, ROUTE, DEAD_LETTERED, correlation_id=correlation_id,
+                          message_id=message.message_id, error_class=type(error).__name__, detail=stage,
+                          received_at=received_at(message.headers),
+                          source=_text(message.headers.get(INGEST_HEADER)))
+
+
+# -- delivery worker ------------------------------------------------------------------------------
+
+
+def _delivery_fields(worker: Any, delivery: Any) -> dict[str, Any]:
+    return {"correlation_id": delivery.correlation_id or None, "event_id": delivery.event_id or None,
+            "event_type": delivery.event_type or None, "connector": worker.connector.name}
+
+
+def delivery_retry(worker: Any, delivery: Any, attempt: int, error: Any) -> None:
+    status = getattr(error, "status", None)
+    worker.journal.record(worker.route.name, DELIVER, RETRY, attempt=attempt, error_class=type(error).__name__,
+                          detail=str(status) if status else None, **_delivery_fields(worker, delivery))
+
+
+def delivered(worker: Any, message: Any, delivery: Any, attempts: int) -> None:
+    """An event accepted by its sink: the record, its ages at delivery, the deliver_within check."""
+    now = time.time()
+    route, connector = worker.route.name, worker.connector.name
+    came_in = received_at(message.headers)
+    occurred = _seconds(message.headers.get(EVENT_TIME_HEADER))
+    worker.journal.record(route, DELIVER, DELIVERED, attempt=attempts, at=now, received_at=came_in,
+                          event_time=occurred, **_delivery_fields(worker, delivery))
+    metrics = worker.metrics
+    if occurred is not None:
+        metrics.delivery_event_age.labels(route, connector).observe(max(0.0, now - occurred))
+    if came_in is not None:
+        age = max(0.0, now - came_in)
+        metrics.delivery_age.labels(route, connector).observe(age)
+        sla = worker.route.sla
+        if sla is not None and sla.deliver_within is not None and age > sla.deliver_within:
+            metrics.sla_deliver_breaches.labels(route, connector).inc()
+
+
+def delivery_dead_lettered(worker: Any, message: Any, delivery: Any, error: Exception, attempts: int) -> None:
+    status = getattr(error, "status", None)
+    worker.journal.record(worker.route.name, DELIVER, DEAD_LETTERED, attempt=attempts,
+                          error_class=type(error).__name__, detail=str(status) if status else None,
+                          received_at=received_at(message.headers), **_delivery_fields(worker, delivery))
+
+
+def attach(gateway: Any, journal: Any) -> None:
+    """Give a gateway's publishers the engine's journal: gateways keep theirs as ``publisher`` or
+    ``publishers`` (a mapping); a gateway with neither records nothing at ingest."""
+    found: Iterable[Any] = list(getattr(gateway, "publishers", {}).values())
+    if getattr(gateway, "publisher", None) is not None:
+        found = [*found, gateway.publisher]
+    for publisher in found:
+        publisher.journal = journal
