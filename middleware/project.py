@@ -400,6 +400,9 @@ class _Loader:
                        if k not in ("connector", "type", "description", "retry", "breaker")}
             if isinstance(options.get("path"), str) and not Path(options["path"]).is_absolute():
                 options["path"] = str(self.root / options["path"])  # relative to the project, not the cwd
+            smart = options.get("smart")  # a fhir connector's SMART key file, likewise
+            if isinstance(smart, dict) and isinstance(smart.get("private_key_file"), str):
+                options["smart"] = {**smart, "private_key_file": str(self.root / smart["private_key_file"])}
             if self._connector_problems(doc, data["type"], options):
                 self.broken_connectors.add(data["connector"])
                 continue

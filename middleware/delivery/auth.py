@@ -1,4 +1,5 @@
 """OAuth2 client credentials (RFC 6749 section 4.4) for HTTP connectors: one cached token per connector.
+(The grant may also be authenticated with a signed JWT instead of a secret: :mod:`.smart`.)
 
 The token is fetched from ``token_url`` on first use, shared by every delivery, and fetched again
 ``refresh_margin`` seconds before it expires (or when the sink answers 401 to it). Concurrent
@@ -14,7 +15,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote_plus
 
 import aiohttp
@@ -60,11 +61,41 @@ class ClientCredentials:
                    client_auth=str(block.get("client_auth", "basic")),
                    refresh_margin=float(block.get("refresh_margin", DEFAULT_REFRESH_MARGIN)))
 
+    def token_request(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The token request's form fields and headers (client authentication included)."""
+        form = {"grant_type": "client_credentials"}
+        if self.scope:
+            form["scope"] = self.scope
+        if self.audience:
+            form["audience"] = self.audience
+        headers = {"Accept": "application/json"}
+        if self.client_auth == "post":
+            form.update(client_id=self.client_id, client_secret=self.client_secret)
+        else:  # client_secret_basic: each part form-urlencoded first (RFC 6749 section 2.3.1)
+            pair = f"{quote_plus(self.client_id)}:{quote_plus(self.client_secret)}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        return form, headers
+
+
+class TokenRequest(Protocol):
+    """What :class:`TokenCache` asks a token with: client credentials with a secret
+    (:class:`ClientCredentials`) or a signed JWT assertion (:class:`middleware.delivery.smart.SmartBackend`)."""
+
+    @property
+    def token_url(self) -> str: ...
+
+    @property
+    def refresh_margin(self) -> float: ...
+
+    def token_request(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Form fields and headers of one token request (made anew each time: assertions are single-use)."""
+        ...
+
 
 class TokenCache:
     """Holds one access token and fetches a new one when it is missing, due or refused."""
 
-    def __init__(self, credentials: ClientCredentials, connector: str, retry_on: frozenset[str]) -> None:
+    def __init__(self, credentials: TokenRequest, connector: str, retry_on: frozenset[str]) -> None:
         self.credentials = credentials
         self.connector = connector
         self.retry_on = retry_on
@@ -89,17 +120,7 @@ class TokenCache:
 
     async def _fetch(self, session: aiohttp.ClientSession, timeout: float) -> tuple[str, float]:
         creds = self.credentials
-        form = {"grant_type": "client_credentials"}
-        if creds.scope:
-            form["scope"] = creds.scope
-        if creds.audience:
-            form["audience"] = creds.audience
-        headers = {"Accept": "application/json"}
-        if creds.client_auth == "post":
-            form.update(client_id=creds.client_id, client_secret=creds.client_secret)
-        else:  # client_secret_basic: each part form-urlencoded first (RFC 6749 section 2.3.1)
-            pair = f"{quote_plus(creds.client_id)}:{quote_plus(creds.client_secret)}"
-            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        form, headers = creds.token_request()
         where = f"token endpoint {safe_url(creds.token_url)}"
         self.fetches += 1
         try:

@@ -14,14 +14,12 @@ Transport security: ``tls`` (CA bundle, client certificate for mutual TLS, verif
 
 from __future__ import annotations
 
-import datetime as dt
-import email.utils
 import errno
 import logging
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urljoin
 
 import aiohttp
@@ -98,6 +96,15 @@ def _was_reset(exc: aiohttp.ClientError) -> bool:
     return cause is not None or (isinstance(exc, OSError) and exc.errno == errno.ECONNRESET)
 
 
+class Answer(NamedTuple):
+    """A sink's answer to one request (the body is for the caller to read, never to log)."""
+
+    status: int
+    retry_after: float | None
+    location: str | None
+    body: bytes
+
+
 SPEC: dict[str, Any] = {  # the keys of a connectors/<name>.yaml with type: http
     "type": "object",
     "required": ["url"],
@@ -164,6 +171,18 @@ class HttpConnector(Connector):
             )
 
     async def send(self, delivery: Delivery) -> None:
+        self._ready()
+        headers: dict[str, Any] = {**self.headers, "Content-Type": delivery.content_type,
+                                   "Idempotency-Key": delivery.event_id}
+        if delivery.correlation_id:
+            headers["X-Correlation-ID"] = delivery.correlation_id
+        answer = await self._authorized(self.method, self.url, delivery.body, headers)
+        if 200 <= answer.status < 300:
+            return
+        self._raise_for(answer.status, answer.retry_after, answer.location)
+
+    def _ready(self) -> None:
+        """Refuse work when closing or misconfigured (one clear dead letter); open the pool if needed."""
         if self._closed:  # shutting down after a drain timeout: the message goes back to its queue
             raise EngineStopping(f"{self.name}: connector is closed", hint="the engine is stopping")
         if self._misconfigured:
@@ -172,21 +191,17 @@ class HttpConnector(Connector):
                                      "reports it), then replay the dead letter")
         if self._session is None:
             self._open()
-        assert self._session is not None
-        headers: dict[str, Any] = {**self.headers, "Content-Type": delivery.content_type,
-                                   "Idempotency-Key": delivery.event_id}
-        if delivery.correlation_id:
-            headers["X-Correlation-ID"] = delivery.correlation_id
+
+    async def _authorized(self, method: str, url: str, body: bytes, headers: dict[str, Any]) -> Answer:
+        """:meth:`_exchange` with the token cache's bearer token, once more with a fresh token on a 401."""
         token = await self._authorize(headers)
-        status, retry_after, location = await self._request(delivery.body, headers)
-        if status == 401 and token is not None:  # the token was revoked or expired early: one fresh try
+        answer = await self._exchange(method, url, body, headers)
+        if answer.status == 401 and token is not None:  # the token was revoked or expired early: one fresh try
             assert self.tokens is not None
             self.tokens.refused(token)
             await self._authorize(headers)
-            status, retry_after, location = await self._request(delivery.body, headers)
-        if 200 <= status < 300:
-            return
-        self._raise_for(status, retry_after, location)
+            answer = await self._exchange(method, url, body, headers)
+        return answer
 
     async def _authorize(self, headers: dict[str, Any]) -> str | None:
         """Set ``Authorization: Bearer`` from the token cache; returns the token used (None: no oauth2)."""
@@ -197,17 +212,19 @@ class HttpConnector(Connector):
         headers["Authorization"] = f"Bearer {token}"
         return token
 
-    async def _request(self, body: bytes, headers: dict[str, Any]) -> tuple[int, float | None, str | None]:
-        """One request; returns (status, Retry-After seconds, Location) or raises :class:`DeliveryError`."""
+    async def _exchange(self, method: str, url: str, body: bytes, headers: dict[str, Any]) -> Answer:
+        """One request without following redirects; the answer, or a :class:`DeliveryError` classified
+        by the retry policy (timeouts, connection errors, untrusted certificates, unbuildable requests).
+        Subclasses (``fhir``) send to other URLs of the same sink through it."""
         assert self._session is not None
         retry_on = self.spec.retry.retry_on
-        where = self.describe()
+        where = f"{method} {safe_url(url)}"
         try:
-            async with self._session.request(self.method, self.url, data=body, headers=headers,
+            async with self._session.request(method, url, data=body, headers=headers,
                                              allow_redirects=False) as response:
-                await response.read()  # drain so the connection returns to the pool
-                return (response.status, _retry_after(response.headers.get("Retry-After")),
-                        response.headers.get("Location"))
+                content = await response.read()  # drain so the connection returns to the pool
+                return Answer(response.status, _retry_after(response.headers.get("Retry-After")),
+                              response.headers.get("Location"), content)
         except TimeoutError:
             raise DeliveryError(f"{self.name}: {where} timed out after {self.timeout:g}s",
                                 retryable="timeout" in retry_on,

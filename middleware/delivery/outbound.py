@@ -21,6 +21,7 @@ import orjson
 from middleware.errors import MappingError
 from middleware.formats.json_format import JsonDocument, JsonFormat
 from middleware.mapping import (
+    CONDITION_KEYS,
     Condition,
     FieldRule,
     LookupTable,
@@ -32,7 +33,7 @@ from middleware.mapping import (
 
 EVENT_FORMAT = JsonFormat()
 MAPPED_CONTENT_TYPE = "application/json"
-WHEN_KEYS = frozenset({"type", "equals", "exists", "missing"})
+WHEN_KEYS = (CONDITION_KEYS - {"message_type"}) | {"type"}  # the route condition keys, type for message_type
 
 
 def _event_type_matcher(pattern: str) -> str:

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from middleware.cli import app
+from middleware.delivery import connector_types
 from middleware.errors import ConfigError
 from middleware.project import check_project, load_project
 
@@ -134,7 +135,7 @@ def test_unknown_connector_type_and_missing_url(project: Path) -> None:
     edit(connector, "type: http", "type: htp")
     found = problems(project)
     assert found == [f"connectors/case-management.yaml:{line_of(connector, 'type: htp')}: "
-                     "type: 'htp' is not one of: file, http (did you mean 'http'?)"]
+                     f"type: 'htp' is not one of: {', '.join(sorted(connector_types()))} (did you mean 'http'?)"]
     edit(connector, "type: htp", "type: http")
     edit(connector, "url: ", "uri: ")
     found = problems(project)
