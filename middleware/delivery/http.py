@@ -14,6 +14,8 @@ Transport security: ``tls`` (CA bundle, client certificate for mutual TLS, verif
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import errno
 import logging
 import ssl
