@@ -8,6 +8,8 @@ a temporary file piece by piece. Each measurement runs in a fresh process of its
   - ``publisher``: split + confirmed publish through the one :class:`~middleware.ingest.publisher.Publisher`
     to the ``enrolment-x12`` route's queue on RabbitMQ (the shipped project, its own queue prefix, the
     route's queues deleted afterwards);
+  - ``checkpointed`` (CSV part): the same through ``publish_files`` with a ledger, as the watched folder and
+    ``publish`` run it: the confirmed position checkpointed (and fsynced) as it goes;
   - ``baseline``: the same split, then a bare aio-pika loop publishing each record with publisher
     confirms (256 in flight) to a plain queue: what any publisher on this broker can do at best.
 
@@ -15,6 +17,9 @@ CSV part: a generated payer roster of ``--csv-mb`` megabytes (10 by default; the
 away, too long for the shared development machine), measured the same way through the ``eligibility-batch``
 route (``csv`` format, its trailer checked); its baseline reads the file with a plain ``csv.reader`` and
 publishes each row (as the same JSON object) with the same bare aio-pika confirmed loop.
+
+``--publish-records N`` publishes only about the first N records of the CSV (split still reads all of it):
+the 1 GB roster's memory and rates in minutes (``--members 0 --csv-mb 1024 --publish-records 200000``).
 
 Peak RSS must stay under 200 MB whatever the file size (the splitters read in chunks).
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -74,10 +80,15 @@ def child_split(path: Path) -> dict[str, float]:
     return {"records": records, "seconds": time.perf_counter() - started}
 
 
-async def child_publisher(path: Path, url: str) -> dict[str, float]:
+async def child_publisher(path: Path, url: str, limit: int | None = None,
+                          checkpointed: bool = False) -> dict[str, float]:
+    """Split + confirmed publish through the Publisher; ``checkpointed``: through ``publish_files`` with a
+    ledger, as the watched folder and ``publish`` do (a checkpoint written, and fsynced, per confirm).
+    ``limit``: stop after about that many records (the confirms in flight are still counted)."""
     from middleware import topology
     from middleware.broker import make_broker
-    from middleware.ingest.publisher import Publisher
+    from middleware.ingest.ledger import Ledger
+    from middleware.ingest.publisher import Published, Publisher, publish_files
     from middleware.project import load_project
     from middleware.topology import Topology
 
@@ -89,9 +100,25 @@ async def child_publisher(path: Path, url: str) -> dict[str, float]:
     try:
         publisher = Publisher(broker, route, project.settings, window=WINDOW)
         await publisher.declare()
+        stop = asyncio.Event()
+        confirmed = 0
+
+        def count(*_: Path | Published) -> None:
+            nonlocal confirmed
+            confirmed += 1
+            if limit is not None and confirmed >= limit:
+                stop.set()
+
         started = time.perf_counter()
-        with path.open("rb") as stream:
-            result = await publisher.publish_stream(stream, source="bench", name=path.name)
+        if checkpointed:
+            with tempfile.TemporaryDirectory() as ledger:
+                files = await publish_files(publisher, [path], stop=stop, ledger=Ledger(Path(ledger)),
+                                            source="bench", on_published=count)
+            result = files[0].result
+        else:
+            with path.open("rb") as stream:
+                result = await publisher.publish_stream(stream, source="bench", name=path.name, stop=stop,
+                                                        on_published=count)
         seconds = time.perf_counter() - started
     finally:
         await topology.delete(broker, Topology.of([route], prefix))
@@ -99,7 +126,7 @@ async def child_publisher(path: Path, url: str) -> dict[str, float]:
     return {"records": result.published, "seconds": seconds}
 
 
-async def child_baseline(path: Path, url: str) -> dict[str, float]:
+async def child_baseline(path: Path, url: str, limit: int | None = None) -> dict[str, float]:
     import aio_pika
 
     queue_name = f"bench-{uuid.uuid4().hex[:8]}.{path.suffix[1:]}-baseline"
@@ -110,7 +137,7 @@ async def child_baseline(path: Path, url: str) -> dict[str, float]:
         await channel.declare_queue(queue_name, durable=True)
         in_flight: set[asyncio.Future[object]] = set()
         started = time.perf_counter()
-        for raw, headers in _baseline_records(path):
+        for raw, headers in itertools.islice(_baseline_records(path), limit):
                 message = aio_pika.Message(raw, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
                 in_flight.add(asyncio.ensure_future(channel.default_exchange.publish(message, routing_key=queue_name)))
                 published += 1
@@ -144,9 +171,31 @@ def _baseline_records(path: Path) -> Iterator[tuple[bytes, dict[str, Any]]]:
                 yield record.raw, dict(record.headers)
 
 
-def run_child(kind: str, path: Path, url: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--file", str(path), "--url", url],
-                         capture_output=True, text=True, check=False)
+def checkpoint_cost(records: int) -> list[tuple[str, int, float, int]]:
+    """Seconds to checkpoint ``records`` confirms one by one (as ``publish_files`` does), without fsync, with
+    the default fdatasync interval and with one fdatasync per confirm (2,000 at most: slow):
+    (label, confirms, seconds, syncs)."""
+    from middleware.ingest.ledger import SYNC_INTERVAL, Checkpoint
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for label, interval, count in (("fsync at close only", float("inf"), records),
+                                       (f"fsync every {SYNC_INTERVAL * 1000:.0f} ms", SYNC_INTERVAL, records),
+                                       ("fsync every confirm", 0.0, min(records, 2_000))):
+            point = Checkpoint(Path(folder) / label.replace(" ", "-"), sync_interval=interval)
+            started = time.perf_counter()
+            for position in range(1, count + 1):
+                point.advance(position)
+            point.remove()
+            rows.append((label, count, time.perf_counter() - started, point.syncs))
+    return rows
+
+
+def run_child(kind: str, path: Path, url: str, limit: int | None = None) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", kind, "--file", str(path), "--url", url]
+    if limit is not None and kind != "split":  # split always reads the whole file
+        command += ["--publish-records", str(limit)]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{out.stderr}")
     result: dict[str, float] = json.loads(out.stdout.splitlines()[-1])
@@ -174,7 +223,7 @@ def x12_section(members: int, url: str, with_broker: bool) -> bool:
         return ok
 
 
-def csv_section(megabytes: float, url: str, with_broker: bool) -> bool:
+def csv_section(megabytes: float, url: str, with_broker: bool, limit: int | None = None) -> bool:
     """Print the CSV rows; False when a peak RSS is over the limit."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "roster-bench.csv"
@@ -191,13 +240,19 @@ def csv_section(megabytes: float, url: str, with_broker: bool) -> bool:
             writer.writerow(["TRAILER", rows])
         print(f"CSV roster, {rows:,} rows, {path.stat().st_size / 1e6:.1f} MB")
         print(f"  {'measure':<12} {'records':>9} {'seconds':>8} {'records/s':>10} {'peak RSS MB':>12}")
+        if limit is not None:
+            print(f"  (split reads the whole file; the others publish its first ~{limit:,} records)")
         ok = True
-        for kind in ["split", *(["publisher", "baseline"] if with_broker else [])]:
-            result = run_child(kind, path, url)
+        for kind in ["split", *(["publisher", "checkpointed", "baseline"] if with_broker else [])]:
+            result = run_child(kind, path, url, limit)
             rate = result["records"] / result["seconds"]
             print(f"  {kind:<12} {int(result['records']):>9,} {result['seconds']:>8.1f} {rate:>10,.0f} "
                   f"{result['peak_rss_mb']:>12.0f}")
             ok = ok and result["peak_rss_mb"] < RSS_LIMIT_MB
+        # what "checkpointed" adds, without the broker's noise: the checkpoint writes alone
+        for label, count, seconds, syncs in checkpoint_cost(min(rows, 50_000)):
+            print(f"  checkpoint, {label:<20} {count:>7,} confirms {seconds:6.2f} s "
+                  f"({seconds / count * 1e6:7.1f} µs each, {syncs:,} fdatasyncs)")
         return ok
 
 
@@ -219,16 +274,21 @@ def main() -> None:
     parser.add_argument("--csv-mb", type=float, default=10.0,
                         help="size of the generated CSV roster in MB (0: no CSV part)")
     parser.add_argument("--url", default=os.environ.get("MIDDLEWARE_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"))
-    parser.add_argument("--child", choices=["split", "publisher", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--publish-records", type=int, default=None, metavar="N",
+                        help="CSV part: publish only about the first N records (split still reads the whole "
+                             "file): the 1 GB file's memory and rates in minutes instead of hours")
+    parser.add_argument("--child", choices=["split", "publisher", "checkpointed", "baseline"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         if args.child == "split":
             result = child_split(args.file)
-        elif args.child == "publisher":
-            result = asyncio.run(child_publisher(args.file, args.url))
+        elif args.child in ("publisher", "checkpointed"):
+            result = asyncio.run(child_publisher(args.file, args.url, args.publish_records,
+                                                 checkpointed=args.child == "checkpointed"))
         else:
-            result = asyncio.run(child_baseline(args.file, args.url))
+            result = asyncio.run(child_baseline(args.file, args.url, args.publish_records))
         print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
         return
     with_broker = asyncio.run(rabbitmq_answers(args.url))
@@ -236,7 +296,7 @@ def main() -> None:
         print(f"RabbitMQ does not answer at {args.url}: split only")
     ok = x12_section(args.members, args.url, with_broker) if args.members > 0 else True
     if args.csv_mb > 0:
-        ok = csv_section(args.csv_mb, args.url, with_broker) and ok
+        ok = csv_section(args.csv_mb, args.url, with_broker, args.publish_records) and ok
     if not ok:
         raise SystemExit(f"peak RSS over {RSS_LIMIT_MB} MB")
 

@@ -40,7 +40,7 @@ from middleware import project_schema
 from middleware.broker.base import Broker
 from middleware.errors import ParseError
 from middleware.ingest import FolderListener, GatewayContext, register
-from middleware.ingest.ledger import Ledger
+from middleware.ingest.ledger import Ledger, fsync_dir
 from middleware.ingest.publisher import FileResult, Published, Publisher, publish_files
 from middleware.observe import Metrics
 from middleware.project import Settings
@@ -324,8 +324,13 @@ class FolderGateway:
         os.replace(path, target)
         report_path = target.with_name(target.name + REPORT_SUFFIX)
         tmp = report_path.with_name("." + report_path.name + ".tmp")
-        tmp.write_bytes(report.to_json())
+        with tmp.open("wb") as out:
+            out.write(report.to_json())
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, report_path)
+        fsync_dir(folder)  # the file and its report are there after a power loss, and gone from where they were
+        fsync_dir(path.parent)
 
 
 def folder_status(listener: FolderListener) -> dict[str, Any]:
