@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from middleware import __version__
-from middleware.cli import demo, dlq, inspect, publish, routetest, run, schemas, status, transform, validate
+from middleware.cli import demo, dlq, inspect, publish, routetest, run, schemas, status, trace, transform, validate
 
 app = typer.Typer(
     name="middleware",
@@ -14,7 +14,7 @@ app = typer.Typer(
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
 )
-for module in (run, demo, publish, validate, transform, routetest, inspect, dlq, status, schemas):
+for module in (run, demo, publish, validate, transform, routetest, inspect, dlq, status, trace, schemas):
     module.register(app)
 
 

@@ -211,11 +211,16 @@ class PostgresStore(SqlStore):
             self._db.close()
 
 
-def open_store(url: str) -> SqlStore:
-    """The store for a ``journal.url``: ``sqlite:///<absolute path>`` or ``postgresql://...``."""
+def open_store(url: str, *, create: bool = True) -> SqlStore:
+    """The store for a ``journal.url``: ``sqlite:///<absolute path>`` or ``postgresql://...``. With
+    ``create`` false (readers: trace, status), a SQLite file that does not exist is a JournalError."""
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
-        return SqliteStore(Path(url[len("sqlite:///"):]))
+        path = Path(url[len("sqlite:///"):])
+        if not create and not path.exists():
+            raise JournalError(f"no journal at {path} yet", hint="it is written by `middleware run` (journal: in "
+                                                                 "config/middleware.yaml)")
+        return SqliteStore(path)
     if scheme in ("postgresql", "postgres"):
         try:
             return PostgresStore(url)
