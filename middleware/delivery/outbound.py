@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,14 +84,39 @@ def compile_when(spec: Any) -> DeliveryFilter:
 
 @dataclass(frozen=True)
 class OutboundMap:
-    """A compiled outbound ``map:``: target path in the outgoing document -> source over the CloudEvent."""
+    """A compiled outbound ``map:``: target path in the outgoing document -> source over the CloudEvent.
+    A target step may carry an index (``identifier[0].value``) to build a list."""
 
     rules: tuple[FieldRule, ...]
 
     def apply(self, event: Mapping[str, Any] | JsonDocument, tz: dt.tzinfo | None = None) -> dict[str, Any]:
         """The outgoing document; raises :class:`MappingError` (stage ``map``) naming the target."""
         doc = event if isinstance(event, JsonDocument) else JsonDocument(event)
-        return apply_rules(self.rules, doc, tz=tz)
+        built: dict[str, Any] = _lists(apply_rules(self.rules, doc, tz=tz))
+        return built
+
+
+_INDEXED = re.compile(r"^(.+)\[(\d+)\]$")
+
+
+def _lists(node: Any) -> Any:
+    """Targets with an index (``identifier[0].value``, ``name[0].given[1]``) become list items, in index
+    order (gaps closed): the outgoing document may need lists that the event does not have."""
+    if isinstance(node, list):
+        return [_lists(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    indexed: dict[str, dict[int, Any]] = {}
+    for key, value in node.items():
+        match = _INDEXED.match(key)
+        if match:
+            indexed.setdefault(match.group(1), {})[int(match.group(2))] = _lists(value)
+        else:
+            out[key] = _lists(value)
+    for key, items in indexed.items():
+        out[key] = [items[i] for i in sorted(items)]
+    return out
 
 
 def compile_map(spec: Any, lookups: Mapping[str, LookupTable] | None = None) -> OutboundMap:

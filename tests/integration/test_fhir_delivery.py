@@ -110,6 +110,8 @@ async def test_a01_and_a03_end_as_patient_and_encounter_and_a_rejected_update_de
         await message.ack()
         assert (letter.stage, letter.connector, letter.attempts) == ("deliver", "fhir-mapped", 1)
         assert "answered HTTP 422: OperationOutcome error/invalid: Patient.birthDate" in letter.error
+        assert ("PUT", "/fhir/Patient?identifier=urn:x%7CMRN-5120") in [(m, p) for m, p, _ in server.requests] or \
+            ("PUT", "/fhir/Patient?identifier=urn:x|MRN-5120") in [(m, p) for m, p, _ in server.requests]
         patient_data = ("MRN-5120", "Brien", "1999")
         logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
         assert "dead-lettered" in logged and not any(value in logged for value in patient_data)
