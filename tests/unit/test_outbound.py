@@ -75,7 +75,8 @@ def test_outbound_map_builds_the_outgoing_document_from_event_paths() -> None:
 def test_indexed_targets_build_lists_in_index_order() -> None:
     mapping = compile_map({"identifier[1].value": "id", "identifier[0].system": {"value": "urn:mrn"},
                            "identifier[0].value": "data.patient.mrn", "name[0].given[0]": "data.patient.name.given",
-                           "name[0].given[2]": "data.patient.name.middle", "name[0].family": "data.patient.name.family"})
+                           "name[0].given[2]": "data.patient.name.middle",
+                           "name[0].family": "data.patient.name.family"})
     assert mapping.apply(ADMITTED) == {"identifier": [{"system": "urn:mrn", "value": "MRN-1"}, {"value": "e-1"}],
                                        "name": [{"given": ["Jane"], "family": "Doe"}]}
 
