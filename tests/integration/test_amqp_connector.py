@@ -13,10 +13,16 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from middleware.broker import naming
+from middleware.broker.base import Broker, OutgoingMessage
 from middleware.delivery import ConnectorSpec, Delivery, RetryPolicy
 from middleware.delivery.amqp import AmqpConnector, routing_key
 from middleware.delivery.base import connector_problems
+from middleware.engine import Engine
 from middleware.errors import DeliveryError
+from middleware.project import Project
+
+from .conftest import REPO
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -61,8 +67,8 @@ async def connectors(amqp_url: str) -> AsyncIterator[Callable[..., AmqpConnector
         await connector.close()
 
 
-async def take(channel: AbstractChannel, queue: str) -> AbstractIncomingMessage:
-    for _ in range(50):
+async def take(channel: AbstractChannel, queue: str, tries: int = 50) -> AbstractIncomingMessage:
+    for _ in range(tries):
         message = await (await channel.get_queue(queue, ensure=False)).get(fail=False)
         if message is not None:
             await message.ack()
@@ -165,3 +171,24 @@ def test_tls_with_a_plain_amqp_url_is_reported_by_validate() -> None:
     [(key, message)] = connector_problems("amqp", {"url": "amqp://h/", "exchange": "x", "tls": {"verify": True}})
     assert key == ("tls",)
     assert "amqps://" in message
+
+
+async def test_the_engine_delivers_a_routes_events_to_the_exchange(
+        rabbit_project: Project, broker: Broker, downstream: dict[str, str], channel: AbstractChannel,
+        amqp_url: str) -> None:
+    bus = ConnectorSpec("bed-board", "amqp", {"url": amqp_url, "exchange": downstream["exchange"]}, retry=FAST)
+    engine = Engine(rabbit_project, connector_specs={"bed-board": bus}, gateways=False)
+    await engine.start()
+    try:
+        queue = naming.inbound_queue(rabbit_project.routes["adt-inbound"].source_queue,
+                                     rabbit_project.settings.queue_prefix)
+        raw = (REPO / "samples" / "adt-inbound" / "a01-admit.hl7").read_bytes()
+        await broker.publish(OutgoingMessage(raw, correlation_id="it-amqp"), queue=queue)
+        message = await take(channel, downstream["queue"], tries=400)
+    finally:
+        await engine.stop()
+    event = json.loads(message.body)
+    assert event["type"] == message.type == message.routing_key == "patient.admitted.v1"
+    assert message.message_id == event["id"]
+    assert message.correlation_id == "it-amqp"
+    assert message.headers["x-mw-route"] == "adt-inbound"
