@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from middleware import topology
 from middleware.broker import make_broker
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage
+from middleware.delivery import ordered as ordered_delivery
 from middleware.delivery.base import Connector, ConnectorSpec, make_connector
 from middleware.delivery.breaker import ConnectorGate
+from middleware.delivery.ordered import OrderedDeliveryWorker
 from middleware.ingest import Gateway, GatewayContext, make_gateway
 from middleware.journal import open_journal
 from middleware.journal.hooks import attach as attach_journal
@@ -104,6 +106,14 @@ class Engine:
         prefetch, prefix, tz = self.settings.prefetch, self.settings.queue_prefix, self.settings.tz
         for route in self.project.routes.values():
             for rule in route.deliver:
+                if rule.ordering is not None:  # one consumer per partition queue, one message at a time
+                    for partition in range(rule.ordering.partitions):
+                        ordered = OrderedDeliveryWorker(route, self.connectors[rule.connector], self.broker,
+                                                        self.metrics, partition=partition, retry=rule.retry,
+                                                        prefix=prefix, delivery_limit=self.settings.delivery_limit)
+                        ordered.journal = self.journal
+                        await self._consume(ordered.queue, ordered.handle, ordered_delivery.PREFETCH)
+                    continue
                 worker = DeliveryWorker(route, self.connectors[rule.connector], self.broker, self.metrics,
                                         retry=rule.retry, prefix=prefix, delivery_limit=self.settings.delivery_limit)
                 worker.journal = self.journal
@@ -118,7 +128,11 @@ class Engine:
             route_worker = RouteWorker(route, self.broker, self.metrics, prefix=prefix, tz=tz,
                                        delivery_limit=self.settings.delivery_limit)
             route_worker.journal = self.journal
-            await self._consume(route_worker.queue, route_worker.handle, prefetch)
+            if route_worker.ordered:  # events leave in the order messages came in (middleware.ordering)
+                await self._consume(route_worker.queue, ordered_delivery.in_place(route_worker.handle),
+                                    ordered_delivery.PREFETCH)
+            else:
+                await self._consume(route_worker.queue, route_worker.handle, prefetch)
         self.sla.start()
         log.info("engine started", extra={"routes": sorted(self.project.routes), "broker": safe_url(self.broker.url)})
 

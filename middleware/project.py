@@ -33,6 +33,7 @@ from middleware.journal.config import JournalSettings, Sla
 from middleware.mapcheck import check_map
 from middleware.mapping import LookupTable, SpecError, compile_condition, compile_field
 from middleware.observe import mask_secrets
+from middleware.ordering import Ordering, ordering_problems
 from middleware.route import DeliveryRule, EventRule, Route, subject_placeholders
 from middleware.schemas import SchemaRegistry
 from middleware.spec import components
@@ -126,11 +127,13 @@ class _Loader:
         self.offline = offline  # nothing will be delivered: connectors' unset ${VAR}s do not matter
         self.problems: list[Problem] = []
         self.broken_connectors: set[str] = set()  # declared, but their file has problems
+        self.broker_url: str | None = None  # the broker ordered deliveries will meet (None offline)
 
     def load(self) -> tuple[Project | None, list[Problem]]:
         if not self.root.is_dir():
             return None, [Problem(str(self.root), 1, "project folder does not exist")]
         settings = self._settings()
+        self.broker_url = settings.broker_url if settings is not None and not self.offline else None
         schemas = SchemaRegistry.load(self.root / "schemas", self.root)
         self.problems += schemas.problems
         lookups = self._lookups()
@@ -431,7 +434,8 @@ class _Loader:
         for path in sorted((self.root / "routes").glob("*.yaml")):
             doc = self._read(path, schema)
             if not doc.problems:
-                route = _RouteCompiler(doc, schemas, lookups, connectors, self.broken_connectors).compile()
+                route = _RouteCompiler(doc, schemas, lookups, connectors, self.broken_connectors,
+                                       broker_url=self.broker_url).compile()
                 for name, seen, what in ((route.name, routes, "route name"),
                                          (route.source_queue, queues, "source queue")):
                     if name in seen:
@@ -504,9 +508,11 @@ class _RouteCompiler:
     """Compiles one schema-valid route document, recording problems on it."""
 
     def __init__(self, doc: YamlDoc, schemas: SchemaRegistry, lookups: Mapping[str, LookupTable],
-                 connectors: Mapping[str, ConnectorSpec], broken_connectors: set[str]) -> None:
+                 connectors: Mapping[str, ConnectorSpec], broken_connectors: set[str], *,
+                 broker_url: str | None = None) -> None:
         self.doc = doc
         self.broken_connectors = broken_connectors
+        self.broker_url = broker_url  # ordered deliveries need RabbitMQ (None: offline, not checked)
         self.data: dict[str, Any] = doc.data
         self.schemas = schemas
         self.lookups = lookups
@@ -595,7 +601,18 @@ class _RouteCompiler:
                                                        f"{_did_you_mean(name, sorted(self.connectors))}")
         retry = _retry_policy(spec["retry"], connector.retry) if connector and "retry" in spec else None
         retry = retry or (connector.retry if connector else None)  # the effective policy: topology reads its delays
-        return DeliveryRule(name, retry, outbound=self._outbound(index, spec))
+        return DeliveryRule(name, retry, outbound=self._outbound(index, spec), ordering=self._ordering(index, spec))
+
+    def _ordering(self, index: int, spec: dict[str, Any]) -> Ordering | None:
+        """A deliver entry's ``ordering:`` block (:mod:`middleware.ordering`), problems at their line."""
+        if "ordering" not in spec:
+            return None
+        ordering = Ordering.of(spec["ordering"])
+        events = self.data["events"]
+        for key, message in ordering_problems(ordering, [list(e["map"]) for e in events],
+                                              [bool(e.get("subject")) for e in events], self.broker_url):
+            self.doc.problem(("deliver", index, "ordering", *key), message)
+        return ordering
 
     def _outbound(self, index: int, spec: dict[str, Any]) -> Outbound | None:
         """A deliver entry's ``when:`` and ``map:`` (paths over the CloudEvent), problems at their line."""

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from middleware.durations import DURATION, DURATION_OR_FOREVER
+from middleware.ordering import SCHEMA as ORDERING
 
 NAME: dict[str, Any] = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"}
 _CONDITION = {"type": "object"}  # keys are checked by middleware.mapping.compile_condition
@@ -229,7 +230,8 @@ def route_schema(formats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                     "properties": {"to": NAME, "retry": RETRY,
                                    "when": _CONDITION,  # checked by middleware.delivery.outbound.compile_when
                                    "map": {"type": "object", "minProperties": 1,
-                                           "additionalProperties": {"type": ["string", "object"]}}},
+                                           "additionalProperties": {"type": ["string", "object"]}},
+                                   "ordering": ORDERING},  # checked by middleware.ordering.ordering_problems
                 },
             },
         },

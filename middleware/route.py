@@ -27,6 +27,7 @@ from middleware.errors import (
 )
 from middleware.formats import Format, SplitInfo
 from middleware.mapping import Condition, FieldRule, Template, apply_rules, data_get
+from middleware.ordering import Ordering
 from middleware.schemas import EventSchema
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ class DeliveryRule:
     connector: str
     retry: RetryPolicy | None = None
     outbound: Outbound | None = None
+    ordering: Ordering | None = None  # ``ordering:``: per-key order through partition queues
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from middleware.broker import naming
 from middleware.broker.base import Broker
 from middleware.delivery.base import RetryPolicy
+from middleware.ordering import Ordering
 
 if TYPE_CHECKING:
     from middleware.route import Route
@@ -29,7 +30,9 @@ class RouteTopology:
 
     ``deliveries`` maps each connector the route delivers to onto its delivery queue, in the
     route's ``deliver:`` order; ``delays`` maps it onto its retry policy's delay tiers (seconds),
-    one delay queue each.
+    one delay queue each. An ordered delivery (``ordered``: connector -> its ordering) has no
+    delivery queue: a consistent-hash exchange bound to the events exchange feeds its partition
+    queues, one active consumer each; the route's inbound queue is then single-active-consumer too.
     """
 
     route: str
@@ -39,6 +42,7 @@ class RouteTopology:
     deliveries: Mapping[str, str]
     dead_letter: str
     delays: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    ordered: Mapping[str, Ordering] = field(default_factory=dict)
 
     @classmethod
     def of(cls, route: Route, prefix: str = "") -> RouteTopology:
@@ -47,7 +51,8 @@ class RouteTopology:
                    inbound=naming.inbound_queue(route.source_queue, prefix),
                    exchange=naming.events_exchange(prefix),
                    deliveries={rule.connector: naming.delivery_queue(route.name, rule.connector, prefix)
-                               for rule in route.deliver},
+                               for rule in route.deliver if rule.ordering is None},
+                   ordered={rule.connector: rule.ordering for rule in route.deliver if rule.ordering is not None},
                    dead_letter=naming.dead_letter_queue(route.name, prefix),
                    delays={rule.connector: (rule.retry or RetryPolicy()).delays for rule in route.deliver})
 
@@ -70,14 +75,30 @@ class RouteTopology:
         return [(seconds, self.delay(connector, seconds)) for seconds in sorted(set(self.delays.get(connector, ())))]
 
     def partition(self, connector: str, partition: int) -> str:
-        """Partition queue ``partition`` of an ordered delivery to ``connector``."""
-        self.delivery(connector)
+        """Partition queue ``partition`` of an ordered delivery to ``connector`` (``KeyError`` if the
+        route does not deliver there)."""
+        if connector not in self.ordered:
+            self.delivery(connector)
         return naming.partition_queue(self.route, connector, partition, self.prefix)
+
+    def partition_queues(self, connector: str) -> list[str]:
+        """Every partition queue of the ordered delivery to ``connector``, ``.p0`` first."""
+        return [self.partition(connector, n) for n in range(self.ordered[connector].partitions)]
+
+    def partition_exchange(self, connector: str) -> str:
+        """The consistent-hash exchange of the ordered delivery to ``connector``."""
+        self.ordered[connector]  # an unordered or unknown connector is a KeyError
+        return naming.partition_exchange(self.route, connector, self.prefix)
+
+    @property
+    def exchanges(self) -> list[str]:
+        """The consistent-hash exchanges of the route's ordered deliveries (the events exchange is shared)."""
+        return [self.partition_exchange(connector) for connector in self.ordered]
 
     @property
     def work_queues(self) -> list[str]:
-        """Queues that workers consume: inbound, then each delivery queue."""
-        return [self.inbound, *self.deliveries.values()]
+        """Queues that workers consume: inbound, then each delivery queue, then each partition queue."""
+        return [self.inbound, *self.deliveries.values(), *(q for c in self.ordered for q in self.partition_queues(c))]
 
     @property
     def queues(self) -> list[str]:
@@ -117,8 +138,8 @@ class Topology:
 
     @property
     def exchanges(self) -> list[str]:
-        """Every exchange the routes declare."""
-        return [naming.events_exchange(self.prefix)]
+        """Every exchange the routes declare (the events exchange, ordered deliveries' hash exchanges)."""
+        return [naming.events_exchange(self.prefix), *(exchange for route in self for exchange in route.exchanges)]
 
 
 async def declare(broker: Broker, topology: RouteTopology, delivery_limit: int) -> None:
@@ -128,7 +149,8 @@ async def declare(broker: Broker, topology: RouteTopology, delivery_limit: int) 
     queue carries the same arguments (RabbitMQ refuses a redeclaration with different ones).
     """
     await broker.declare_queue(topology.dead_letter, kind="dead-letter")
-    await broker.declare_queue(topology.inbound, kind="work", dead_letter_to=topology.dead_letter,
+    inbound_kind = "ordered" if topology.ordered else "work"  # per-key order starts at the route worker
+    await broker.declare_queue(topology.inbound, kind=inbound_kind, dead_letter_to=topology.dead_letter,
                                delivery_limit=delivery_limit)
     await broker.declare_exchange(topology.exchange)
     for queue in topology.deliveries.values():
@@ -138,6 +160,14 @@ async def declare(broker: Broker, topology: RouteTopology, delivery_limit: int) 
     for connector, queue in topology.deliveries.items():
         for seconds, delay in topology.delay_queues(connector):  # a parked delivery waits there, then returns
             await broker.declare_queue(delay, kind="delay", dead_letter_to=queue, message_ttl=seconds)
+    for connector, ordering in topology.ordered.items():  # events -> hash exchange (by key header) -> partitions
+        exchange = topology.partition_exchange(connector)
+        await broker.declare_exchange(exchange, hash_header=ordering.header)
+        await broker.bind_exchange(exchange, topology.exchange, topology.binding_key)
+        for queue in topology.partition_queues(connector):
+            await broker.declare_queue(queue, kind="ordered", dead_letter_to=topology.dead_letter,
+                                       delivery_limit=delivery_limit)
+            await broker.bind(queue, exchange, "1")  # equal weights: keys spread evenly
 
 
 async def delete(broker: Broker, topology: Topology) -> list[str]:

@@ -33,6 +33,7 @@ from middleware.errors import BrokerError, DeliveryError, EngineStopping, Mappin
 from middleware.journal import NULL_JOURNAL, NullJournal
 from middleware.journal import hooks as journal_hooks
 from middleware.observe import Metrics
+from middleware.ordering import order_headers
 from middleware.route import MessageContext, Route, transform
 
 log = logging.getLogger("middleware.worker")
@@ -68,6 +69,7 @@ class RouteWorker:
         self.queue = naming.inbound_queue(route.source_queue, prefix)
         self.dead_letter_queue = naming.dead_letter_queue(route.name, prefix)
         self.exchange = naming.events_exchange(prefix)
+        self.ordered = any(rule.ordering for rule in route.deliver)  # keep events in order (middleware.ordering)
 
     async def handle(self, message: IncomingMessage) -> None:
         """Process one inbound message; raises only if the broker failed (message is then redelivered),
@@ -113,7 +115,11 @@ class RouteWorker:
             log.info("filtered", extra={"route": name, "correlation_id": outcome.correlation_id,
                                         "message_type": outcome.message_type})
             return
-        await asyncio.gather(*(self._publish(event) for event in outcome.events))
+        if self.ordered:  # one at a time: a message's events reach the partitions in their order
+            for event in outcome.events:
+                await self._publish(event)
+        else:
+            await asyncio.gather(*(self._publish(event) for event in outcome.events))
         await message.ack()
         for event in outcome.events:
             self.metrics.events.labels(name, event["type"]).inc()
@@ -127,7 +133,8 @@ class RouteWorker:
         await self.broker.publish(
             OutgoingMessage(
                 body=orjson.dumps(event),
-                headers={"x-mw-route": self.route.name, "x-mw-event-type": event_type},
+                headers={"x-mw-route": self.route.name, "x-mw-event-type": event_type,
+                         **order_headers(self.route.deliver, event)},
                 correlation_id=str(event["correlationid"]),
                 message_id=str(event["id"]),
                 content_type=EVENT_CONTENT_TYPE,

@@ -231,11 +231,13 @@ class AmqpBroker(Broker):
             arguments = {"x-queue-type": "quorum", "x-message-ttl": int(message_ttl * 1000),
                          "x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead_letter_to,
                          "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
-        elif kind == "work":
+        elif kind in ("work", "ordered"):
             arguments = {"x-queue-type": "quorum", "x-delivery-limit": delivery_limit}
             if dead_letter_to:
                 arguments.update({"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead_letter_to,
                                   "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+            if kind == "ordered":  # one consumer at a time across every engine: per-key order
+                arguments["x-single-active-consumer"] = True
         else:
             raise ValueError(f"unknown queue kind {kind!r}")
         try:
@@ -245,8 +247,21 @@ class AmqpBroker(Broker):
             raise BrokerError(f"queue {name!r} exists with other settings: {exc}",
                               hint="delete the queue (after draining it) or use another broker.queue_prefix") from None
 
-    async def declare_exchange(self, name: str) -> None:
-        await self.channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+    async def declare_exchange(self, name: str, *, hash_header: str | None = None) -> None:
+        if hash_header is None:
+            await self.channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+            return
+        try:
+            await self.channel.declare_exchange(name, "x-consistent-hash", durable=True,
+                                                arguments={"hash-header": hash_header})
+        except aiormq.exceptions.ConnectionCommandInvalid as exc:  # unknown exchange type: the plugin is off
+            raise BrokerError(f"cannot declare the consistent-hash exchange {name!r} of an ordered delivery: {exc}",
+                              hint="enable the plugin: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
+                              ) from None
+
+    async def bind_exchange(self, destination: str, source: str, routing_key: str) -> None:
+        target = await self.channel.get_exchange(destination, ensure=False)
+        await target.bind(source, routing_key)
 
     async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
         target = await self.channel.get_queue(queue, ensure=False)

@@ -117,11 +117,18 @@ class Broker:
         limit that dead-letters poison messages to ``dead_letter_to``), ``dead-letter``
         (classic durable, so it can be browsed without counting deliveries) or ``delay`` (nobody
         consumes it: each message goes to queue ``dead_letter_to`` ``message_ttl`` seconds after
-        it was published)."""
+        it was published). ``ordered`` is a ``work`` queue with a single active consumer across
+        every engine (ordered deliveries' partitions and their route's inbound queue)."""
         raise NotImplementedError
 
-    async def declare_exchange(self, name: str) -> None:
-        """Declare a durable topic exchange."""
+    async def declare_exchange(self, name: str, *, hash_header: str | None = None) -> None:
+        """Declare a durable topic exchange; with ``hash_header``, a consistent-hash exchange that
+        sends each message to one bound queue by the hash of that header's value (RabbitMQ's
+        ``rabbitmq_consistent_hash_exchange`` plugin; the embedded broker refuses it)."""
+        raise NotImplementedError
+
+    async def bind_exchange(self, destination: str, source: str, routing_key: str) -> None:
+        """Route messages published to exchange ``source`` with a matching key into exchange ``destination``."""
         raise NotImplementedError
 
     async def bind(self, queue: str, exchange: str, routing_key: str) -> None:

@@ -465,7 +465,7 @@ class KombuBroker(Broker):
 
     async def declare_queue(self, name: str, *, kind: str = "work", dead_letter_to: str | None = None,
                             delivery_limit: int = 10, message_ttl: float | None = None) -> None:
-        if kind not in ("work", "dead-letter", "delay"):
+        if kind not in ("work", "dead-letter", "delay", "ordered"):  # ordered: one consumer here anyway
             raise ValueError(f"unknown queue kind {kind!r}")
         if kind == "delay" and (not dead_letter_to or message_ttl is None):
             raise ValueError("a delay queue needs dead_letter_to and message_ttl")
@@ -473,12 +473,20 @@ class KombuBroker(Broker):
                                         message_ttl if kind == "delay" else None)
         await self._run(lambda: Queue(name, durable=True, no_declare=False)(self._channel).declare())
 
-    async def declare_exchange(self, name: str) -> None:
+    async def declare_exchange(self, name: str, *, hash_header: str | None = None) -> None:
+        if hash_header is not None:
+            raise BrokerError(f"the embedded broker has no consistent-hash exchange for {name!r}: ordered "
+                              "deliveries need RabbitMQ", hint="set broker.url (or MIDDLEWARE_BROKER_URL) to an "
+                              "amqp:// URL, or remove ordering: from the route's deliver entry")
         self._exchanges.add(name)
         await self._run(lambda: Exchange(name, type="topic", durable=True)(self._channel).declare())
 
     async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
         await self._run(self._channel.queue_bind, queue, exchange, routing_key)
+
+    async def bind_exchange(self, destination: str, source: str, routing_key: str) -> None:
+        raise BrokerError("the embedded broker cannot bind an exchange to an exchange",
+                          hint="ordered deliveries need RabbitMQ (amqp://)")
 
     # -- messages -------------------------------------------------------------------------------
 
@@ -610,7 +618,6 @@ class KombuBroker(Broker):
                                                    message.content_type or "application/octet-stream"),
                                    "", args.dead_letter_to)
                 self._settle_sync(message, None)
-
 
     def _take_consumer_lock(self) -> None:
         assert self._folder is not None

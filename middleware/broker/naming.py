@@ -7,7 +7,8 @@ With ``prefix`` "" (the default) the names are:
 - delivery queue: ``<route>.to.<connector>``, e.g. ``adt-inbound.to.case-management``;
 - delay queue: ``<route>.to.<connector>.delay.<seconds>`` (a retry waits there, then returns to the
   delivery queue);
-- partition queue: ``<route>.to.<connector>.p<n>`` (ordered deliveries, one consumer each);
+- partition queue: ``<route>.to.<connector>.p<n>`` (ordered deliveries, one consumer each), fed by
+  the consistent-hash exchange ``<route>.to.<connector>.partitions``;
 - dead-letter queue: ``<route>.dlq``, one per route, whatever the stage that failed.
 
 A prefix (config ``broker.queue_prefix`` or ``MIDDLEWARE_QUEUE_PREFIX``) is put in front of all
@@ -54,3 +55,8 @@ def delay_queue(route: str, connector: str, seconds: int, prefix: str = "") -> s
 def partition_queue(route: str, connector: str, partition: int, prefix: str = "") -> str:
     """Partition ``partition`` of an ordered delivery (consistent-hash exchange in front)."""
     return f"{delivery_queue(route, connector, prefix)}.p{partition}"
+
+
+def partition_exchange(route: str, connector: str, prefix: str = "") -> str:
+    """The consistent-hash exchange in front of an ordered delivery's partition queues."""
+    return f"{delivery_queue(route, connector, prefix)}.partitions"

@@ -110,6 +110,8 @@ def route_queues(project: Project) -> list[RouteStatus]:
         for connector, queue in route.deliveries.items():
             queues.append(QueueStatus(queue, "delivery", connector))
             queues += [QueueStatus(delay, "delay", connector) for _, delay in route.delay_queues(connector)]
+        for connector in route.ordered:  # an ordered delivery: its partition queues, no delivery queue
+            queues += [QueueStatus(queue, "delivery", connector) for queue in route.partition_queues(connector)]
         queues.append(QueueStatus(route.dead_letter, "dead-letter"))
         result.append(RouteStatus(route.route, queues))
     return result

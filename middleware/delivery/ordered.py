@@ -1,0 +1,170 @@
+"""The delivery worker of one partition of an ordered delivery (``ordering:`` on a deliver entry).
+
+Each partition queue has one active consumer across every engine (single-active-consumer) and
+this worker takes one message at a time (prefetch 1), so the events of one key reach the sink in
+the order they were published. Its failure path differs from :class:`DeliveryWorker`'s on purpose:
+a failing event is **retried in place**, never parked in a delay queue (that would let later
+events of its key overtake it), and blocks only its own partition:
+
+- a retryable failure (connection, timeout, 429, 5xx) is tried again after the policy's backoff
+  (exponential, capped at ``max``, never shorter than a ``Retry-After``), while the message stays
+  unacked at the head of its partition;
+- RabbitMQ cancels a consumer that holds a message longer than its ``consumer_timeout`` (30 min by
+  default), so after a hold window (:data:`HOLD_SECONDS`) the message is returned to its
+  partition, whose head it stays (quorum queues deliver returned messages first) and comes back
+  at once. Each return counts as a delivery toward the queue's delivery limit;
+- the delivery's ``max_age`` (from the first failure this process saw) or its last allowed
+  delivery ends the wait: the event is dead-lettered with its reason and the partition moves on.
+  A non-retryable failure dead-letters at once, as for any delivery;
+- a stopping engine returns the message to the head of its partition (a hand-back would put it at
+  the back, behind later events of its key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import time
+
+from middleware.broker import naming
+from middleware.broker.base import Broker, Handler, IncomingMessage
+from middleware.delivery.base import Connector, Delivery, RetryPolicy
+from middleware.errors import BrokerError, DeliveryError, EngineStopping
+from middleware.journal import hooks as journal_hooks
+from middleware.observe import Metrics
+from middleware.route import Route
+from middleware.workers import DeliveryWorker, is_last_delivery
+
+log = logging.getLogger("middleware.worker")
+
+HOLD_SECONDS = 20 * 60.0  # below RabbitMQ's default consumer_timeout (30 min)
+PREFETCH = 1
+
+
+def backoff(policy: RetryPolicy, attempt: int, retry_after: float | None = None) -> float:
+    """Seconds to wait after failed ``attempt`` (1-based): exponential up to ``max`` plus jitter, and
+    at least the sink's ``Retry-After`` (which may exceed ``max``: the sink asked)."""
+    wait = min(policy.initial * policy.multiplier ** (attempt - 1), policy.max) + random.uniform(0, policy.jitter)
+    return max(wait, retry_after) if retry_after else wait
+
+
+def _iso_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def in_place(handler: Handler) -> Handler:
+    """``handler``, but a stopping engine returns its unsettled message to the head of its queue
+    (a hand-back would put it behind later messages): for the inbound queue of an ordered route."""
+
+    async def ordered(message: IncomingMessage) -> None:
+        try:
+            await handler(message)
+        except (EngineStopping, asyncio.CancelledError):
+            if not message.settled:
+                await message.reject(requeue=True)
+            raise
+
+    return ordered
+
+
+class OrderedDeliveryWorker(DeliveryWorker):
+    """Consumes partition ``partition`` of the ordered delivery of ``route`` to ``connector``."""
+
+    def __init__(self, route: Route, connector: Connector, broker: Broker, metrics: Metrics, *, partition: int,
+                 retry: RetryPolicy | None = None, prefix: str = "", delivery_limit: int = 10,
+                 hold_seconds: float | None = None) -> None:
+        super().__init__(route, connector, broker, metrics, retry=retry, prefix=prefix, delivery_limit=delivery_limit)
+        self.partition = partition
+        self.queue = naming.partition_queue(route.name, connector.name, partition, prefix)  # replay comes back here
+        self.hold_seconds = HOLD_SECONDS if hold_seconds is None else hold_seconds
+        self._first_failures: dict[str, tuple[float, str]] = {}  # event id -> (monotonic, ISO) of first failure
+
+    async def handle(self, message: IncomingMessage) -> None:
+        """Deliver one event in place; a stopping engine returns it to the head of its partition."""
+        await in_place(self._deliver_in_place)(message)
+
+    def _delivery(self, message: IncomingMessage) -> Delivery:
+        return Delivery(body=message.body, event_id=message.message_id or "",
+                        correlation_id=message.correlation_id or "", route=self.route.name,
+                        event_type=str(message.headers.get("x-mw-event-type", "")))
+
+    async def _deliver_in_place(self, message: IncomingMessage) -> None:
+        labels = (self.route.name, self.connector.name)
+        delivery = self._delivery(message)
+        if self.outbound is not None:  # the deliver entry's when: / map:
+            prepared = await self._prepare(message, delivery)
+            if prepared is None:
+                return
+            delivery = prepared
+        key = delivery.event_id or f"{id(message)}"
+        held_since = time.monotonic()
+        attempt = 0
+        started = time.perf_counter()
+        try:
+            while True:
+                attempt += 1
+                try:
+                    await self.connector.send(delivery)
+                    break
+                except DeliveryError as exc:
+                    if await self._after_failure(message, delivery, exc, key, attempt, held_since):
+                        return
+                except (BrokerError, EngineStopping, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # a connector bug: tried in place up to the delivery limit
+                    log.exception("connector failed", extra={"route": labels[0], "connector": labels[1],
+                                                             "correlation_id": delivery.correlation_id,
+                                                             "attempt": attempt})
+                    if attempt >= self.delivery_limit:
+                        error = DeliveryError(f"{labels[1]}: connector failed with {type(exc).__name__} on each "
+                                              f"of {attempt} attempts", retryable=False,
+                                              hint="a middleware or connector bug: report it, replay the dead "
+                                                   "letter once fixed")
+                        error.attempts = attempt
+                        await self._finish_dead(message, delivery, error, key)
+                        return
+                    await asyncio.sleep(backoff(self.retry, attempt))
+        finally:
+            self.metrics.delivery_seconds.labels(*labels).observe(time.perf_counter() - started)
+        self._first_failures.pop(key, None)
+        await message.ack()
+        self.metrics.delivered.labels(*labels).inc()
+        journal_hooks.delivered(self, message, delivery, attempt)
+        log.info("delivered", extra={"route": labels[0], "connector": labels[1],
+                                     "correlation_id": delivery.correlation_id, "event_id": delivery.event_id,
+                                     "attempts": attempt, "partition": self.partition})
+
+    async def _after_failure(self, message: IncomingMessage, delivery: Delivery, error: DeliveryError, key: str,
+                             attempt: int, held_since: float) -> bool:
+        """Wait before the next try; True when the message was settled instead (dead letter, returned)."""
+        labels = (self.route.name, self.connector.name)
+        first, _ = self._first_failures.setdefault(key, (time.monotonic(), _iso_now()))
+        error.attempts = attempt + message.delivery_count
+        if not error.retryable:
+            await self._finish_dead(message, delivery, error, key)
+            return True
+        max_age = getattr(self.retry, "max_age", None)
+        if max_age is not None and time.monotonic() - first >= max_age:
+            await self._finish_dead(message, delivery, error, key)
+            return True
+        wait = backoff(self.retry, attempt, error.retry_after)
+        self.metrics.retries.labels(*labels).inc()
+        journal_hooks.delivery_retry(self, delivery, attempt, error)
+        log.info("delivery retry in place", extra={"route": labels[0], "connector": labels[1], "attempt": attempt,
+                                                   "correlation_id": delivery.correlation_id,
+                                                   "event_id": delivery.event_id, "status": error.status,
+                                                   "partition": self.partition})
+        if time.monotonic() + wait - held_since > self.hold_seconds:
+            if is_last_delivery(message, self.delivery_limit):
+                await self._finish_dead(message, delivery, error, key)
+            else:  # back to the head of the partition, delivered again at once (RabbitMQ's consumer_timeout)
+                await message.reject(requeue=True)
+            return True
+        await asyncio.sleep(wait)
+        return False
+
+    async def _finish_dead(self, message: IncomingMessage, delivery: Delivery, error: Exception, key: str) -> None:
+        _, first_failure = self._first_failures.pop(key, (0.0, None))
+        await self._dead_letter(message, delivery, error, first_failure)
