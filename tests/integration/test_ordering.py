@@ -75,17 +75,6 @@ async def _run_in_process(project: Project, client: Broker, items: list[tuple[st
     return names
 
 
-def test_the_topology_of_an_ordered_delivery(tmp_path: Path, order_env: dict[str, str]) -> None:
-    """No delivery queue: a consistent-hash exchange and N partition queues, listed for status and clean-up."""
-    project = load_project(write_project(tmp_path / "p", partitions=4), order_env)
-    names = Topology.of(project.routes.values(), "X.").route("visits")
-    assert names.deliveries == {}
-    assert names.partition_queues("order-sink") == [f"X.visits.to.order-sink.p{n}" for n in range(4)]
-    assert names.exchanges == ["X.visits.to.order-sink.partitions"]
-    assert names.work_queues == ["X.visits", *names.partition_queues("order-sink")]
-    assert "X.visits.to.order-sink.partitions" in Topology.of(project.routes.values(), "X.").exchanges
-
-
 async def test_per_key_order_and_a_failing_event_blocks_only_its_partition(
         tmp_path: Path, order_env: dict[str, str], order_sink: OrderSink, client: Broker) -> None:
     project = load_project(write_project(tmp_path / "p", partitions=8), order_env)
