@@ -11,7 +11,7 @@ import itertools
 import math
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from middleware.delivery.outbound import Outbound, compile_map, compile_when
 from middleware.durations import parse_duration
 from middleware.errors import ConfigError, FilterError, MappingError, Problem
 from middleware.formats import Unsplit, get_format
+from middleware.fragments import Fragments
 from middleware.ingest import FolderListener, HttpListener, HttpRateLimit, MllpListener, MllpTls, gateway_specs
 from middleware.ingest.peers import parse_networks
 from middleware.ingest.tls import server_context
@@ -187,13 +188,17 @@ class _Loader:
     def _rel(self, path: Path) -> str:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
-    def _read(self, path: Path, schema: dict[str, Any], *, with_env: bool = False) -> YamlDoc:
-        """Load a YAML file (``${VAR}`` interpolated when ``with_env``) and check it against ``schema``."""
+    def _read(self, path: Path, schema: dict[str, Any], *, with_env: bool = False,
+              prepare: Callable[[YamlDoc], None] | None = None) -> YamlDoc:
+        """Load a YAML file (``${VAR}`` interpolated when ``with_env``; ``prepare`` applied: fragments
+        included) and check it against ``schema``."""
         doc = load_yaml(path, self._rel(path))
         if doc.data is None and not doc.problems:
             doc.problem((), "file is empty")
         if not doc.problems and with_env:
             doc.data = interpolate(doc, self.env)
+        if not doc.problems and prepare is not None:
+            prepare(doc)
         if not doc.problems:
             self._check_schema(doc, schema)
         return doc
@@ -431,8 +436,10 @@ class _Loader:
         routes: dict[str, Route] = {}
         queues: dict[str, Route] = {}
         schema = project_schema.route_schema({n: c.spec for n, c in components("format").items()})
+        fragments = Fragments.load(self.root, self._rel)  # routes/_fragments/: included by routes, not routes
+        self.problems += fragments.problems
         for path in sorted((self.root / "routes").glob("*.yaml")):
-            doc = self._read(path, schema)
+            doc = self._read(path, schema, prepare=fragments.expand)
             if not doc.problems:
                 route = _RouteCompiler(doc, schemas, lookups, connectors, self.broken_connectors,
                                        broker_url=self.broker_url).compile()

@@ -41,6 +41,14 @@ class YamlDoc:
     data: Any
     lines: dict[PathKey, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    origins: dict[PathKey, str] = field(default_factory=dict)  # included from a fragment: its file:line
+
+    def origin(self, path: PathKey) -> str | None:
+        """``file:line`` in the fragment ``path`` (or its nearest ancestor) was included from, if any."""
+        for end in range(len(path), 0, -1):
+            if path[:end] in self.origins:
+                return self.origins[path[:end]]
+        return None
 
     def line(self, path: PathKey) -> int:
         """Line of ``path``, or of its nearest ancestor that has one."""
@@ -50,8 +58,9 @@ class YamlDoc:
         return 1
 
     def problem(self, path: PathKey, message: str) -> None:
-        """Record a problem at ``path``."""
-        self.problems.append(Problem(self.file, self.line(path), message))
+        """Record a problem at ``path`` (for a part included from a fragment: with the fragment's line)."""
+        origin = self.origin(path) if self.origins else None
+        self.problems.append(Problem(self.file, self.line(path), f"{message} (from {origin})" if origin else message))
 
 
 class AliasLimitError(ComposerError):
