@@ -59,7 +59,7 @@ class Settings:
     metrics_port: int | None = None
     ingest: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # ingest.<kind>[] listeners, by kind
     audit_path: Path = Path("var/audit.log")  # anchored to the project folder by the loader
-    journal: JournalSettings = JournalSettings()  # journal: (sqlite path anchored to the project folder)
+    journal: JournalSettings = field(default_factory=JournalSettings)  # journal: (sqlite path anchored to the project folder)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -112,6 +112,16 @@ def check_project(root: Path | str = ".", env: Mapping[str, str] | None = None, 
                   offline: bool = False) -> tuple[Project | None, list[Problem]]:
     """Load the project and return it with every problem found (project is None if any)."""
     return _Loader(Path(root), os.environ if env is None else env, offline).load()
+
+
+def load_settings(root: Path | str = ".", env: Mapping[str, str] | None = None) -> Settings:
+    """Only config/middleware.yaml, for a command that needs nothing else (``trace``); raises
+    :class:`ConfigError` with its problems."""
+    loader = _Loader(Path(root), os.environ if env is None else env)
+    settings = loader._settings()
+    if loader.problems or settings is None:
+        raise ConfigError(loader.problems or [Problem("config/middleware.yaml", 1, "invalid settings")])
+    return settings
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:

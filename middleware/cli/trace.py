@@ -10,10 +10,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from middleware.cli.common import JsonOption, ProjectOption, fail, open_project, print_json
+from middleware.cli.common import JsonOption, ProjectOption, fail, print_json
+from middleware.errors import ConfigError
 from middleware.journal import JournalError, MessagePath, format_age, open_store
 from middleware.journal import trace as find_paths
 from middleware.observe import safe_url
+from middleware.project import load_settings
 
 
 def _when(seconds: float | None) -> str:
@@ -70,7 +72,10 @@ def trace(
 ) -> None:
     """Where one message went: received -> routed (events) -> each delivery (attempts, retries, parking)
     -> dead letters, with times; from the journal (journal: in config/middleware.yaml)."""
-    settings = open_project(project, offline=True).settings
+    try:
+        settings = load_settings(project)  # config/middleware.yaml only: routes are not needed here
+    except ConfigError as exc:
+        fail(f"invalid project: {exc}")
     if not settings.journal.enabled:
         fail("the journal is off (journal.enabled: false in config/middleware.yaml): nothing to trace")
     try:

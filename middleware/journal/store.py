@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,13 @@ from middleware.journal.records import (
 )
 
 TABLE = "mw_journal"
+MARKS = "mw_journal_marks"  # per (route, connector): every record routed before ``at`` was finished
+MARK_MARGIN = 120.0  # seconds the watermark stays behind now
 _SELECT = ", ".join(COLUMNS)
 _INDEXES = [f"CREATE INDEX IF NOT EXISTS {TABLE}_{c} ON {TABLE} ({c})" for c in ID_COLUMNS] + [
     f"CREATE INDEX IF NOT EXISTS {TABLE}_route_stage_at ON {TABLE} (route, stage, at)",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_at ON {TABLE} (at)",
+    f"CREATE TABLE IF NOT EXISTS {MARKS} (name TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)",
 ]
 
 
@@ -102,7 +106,26 @@ class SqlStore:
 
         With ``connector``: the oldest event routed since ``since`` with no delivered / dead-lettered
         record for that connector. Without: the oldest message taken in by a gateway since ``since``
-        that its route worker has not finished. Read where the broker cannot tell a queue's head age."""
+        that its route worker has not finished. Read where the broker cannot tell a queue's head age.
+
+        The search starts at a watermark kept in the store (``mw_journal_marks``): everything routed
+        before it was finished when last looked at, so a later call reads only what came after (a
+        million finished records are read once, not at every ``status``). The watermark stays
+        ``MARK_MARGIN`` seconds behind now, for records of other engines still in their write batch."""
+        mark = f"{route}/{connector or ''}"  # names are [a-z0-9_-]: no clash
+        found = self._query(f"SELECT at FROM {MARKS} WHERE name = ?", (mark,))
+        start = max(since, float(found[0][0]) if found else since)
+        row = self._oldest_pending(route, connector, start)
+        through = min(row[0] if row else time.time(), time.time() - MARK_MARGIN)
+        if through > start:
+            self._query(f"INSERT INTO {MARKS} (name, at) VALUES (?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET at = excluded.at", (mark, through))
+        if row is None:
+            return None
+        at, received_at = row
+        return float(received_at if received_at is not None else at)
+
+    def _oldest_pending(self, route: str, connector: str | None, since: float) -> Row | None:
         if connector is not None:
             rows = self._query(
                 f"SELECT r.at, r.received_at FROM {TABLE} r WHERE r.route = ? AND r.stage = ? AND r.at >= ? "
@@ -115,10 +138,7 @@ class SqlStore:
                 f"AND r.outcome <> ? AND NOT EXISTS (SELECT 1 FROM {TABLE} d WHERE d.message_id = r.message_id "
                 f"AND d.stage = ?) ORDER BY r.at LIMIT 1",
                 (route, INGEST, since, DEAD_LETTERED, ROUTE))
-        if not rows:
-            return None
-        at, received_at = rows[0]
-        return float(received_at if received_at is not None else at)
+        return tuple(rows[0]) if rows else None
 
     def outcome_counts(self, route: str, since: float) -> dict[tuple[str, str], int]:
         """Messages per (stage, outcome) of ``route`` since ``since``; routed messages counted once

@@ -146,3 +146,25 @@ async def test_oldest_pending_and_sla_state(tmp_path: Path) -> None:
 
 def test_ages_read_for_a_person() -> None:
     assert format_age(0.25) == "250 ms" and format_age(725) == "12m 05s" and format_age(None) == "-"
+
+
+async def test_oldest_pending_reads_from_a_watermark_and_never_skips_an_unfinished_event(tmp_path: Path) -> None:
+    journal = Journal(settings(tmp_path))
+    now = time.time()
+    for n in range(3):  # finished long ago
+        journal.record("r", "route", "routed", at=now - 3600 + n, event_id=f"old-{n}", correlation_id=f"c{n}")
+        journal.record("r", "deliver", "delivered", at=now - 3500 + n, event_id=f"old-{n}", connector="k",
+                       correlation_id=f"c{n}")
+    journal.record("r", "route", "routed", at=now - 600, event_id="waiting", correlation_id="w", received_at=now - 601)
+    await journal.flush()
+    store = journal.store
+    for _ in range(2):  # the second call starts at the watermark, and still finds it
+        assert store.oldest_pending("r", "k") == pytest.approx(now - 601)
+    [(mark,)] = store._query("SELECT at FROM mw_journal_marks WHERE name = 'r/k'")
+    assert now - 3600 < mark <= now - 600
+    journal.record("r", "deliver", "delivered", at=now, event_id="waiting", connector="k", correlation_id="w")
+    await journal.flush()
+    assert store.oldest_pending("r", "k") is None
+    [(mark,)] = store._query("SELECT at FROM mw_journal_marks WHERE name = 'r/k'")
+    assert mark == pytest.approx(now - 120, abs=5)  # stays MARK_MARGIN behind now
+    await journal.stop()
