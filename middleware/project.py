@@ -59,7 +59,7 @@ class Settings:
     metrics_port: int | None = None
     ingest: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # ingest.<kind>[] listeners, by kind
     audit_path: Path = Path("var/audit.log")  # anchored to the project folder by the loader
-    journal: JournalSettings = field(default_factory=JournalSettings)  # journal: (sqlite path anchored to the project folder)
+    journal: JournalSettings = field(default_factory=JournalSettings)  # journal: (sqlite path anchored to the project)
 
     @property
     def tz(self) -> ZoneInfo:
