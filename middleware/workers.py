@@ -117,9 +117,9 @@ class RouteWorker:
             return
         if self.ordered:  # one at a time: a message's events reach the partitions in their order
             for event in outcome.events:
-                await self._publish(event)
+                await self._publish(event, came_in)
         else:
-            await asyncio.gather(*(self._publish(event) for event in outcome.events))
+            await asyncio.gather(*(self._publish(event, came_in) for event in outcome.events))
         await message.ack()
         for event in outcome.events:
             self.metrics.events.labels(name, event["type"]).inc()
@@ -128,13 +128,13 @@ class RouteWorker:
                                   "message_type": outcome.message_type, "events": len(outcome.events),
                                   "event_ids": [e["id"] for e in outcome.events]})
 
-    async def _publish(self, event: dict[str, object]) -> None:
+    async def _publish(self, event: dict[str, object], came_in: float | None = None) -> None:
         event_type = str(event["type"])
         await self.broker.publish(
             OutgoingMessage(
                 body=orjson.dumps(event),
                 headers={"x-mw-route": self.route.name, "x-mw-event-type": event_type,
-                         **order_headers(self.route.deliver, event)},
+                         **order_headers(self.route.deliver, event), **journal_hooks.event_headers(event, came_in)},
                 correlation_id=str(event["correlationid"]),
                 message_id=str(event["id"]),
                 content_type=EVENT_CONTENT_TYPE,

@@ -62,6 +62,8 @@ async def test_a_delivered_message_is_traced_from_ingest_to_delivery(tmp_path: P
     assert delivery.seconds is not None and 0 <= delivery.seconds < 10
     assert [p.correlation_id for p in trace(store, event.event_id)] == [path.correlation_id]  # by event id
     assert [p.correlation_id for p in trace(store, path.correlation_id)] == [path.correlation_id]
+    assert engine.metrics.registry.get_sample_value("middleware_delivery_message_age_seconds_count",
+                                                    {"route": "adt-inbound", "connector": "bed-board"}) == 1
     assert engine.metrics.registry.get_sample_value("middleware_route_last_received_timestamp_seconds",
                                                     {"route": "adt-inbound"}) > time.time() - 60
 
