@@ -165,6 +165,9 @@ class Metrics:
                                        ["folder", "outcome"], registry=r)
         self.folder_records = Counter("middleware_folder_records", "Records of watched-folder files confirmed "
                                       "(published or dead_lettered)", ["folder", "outcome"], registry=r)
+        self.queue_messages = Gauge("middleware_queue_messages", "Ready messages in each queue of the project "
+                                    "(role: inbound, delivery, dead-letter), read every 15 s (middleware/depths.py)",
+                                    ["route", "queue", "role"], registry=r)
         # journal, message age and SLA (middleware/journal/, docs/operations.md "SLA and feed health")
         self.journal_written = Counter("middleware_journal_written", "Journal records written", registry=r)
         self.journal_dropped = Counter("middleware_journal_dropped", "Journal records dropped (store down, slow "

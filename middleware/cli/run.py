@@ -48,10 +48,15 @@ async def _serve_metrics(engine: Engine) -> Any:
     if settings.metrics_port is None:
         return None
     from middleware.console import console_extras, setup_console  # jinja2 only for `run`
+    from middleware.depths import DepthSampler
 
-    runner = await serve_metrics(engine.metrics, settings.metrics_host, settings.metrics_port,
-                                 setup=lambda app: setup_console(app, engine.project, engine.metrics,
-                                                                 extras=console_extras(engine)))
+    depths = DepthSampler(engine.project, engine.metrics)  # middleware_queue_messages, console or not
+
+    def operations(app: Any) -> None:
+        depths.attach(app)
+        setup_console(app, engine.project, engine.metrics, extras=console_extras(engine), depths=depths)
+
+    runner = await serve_metrics(engine.metrics, settings.metrics_host, settings.metrics_port, setup=operations)
     port = runner.addresses[0][1] if runner.addresses else settings.metrics_port
     log.info("metrics listening", extra={"host": settings.metrics_host, "port": port})
     return runner

@@ -36,6 +36,7 @@ from middleware.console.auth import (
     set_session_cookie,
 )
 from middleware.console.data import ConsoleData, Extras
+from middleware.depths import DepthSampler
 from middleware.errors import MiddlewareError
 from middleware.observe import Metrics
 from middleware.project import Project
@@ -65,17 +66,17 @@ CONSOLE: web.AppKey[Console] = web.AppKey("console", Console)
 
 
 def setup_console(app: web.Application, project: Project, metrics: Metrics, *, extras: Extras | None = None,
-                  token: str | None = None) -> bool:
+                  depths: DepthSampler | None = None, token: str | None = None) -> bool:
     """Add the console at ``/`` to ``app`` (the listener of ``/metrics``); False, with a log line,
     when no token is configured (``CONSOLE_TOKEN``): the console is then off, ``/metrics`` unaffected."""
     token = os.environ.get(TOKEN_ENV, "") if token is None else token
     if not token.strip():
         log.info("console disabled: set CONSOLE_TOKEN to serve it beside /metrics", extra={"env": TOKEN_ENV})
         return False
-    data = ConsoleData(project, metrics, extras)
+    data = ConsoleData(project, metrics, extras, depths)
     app[CONSOLE] = Console(Auth(token.strip()), data)
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
-    env.filters.update(age=format_age, rate=format_rate, ago=format_ago, dash=dash)
+    env.filters.update(age=format_age, rate=format_rate, ago=format_ago, dash=dash, when=format_when)
     env.globals.update(refresh=REFRESH_SECONDS, csrf_field=CSRF_FIELD)
 
     async def close(_: web.Application) -> None:
@@ -113,6 +114,13 @@ def format_age(seconds: float | None) -> str:
 
 def format_rate(value: float | None) -> str:
     return "—" if value is None else f"{value:g}/s"
+
+
+def format_when(timestamp: float | None) -> str:
+    """A Unix time as ``2026-01-31 08:00:00.123 UTC``."""
+    if timestamp is None:
+        return "—"
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
 
 
 def format_ago(timestamp: float | None) -> str:
@@ -300,7 +308,7 @@ async def reveal(request: web.Request, identity: Identity) -> web.StreamResponse
 async def trace_page(request: web.Request, identity: Identity) -> web.StreamResponse:
     wanted = request.query.get("id", "").strip()
     data = request.app[CONSOLE].data
-    enabled = data.extras.trace is not None
+    enabled = data.journal_enabled
     hops = None
     problem = None
     if wanted and enabled:
@@ -309,4 +317,4 @@ async def trace_page(request: web.Request, identity: Identity) -> web.StreamResp
         except MiddlewareError as exc:
             problem = str(exc)
     return aiohttp_jinja2.render_template("trace.html", request, _context(
-        identity, wanted=wanted, enabled=enabled, hops=hops, problem=problem))
+        identity, wanted=wanted, enabled=enabled, paths=hops, problem=problem))

@@ -1,17 +1,20 @@
 """What the console shows, gathered in one place: per-route figures, dead-letter groups, replay,
 reveal and trace.
 
-Sources: queue depths through the broker port (or the embedded spool's folder, which also gives the
-oldest message's age), counters from the engine's :class:`~middleware.observe.Metrics`, dead letters
-through :mod:`middleware.deadletter` (the functions ``middleware dlq`` uses), and the audit log of
-:mod:`middleware.audit`. Figures no source gives yet (SLA state, last received, breaker, oldest age
-on RabbitMQ, trace) are None and shown as "—"; :class:`Extras` is where they are wired in.
+Sources: queue depths from :class:`middleware.depths.DepthSampler` (the embedded spool's folder also
+gives the oldest message's age), counters and gauges from the engine's
+:class:`~middleware.observe.Metrics` (rates, last received, silent feeds, breakers), the journal when it
+is on (SLA state, the oldest message's age where the broker cannot tell, trace; through
+:mod:`middleware.journal.query`), dead letters through :mod:`middleware.deadletter` (the functions
+``middleware dlq`` uses) and the audit log of :mod:`middleware.audit`. A figure no source gives is
+None, shown as "—".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -20,14 +23,14 @@ from typing import Any, TypeVar
 
 from middleware.audit import AuditLog
 from middleware.broker import make_broker
-from middleware.broker.base import Broker
-from middleware.cli.status import RouteStatus, fill_from_broker, fill_from_spool, route_queues, spool_folder
 from middleware.deadletter import Browse, Held, browse, replay, replay_target
+from middleware.depths import DepthSampler
 from middleware.errors import BrokerError
 from middleware.observe import Metrics, mask_secrets
 from middleware.project import Project
 from middleware.topology import Topology
 
+log = logging.getLogger("middleware.console")
 T = TypeVar("T")
 RATE_WINDOW = 60.0  # seconds of counter history rates are computed over
 DEAD_LETTER_SCAN = 1000  # dead letters read per page view (the rest are counted, not grouped)
@@ -38,14 +41,9 @@ _COUNTER_NAMES = {"received": "middleware_messages_received", "delivered": "midd
 
 @dataclass
 class Extras:
-    """Figures other parts of the engine provide; each returns None when it cannot tell."""
+    """What a running engine adds to queues and counters: its journal, when enabled."""
 
-    oldest_age: Callable[[str], float | None] = lambda route: None  # seconds, for brokers that cannot say
-    sla_state: Callable[[str], str | None] = lambda route: None  # "ok", "breach", ...
-    last_received: Callable[[str], float | None] = lambda route: None  # Unix time
-    silent_after: Callable[[str], float | None] = lambda route: None  # seconds without input = silent feed
-    breaker: Callable[[str, str], str | None] = lambda route, connector: None  # "closed", "open", "half-open"
-    trace: Callable[[str], Any] | None = None  # id -> list of hop dicts; None: no journal
+    journal: Any = None  # a middleware.journal.Journal (``enabled``): SLA state, oldest age, trace
 
 
 @dataclass
@@ -63,21 +61,21 @@ class RouteRow:
     dead_lettered_per_s: float | None
     received_total: int
     delivered_total: int
-    sla_state: str | None
+    sla_state: str | None  # ok, breach (what is breached), or None: no SLA / no journal
     last_received: float | None
     silent: bool
     breakers: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def state(self) -> str:
-        """The row's state in words (never colour alone): silent, breach, breaker open, or ok / unknown."""
+        """The row's state in words (never colour alone): silent, sla breach, breaker open, or ok."""
         if self.silent:
             return "silent"
-        if self.sla_state and self.sla_state != "ok":
-            return self.sla_state
+        if self.sla_state and self.sla_state.startswith("breach"):
+            return "sla breach"
         if any(state == "open" for state in self.breakers.values()):
             return "breaker open"
-        return self.sla_state or "ok"
+        return "ok"
 
 
 @dataclass
@@ -173,24 +171,26 @@ class RateTracker:
 class ConsoleData:
     """Gathers and acts for the console; one per engine."""
 
-    def __init__(self, project: Project, metrics: Metrics, extras: Extras | None = None) -> None:
+    def __init__(self, project: Project, metrics: Metrics, extras: Extras | None = None,
+                 depths: DepthSampler | None = None) -> None:
         self.project = project
         self.settings = project.settings
+        self.metrics = metrics
         self.topology = Topology.of(project.routes.values(), self.settings.queue_prefix)
         self.extras = extras or Extras()
+        self.depths = depths or DepthSampler(project, metrics)
         self.rates = RateTracker(metrics)
         self.audit = AuditLog(self.settings.audit_path)
-        self._info_broker: Broker | None = None
         self._dead_letter_lock = asyncio.Lock()  # one browse at a time: two would hide letters from each other
+        self._journal_failed = False
 
     # -- routes page ---------------------------------------------------------------------------------
 
     async def routes(self) -> list[RouteRow]:
         """Every route with its depths, rates, age, SLA state, last input and breakers."""
-        statuses = route_queues(self.project)
-        await self._fill_depths(statuses)
+        statuses = await self.depths.sample()
         totals, rates = self.rates.sample()
-        now = time.time()
+        health = await self._journal_health()
         rows = []
         for status in statuses:
             name = status.route
@@ -201,55 +201,60 @@ class ConsoleData:
                               if all(q.messages is not None or not q.declared for q in deliveries) else None)
             ages = [q.oldest_age_seconds for q in status.queues
                     if q.role != "dead-letter" and q.oldest_age_seconds is not None]
-            oldest = max(ages) if ages else self.extras.oldest_age(name)
-            last = self.extras.last_received(name)
-            silent_after = self.extras.silent_after(name)
-            silent = bool(silent_after and (last is None or now - last > silent_after))
+            sla = health.get(name)
+            if not ages and sla is not None and sla.oldest_pending:
+                ages = list(sla.oldest_pending.values())  # the broker cannot tell (RabbitMQ): the journal can
+            last = self._gauge("middleware_route_last_received_timestamp_seconds", route=name)
+            if sla is not None and sla.last_received is not None:
+                last = max(last or 0.0, sla.last_received)
+            silent = self._gauge("middleware_sla_feed_silent", route=name) == 1 or bool(sla and sla.silent)
 
             def rate(counter: str, route_name: str = name) -> float | None:
                 return None if rates is None else round(rates[counter].get(route_name, 0.0), 2)
 
             rows.append(RouteRow(
                 route=name, description=route.description, inbound_depth=inbound.messages,
-                delivery_depth=delivery_depth, dead_letters=status.dead_letters, oldest_age=oldest,
+                delivery_depth=delivery_depth, dead_letters=status.dead_letters,
+                oldest_age=max(ages) if ages else None,
                 received_per_s=rate("received"), delivered_per_s=rate("delivered"),
                 dead_lettered_per_s=rate("dead_lettered"),
                 received_total=int(totals["received"].get(name, 0)),
                 delivered_total=int(totals["delivered"].get(name, 0)),
-                sla_state=self.extras.sla_state(name), last_received=last, silent=silent,
-                breakers={rule.connector: self.extras.breaker(name, rule.connector) for rule in route.deliver}))
+                sla_state=_sla_text(sla), last_received=last, silent=silent,
+                breakers={rule.connector: self._breaker(rule.connector) for rule in route.deliver}))
         return rows
 
-    async def _fill_depths(self, statuses: list[RouteStatus]) -> None:
-        folder = spool_folder(self.settings.broker_url)
-        if folder is not None:
-            await asyncio.to_thread(fill_from_spool, statuses, folder)
-            return
+    def _gauge(self, name: str, **labels: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, labels)
+
+    def _breaker(self, connector: str) -> str | None:
+        value = self._gauge("middleware_breaker_open", connector=connector)
+        return None if value is None else ("open" if value else "closed")
+
+    async def _journal_health(self) -> dict[str, Any]:
+        """route -> the journal's SlaState (:func:`middleware.journal.query.sla_state`); {} without a
+        journal or when its store fails (logged once)."""
+        journal = self.extras.journal
+        if journal is None or not getattr(journal, "enabled", False):
+            return {}
+        from middleware.journal.query import sla_state
+
+        def read() -> dict[str, Any]:
+            return {name: sla_state(journal.store, route) for name, route in self.project.routes.items()}
+
         try:
-            broker = await self._broker()
-            await fill_from_broker(statuses, broker)
-        except (BrokerError, OSError, TimeoutError):
-            await self._drop_broker()  # reconnect at the next refresh; depths stay unknown meanwhile
-            for status in statuses:
-                for queue in status.queues:
-                    queue.messages = None
-
-    async def _broker(self) -> Broker:
-        if self._info_broker is None:
-            broker = make_broker(self.settings.broker_url, self.settings.broker_tls)
-            await asyncio.wait_for(broker.connect(), 10)
-            self._info_broker = broker
-        return self._info_broker
-
-    async def _drop_broker(self) -> None:
-        broker, self._info_broker = self._info_broker, None
-        if broker is not None:
-            with contextlib.suppress(Exception):
-                await broker.close()
+            health = await asyncio.to_thread(read)
+        except Exception as exc:  # the journal is an aid: the page shows what else it knows
+            if not self._journal_failed:
+                log.warning("console: cannot read the journal", extra={"error_class": type(exc).__name__})
+            self._journal_failed = True
+            return {}
+        self._journal_failed = False
+        return health
 
     async def close(self) -> None:
-        """Close the broker connection used for queue depths."""
-        await self._drop_broker()
+        """Close the depth sampler's broker connection."""
+        await self.depths.close()
 
     # -- dead letters ----------------------------------------------------------------------------------
 
@@ -343,16 +348,29 @@ class ConsoleData:
 
     # -- trace -----------------------------------------------------------------------------------------
 
-    async def trace(self, wanted: str) -> list[dict[str, Any]] | None:
-        """The journal's hops for an id (correlation id, MSH-10, event id); None when no journal is on."""
-        if self.extras.trace is None:
-            return None
-        result = self.extras.trace(wanted)
-        if asyncio.iscoroutine(result):
-            result = await result
-        return list(result or [])
+    @property
+    def journal_enabled(self) -> bool:
+        return bool(self.extras.journal is not None and getattr(self.extras.journal, "enabled", False))
 
+    async def trace(self, wanted: str) -> list[dict[str, Any]] | None:
+        """The journal's paths for an id (correlation id, message id, MSH-10, event id), as
+        :meth:`MessagePath.to_dict` gives them; None when no journal is on."""
+        if not self.journal_enabled:
+            return None
+        from middleware.journal.query import trace
+
+        journal = self.extras.journal
+        return await asyncio.to_thread(lambda: [path.to_dict() for path in trace(journal.store, wanted)])
 
 def console_extras(engine: Any) -> Extras:
-    """The figures a running engine can give beyond queues and counters (see :class:`Extras`)."""
-    return Extras()
+    """What a running engine adds (see :class:`Extras`)."""
+    journal = getattr(engine, "journal", None)
+    return Extras(journal=journal if getattr(journal, "enabled", False) else None)
+
+
+def _sla_text(state: Any) -> str | None:
+    """``ok``, ``breach: silent, deliver_within``, or None (no SLA configured, or no journal)."""
+    if state is None or state.sla is None:
+        return None
+    breaches = state.breaches
+    return f"breach: {', '.join(breaches)}" if breaches else "ok"

@@ -170,7 +170,9 @@ async def test_sign_in_see_dead_letters_appear_replay_a_fixed_group_and_see_it_d
     assert b"PID|" not in driver.page_source.encode()  # no body unless revealed
 
     driver.get(console)
-    row = await _until(driver, "#route-adt-inbound", "OK")  # the state in words, not only a colour
+    # 2 dead letters of 2 messages break adt-inbound's sla max_error_rate: said in words, not only in colour
+    row = await _until(driver, "#route-adt-inbound", "breach: max_error_rate")
+    assert "SLA BREACH" in row
     assert _total(driver, "received") == 2
     delivered_before = _total(driver, "delivered")  # the bed board took the admission; case management did not
     assert "2" in _text(driver, "#route-adt-inbound td.dead-letters") and "adt-inbound" in row
@@ -196,6 +198,14 @@ async def test_sign_in_see_dead_letters_appear_replay_a_fixed_group_and_see_it_d
     driver.save_screenshot(str(shots / "console-after-replay.png"))
     audit = (tmp_path / "audit.log").read_text()
     assert '"command": "console replay"' in audit and '"console_user": "Browser Test"' in audit
+
+    # trace search: the admission's path from the journal, the refused attempt and the replayed one
+    driver.find_element("id", "nav-trace").click()
+    driver.find_element("id", "trace-id").send_keys("DEMO-A01-0001")
+    driver.find_element("id", "trace-submit").click()
+    trace = await _until(driver, "main", "case-management")
+    assert "DeliveryError" in trace and "delivered" in trace
+    driver.save_screenshot(str(shots / "console-trace.png"))
 
     # keyboard: the skip link is the first stop, and every route link can be reached with Tab
     from selenium.webdriver.common.keys import Keys

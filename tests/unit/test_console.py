@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,12 @@ import pytest
 from middleware import topology
 from middleware.broker import make_broker
 from middleware.broker.base import Broker, IncomingMessage
+from middleware.console import Extras, setup_console
 from middleware.console.app import format_age
 from middleware.console.data import group_letters
 from middleware.deadletter import DeadLetter, Held, dead_letter_body
 from middleware.errors import MappingError, ParseError
+from middleware.journal import Journal, JournalSettings
 from middleware.observe import Metrics, serve_metrics
 from middleware.project import Project, load_project
 from middleware.topology import RouteTopology
@@ -49,12 +52,10 @@ def project(tmp_path: Path) -> Project:
     return load_project(REPO, env)
 
 
-async def _serve(project: Project, token: str | None) -> tuple[Any, str, Metrics]:
-    from middleware.console import setup_console
-
+async def _serve(project: Project, token: str | None, extras: Extras | None = None) -> tuple[Any, str, Metrics]:
     metrics = Metrics()
     runner = await serve_metrics(metrics, "127.0.0.1", 0,
-                                 setup=lambda app: setup_console(app, project, metrics, token=token))
+                                 setup=lambda app: setup_console(app, project, metrics, token=token, extras=extras))
     host, port = runner.addresses[0][:2]
     return runner, f"http://{host}:{port}", metrics
 
@@ -276,6 +277,37 @@ async def test_nothing_is_revealed_or_replayed_when_the_audit_log_cannot_be_writ
 async def test_trace_search_says_when_the_journal_is_not_enabled(served: Served) -> None:
     status, page, _ = await _get(f"{served.url}/trace?id=CTRL1", headers=_bearer())
     assert status == 200 and 'id="journal-off"' in page and "not enabled" in page
+
+
+async def test_trace_search_and_the_sla_column_read_the_journal(project: Project, tmp_path: Path) -> None:
+    journal = Journal(JournalSettings(url=f"sqlite:///{tmp_path / 'journal.db'}"))
+    now = time.time()
+    journal.record("adt-inbound", "route", "routed", at=now - 2, correlation_id="corr-1", message_id="m-1",
+                   source_id="MSG-0001", event_id="ev-1", event_type="patient.admitted", received_at=now - 3)
+    journal.record("adt-inbound", "deliver", "delivered", at=now - 1, correlation_id="corr-1", event_id="ev-1",
+                   connector="case-management", attempt=1)
+    await journal.flush()
+    runner, url, _ = await _serve(project, TOKEN, Extras(journal=journal))
+    try:
+        status, page, _ = await _get(f"{url}/trace?id=MSG-0001", headers=_bearer())
+        assert status == 200 and "journal-off" not in page
+        assert "corr-1" in page and "ev-1" in page and "case-management" in page and "delivered" in page
+        _, page, _ = await _get(f"{url}/trace?id=unknown-id", headers=_bearer())
+        assert 'id="trace-none"' in page
+        _, page, _ = await _get(f"{url}/fragments/routes", headers=_bearer())
+        row = re.search(r'<tr id="route-adt-inbound".*?</tr>', page, re.S)
+        assert row and "<td>ok</td>" in row.group() and "ago (" in row.group()  # its sla:, last received
+    finally:
+        await runner.cleanup()
+        await journal.stop()
+
+
+async def test_queue_depths_are_exported_for_dashboards(served: Served) -> None:
+    await _get(f"{served.url}/fragments/routes", headers=_bearer())
+    status, text, _ = await _get(f"{served.url}/metrics")
+    assert status == 200
+    assert (f'middleware_queue_messages{{queue="{served.route.dead_letter}",role="dead-letter",'
+            f'route="adt-inbound"}} 3.0') in text
 
 
 async def test_rates_come_from_the_engine_counters(served: Served) -> None:
