@@ -135,7 +135,7 @@ class TokenCache:
         if status != 200:
             retryable = ("429" in self.retry_on) if status == 429 else ("5xx" in self.retry_on and status >= 500)
             hint = ("the token endpoint is failing: it will be retried" if retryable else
-                    "check oauth2.client_id / client_secret / scope and the token_url")
+                    "check the client id and its secret or key (oauth2 / smart), the scope and the token_url")
             raise self._error(f"{where} answered HTTP {status}", retryable, status=status, hint=hint)
         try:
             answer = orjson.loads(body)
