@@ -1,7 +1,8 @@
 """``middleware status``: queue depths, consumers, oldest message age, dead letters and engine rates.
 
-Per route it shows the inbound queue, each delivery queue and the dead-letter queue, then, if a
-running engine's ``/metrics`` answers, per-route rates and dead-letter totals by stage.
+Per route it shows the inbound queue, each delivery queue (with its parked deliveries: the sum of
+its delay queues' depths) and the dead-letter queue, then, if a running engine's ``/metrics``
+answers, per-route rates, dead-letter totals by stage and each connector's breaker state.
 
 Where the numbers come from:
 
@@ -45,6 +46,7 @@ from rich.table import Table
 from middleware.broker import make_broker
 from middleware.broker.base import Broker
 from middleware.cli.common import JsonOption, ProjectOption, fail, open_project, print_json
+from middleware.cli.status_sla import journal_view, render_sla
 from middleware.errors import BrokerError
 from middleware.ingest.folder import folder_status
 from middleware.observe import safe_url
@@ -68,7 +70,7 @@ class QueueStatus:
     """One queue as status sees it; ``None`` means the broker cannot tell."""
 
     queue: str
-    role: str  # inbound | delivery | dead-letter
+    role: str  # inbound | delivery | delay | dead-letter
     connector: str | None = None
     declared: bool = True
     messages: int | None = None
@@ -86,6 +88,12 @@ class RouteStatus:
         dlq = next(q for q in self.queues if q.role == "dead-letter")
         return dlq.messages if dlq.declared else 0
 
+    def parked(self, connector: str) -> int | None:
+        """Deliveries to ``connector`` waiting in its delay queues (None if the broker cannot tell)."""
+        depths = [q.messages if q.declared else 0 for q in self.queues
+                  if q.role == "delay" and q.connector == connector]
+        return None if None in depths else sum(d or 0 for d in depths)
+
 
 @dataclass
 class Counters:
@@ -97,6 +105,7 @@ class Counters:
     events: dict[str, float] = field(default_factory=dict)
     delivered: dict[str, float] = field(default_factory=dict)
     dead_lettered: dict[str, dict[str, float]] = field(default_factory=dict)  # route -> stage -> total
+    breakers: dict[str, float] = field(default_factory=dict)  # connector -> middleware_breaker_open (1: open)
 
 
 # -- queues ------------------------------------------------------------------------------------------
@@ -171,6 +180,17 @@ def engine_holds_spool(folder: Path) -> bool | None:
     return False
 
 
+def _held(folder: Path) -> dict[str, int]:
+    """Messages an engine holds now (``processing/``), per queue, named like ready ones."""
+    counts: dict[str, int] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(folder / "processing"):
+            if name.endswith(".msg"):
+                queue = name.partition(".")[2][: -len(".msg")]
+                counts[queue] = counts.get(queue, 0) + 1
+    return counts
+
+
 def fill_from_spool(routes: list[RouteStatus], folder: Path) -> None:
     """Depths, ages and consumers of the embedded broker, read from its folder."""
     try:
@@ -181,11 +201,14 @@ def fill_from_spool(routes: list[RouteStatus], folder: Path) -> None:
                 queue.declared = False
         return
     engine = engine_holds_spool(folder)
+    held = _held(folder)
     for route in routes:
         for queue in route.queues:
             queue.messages, queue.oldest_age_seconds = found.get(queue.queue, (0, None))
-            if queue.role == "dead-letter":
-                queue.consumers = 0  # dead letters are only read by `middleware dlq`
+            if queue.role == "delay":  # the engine holds each delay queue's oldest message until it is due
+                queue.messages += held.get(queue.queue, 0)
+            if queue.role in ("dead-letter", "delay"):
+                queue.consumers = 0  # dead letters are only read by `middleware dlq`; delay queues by nobody
             else:
                 queue.consumers = None if engine is None else int(engine)
 
@@ -235,6 +258,8 @@ def parse_counters(text: str, at: float) -> Counters:
               "middleware_events_published": counters.events, "middleware_events_delivered": counters.delivered}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            if sample.name == "middleware_breaker_open":
+                counters.breakers[sample.labels.get("connector", "")] = sample.value
             if not sample.name.endswith("_total"):
                 continue
             name = sample.name[: -len("_total")]
@@ -296,12 +321,16 @@ class Report:
     metrics: dict[str, dict[str, Any]] | None  # None: not reachable / not configured
     window_seconds: float | None = None
     folders: list[dict[str, Any]] = field(default_factory=list)  # ingest.folder[]: files by state
+    breakers: dict[str, str] | None = None  # connector -> "open" / "closed", from the engine's /metrics
 
     def as_json(self) -> dict[str, Any]:
         return {
             "folders": self.folders,
             "broker": self.broker,
+            "breakers": self.breakers,
             "routes": [{"route": r.route, "dead_letters": r.dead_letters,
+                        "parked": {q.connector: r.parked(q.connector) for q in r.queues
+                                   if q.role == "delivery" and q.connector},
                         "queues": [asdict(q) for q in r.queues],
                         "engine": (self.metrics or {}).get(r.route)} for r in self.routes],
             "oldest_age": self.oldest_age_note or "from the embedded broker's spool file names",
@@ -346,7 +375,9 @@ class Status:
             note = AGE_NOT_AVAILABLE["amqp" if self.url.startswith(("amqp://", "amqps://")) else "kombu"]
         metrics, window = await self._metrics()
         folders = [folder_status(listener) for listener in self.project.settings.ingest.get("folder", ())]
-        return Report(safe_url(self.url), routes, note, self.metrics_url, metrics, window, folders)
+        breakers = None if metrics is None or self.last is None else {
+            connector: "open" if value else "closed" for connector, value in sorted(self.last.breakers.items())}
+        return Report(safe_url(self.url), routes, note, self.metrics_url, metrics, window, folders, breakers)
 
     async def _metrics(self) -> tuple[dict[str, dict[str, Any]] | None, float | None]:
         if self.metrics_url is None:
@@ -388,18 +419,24 @@ def render(report: Report, console: Console) -> None:
     table = Table(title=f"middleware status — broker {escape(report.broker)}", caption=(
         f"oldest: n/a — {escape(report.oldest_age_note)}" if report.oldest_age_note else None))
     for column, justify in (("route", "left"), ("queue", "left"), ("role", "left"), ("messages", "right"),
-                            ("consumers", "right"), ("oldest", "right")):
+                            ("parked", "right"), ("consumers", "right"), ("oldest", "right")):
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for route in report.routes:
-        for index, queue in enumerate(route.queues):
+        shown = [q for q in route.queues if q.role != "delay"]  # delay queues: the delivery's parked count
+        for index, queue in enumerate(shown):
             role = f"delivery → {queue.connector}" if queue.role == "delivery" else queue.role
+            breaker = (report.breakers or {}).get(queue.connector or "") if queue.role == "delivery" else None
+            if breaker == "open":
+                role += " (breaker open)"
+            parked = _cell(route.parked(queue.connector)) if queue.role == "delivery" and queue.connector else ""
             if not queue.declared:
-                cells = ["not declared", "", ""]
+                cells = ["not declared", "", "", ""]
             else:
-                age = "n/a" if report.oldest_age_note else format_age(queue.oldest_age_seconds)
-                cells = [_cell(queue.messages), _cell(queue.consumers), age]
+                unknown = report.oldest_age_note and queue.oldest_age_seconds is None and queue.messages != 0
+                age = "n/a" if unknown else format_age(queue.oldest_age_seconds)  # the journal may know
+                cells = [_cell(queue.messages), parked, _cell(queue.consumers), age]
             table.add_row(escape(route.route) if index == 0 else "", escape(queue.queue), escape(role), *cells,
-                          end_section=index == len(route.queues) - 1)
+                          end_section=index == len(shown) - 1)
     console.print(table)
     if report.folders:
         folders = Table(title="watched folders")
@@ -435,13 +472,15 @@ async def _main(project: Project, as_json: bool, watch: float | None) -> None:
         while True:
             started = time.monotonic()
             report = await status.report()
+            journal = journal_view(project, report)  # SLA, feeds, oldest age where the broker cannot tell
             if as_json:
-                print_json(report.as_json())
+                print_json({**report.as_json(), "sla": journal.as_json()})
                 sys.stdout.flush()
             else:
                 if watch and console.is_terminal:
                     console.clear()
                 render(report, console)
+                render_sla(journal, console)
             if not watch:
                 return
             await asyncio.sleep(max(watch - (time.monotonic() - started), 0.0))
