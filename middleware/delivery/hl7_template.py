@@ -17,8 +17,10 @@ template for another event type (:func:`from_yaml`).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 from middleware import dates
@@ -162,18 +164,30 @@ class _Segment:
             subs[sub_index] = _escape(part, d)
 
     def render(self, d: Delimiters) -> str:
-        top = max(self.fields, default=0)
-        values = [self._field(self.fields.get(n, []), d) for n in range(1, top + 1)]
+        fields = self.fields
+        values = [""] * max(fields, default=0)
+        for number, reps in fields.items():
+            values[number - 1] = self._field(reps, d)
         if self.name == "MSH":  # MSH-1 is the field separator itself, MSH-2 the encoding characters
             return "MSH" + d.field + d.field.join([d.encoding_characters, *values[2:]])
         return d.field.join([self.name, *values])
 
     @staticmethod
     def _field(reps: _Field, d: Delimiters) -> str:
+        if len(reps) == 1 and len(reps[0]) == 1 and len(reps[0][0]) == 1:  # most fields: one plain value
+            return reps[0][0][0]
         return d.repetition.join(d.component.join(d.subcomponent.join(subs) for subs in comps) for comps in reps)
 
 
+@lru_cache(maxsize=16)
+def _specials(d: Delimiters) -> re.Pattern[str]:
+    """Characters that need escaping with these delimiters (most values have none: they are kept as they are)."""
+    return re.compile("[" + re.escape(d.field + d.encoding_characters) + "\r\n]")
+
+
 def _escape(value: str, d: Delimiters) -> str:
+    if _specials(d).search(value) is None:
+        return value
     out = escape(value, d)
     if "\r" in out or "\n" in out:  # a segment ends at CR: line breaks travel as the formatting escape
         out = out.replace("\r\n", "\n").replace("\r", "\n").replace("\n", f"{d.escape}.br{d.escape}")
@@ -222,7 +236,7 @@ def _fill(segment: _Segment, rule: SegmentRule, scope: Any, event: Mapping[str, 
     for where, source in rule.fields.items():
         value = _value(source, scope, event, number, f"{rule.name}-{where}")
         if value is not None:
-            segment.put(Target.parse(where), value, d)
+            segment.put(_target(where), value, d)
 
 
 def _value(source: Source, scope: Any, event: Mapping[str, Any], number: int,
@@ -285,11 +299,21 @@ def _lookup(scope: Any, event: Mapping[str, Any], path: str) -> Any:
     if path.startswith("@"):
         return event.get(path[1:])
     value = scope
-    for key in path.split("."):
-        if not isinstance(value, Mapping):
+    for key in _keys(path):
+        if not isinstance(value, dict):  # JSON objects (a dict check is much cheaper than Mapping's)
             return None
         value = value.get(key)
     return value
+
+
+@lru_cache(maxsize=4096)
+def _target(where: str) -> Target:
+    return Target.parse(where)
+
+
+@lru_cache(maxsize=4096)
+def _keys(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
 
 
 def _hl7_time(when: dates.When) -> str:
