@@ -11,6 +11,7 @@ they fail to parse downstream and are dead-lettered with their position instead 
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -145,3 +146,34 @@ def split_records(stream: BinaryIO, info: SplitInfo) -> Iterator[Record]:
         yield Record(item.raw, item.position, error)
     info.batch_id, info.declared = summary.batch_id, summary.declared
     info.problems.extend(summary.problems)
+
+
+_BATCH_START = re.compile(rb"[\r\n]BHS")
+_TAIL = 4096
+
+
+def declared_total(stream: BinaryIO) -> int | None:
+    """The message count a single-batch file declares (BTS-1), read before its first message is published
+    (``x-mw-batch-total``): the BHS segments are counted over the file (one pass, in chunks) and BTS-1 is
+    read from its end. None when the stream cannot seek, the file holds no batch or several (BTS-1 then
+    counts only the last one), or BTS-1 is not a number. The count is what the sender declares; a file
+    whose count disagrees is reported after splitting, like a CSV trailer."""
+    if not stream.seekable():
+        return None
+    batches, carry = 0, b"\n"  # the file's start is a segment's start
+    chunk = _read_past_bom(stream)
+    while chunk:
+        batches += len(_BATCH_START.findall(carry + chunk))
+        carry = chunk[-3:]  # a match split between chunks is found with the next one; none fits in 3 bytes
+        if batches > 1:
+            return None
+        chunk = stream.read(_CHUNK)
+    if batches != 1:
+        return None
+    size = stream.seek(0, io.SEEK_END)
+    stream.seek(max(size - _TAIL, 0))
+    for segment in reversed(_LINE_BREAK.split(stream.read())):
+        if segment.startswith(b"BTS"):
+            count = _field(segment, 1)
+            return int(count) if count.isdigit() else None
+    return None

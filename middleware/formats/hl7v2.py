@@ -594,6 +594,12 @@ class Hl7v2Format:
 
         return split_records(stream, info)
 
+    def declared_total(self, stream: BinaryIO) -> int | None:
+        """BTS-1 of a single-batch file, before publishing (``x-mw-batch-total``); see hl7batch."""
+        from middleware.formats.hl7batch import declared_total
+
+        return declared_total(stream)
+
     def compile_path(self, expr: str) -> Hl7Path:
         return compile_path(expr)
 

@@ -113,6 +113,7 @@ async def test_a_dropped_file_is_published_and_moved_to_done_with_its_report(
     assert message.headers["x-mw-ingest"] == "folder:drop"
     assert message.headers["x-mw-batch-id"] == report["digest"]
     assert message.headers["x-mw-source-file"] == "adt-0001.hl7"
+    assert message.headers["x-mw-batch-total"] == 50  # BTS-1, known before the first record was published
     await message.reject(requeue=True)
     assert metrics.value("middleware_folder_files_finished", folder="drop", outcome="done") == 1
     assert metrics.value("middleware_folder_records", folder="drop", outcome="published") == 50
