@@ -9,7 +9,8 @@ with publisher confirms, and counts the event delivered only on the broker's ack
   ``retry_on`` lists ``connection`` / ``timeout``), on a fresh connection.
 
 The message keeps what consumers need to dedupe and trace: ``message_id`` = event id,
-``correlation_id``, ``type`` = the event type, ``content_type: application/cloudevents+json``,
+``correlation_id``, ``type`` = the event type, ``content_type`` (``application/cloudevents+json``,
+or ``application/json`` for a document made by the delivery's outbound ``map:``),
 persistent, headers ``x-mw-event-type``, ``x-mw-route``, ``x-correlation-id`` plus the connector's
 own ``headers``. ``routing_key`` is a template over the event: ``{type}`` (the default),
 ``{subject}``, ``{source}``, ``{data.patient.mrn}``...
@@ -38,7 +39,6 @@ from middleware.tls import TlsOptions, client_context
 
 log = logging.getLogger("middleware.delivery")
 
-CONTENT_TYPE = "application/cloudevents+json"
 DEFAULT_TIMEOUT = 10.0
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 
@@ -72,14 +72,17 @@ def check_options(options: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str
     return []
 
 
-def routing_key(template: str, event: Mapping[str, Any]) -> str:
-    """``template`` with each ``{name}`` replaced from the event; raises ``KeyError`` naming a missing one."""
+def routing_key(template: str, event: Mapping[str, Any], known: Mapping[str, str] | None = None) -> str:
+    """``template`` with each ``{name}`` replaced from the event, else from ``known`` (the delivery's own
+    ``type``, ``id``, ``correlationid``: a mapped document may lack them); raises ``KeyError`` naming a missing one."""
 
     def value(match: re.Match[str]) -> str:
         path = match.group(1).strip()
         found: Any = event
         for key in path.split("."):
             found = found.get(key) if isinstance(found, Mapping) else None
+        if found is None and known:
+            found = known.get(path) or None
         if found is None or isinstance(found, Mapping | list) or found == "":
             raise KeyError(path)
         return str(found)
@@ -147,7 +150,7 @@ class AmqpConnector(Connector):
         headers: dict[str, Any] = {**self.headers, "x-mw-event-type": delivery.event_type, "x-mw-route": delivery.route}
         if delivery.correlation_id:
             headers["x-correlation-id"] = delivery.correlation_id
-        message = aio_pika.Message(delivery.body, content_type=CONTENT_TYPE,
+        message = aio_pika.Message(delivery.body, content_type=delivery.content_type,
                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                    message_id=delivery.event_id or None,
                                    correlation_id=delivery.correlation_id or None,
@@ -181,9 +184,10 @@ class AmqpConnector(Connector):
     def _key(self, delivery: Delivery) -> str:
         if "{" not in self.routing_key:
             return self.routing_key
+        known = {"type": delivery.event_type, "id": delivery.event_id, "correlationid": delivery.correlation_id}
         try:
             event = orjson.loads(delivery.body)
-            return routing_key(self.routing_key, event if isinstance(event, Mapping) else {})
+            return routing_key(self.routing_key, event if isinstance(event, Mapping) else {}, known)
         except orjson.JSONDecodeError:
             raise DeliveryError(f"{self.name}: the event is not JSON", retryable=False,
                                 hint="the delivery queue holds something else than a CloudEvent") from None

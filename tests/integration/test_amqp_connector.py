@@ -192,3 +192,15 @@ async def test_the_engine_delivers_a_routes_events_to_the_exchange(
     assert message.message_id == event["id"]
     assert message.correlation_id == "it-amqp"
     assert message.headers["x-mw-route"] == "adt-inbound"
+
+
+async def test_a_document_made_by_an_outbound_map_keeps_its_content_type_and_the_events_type_as_key(
+        connectors: Callable[..., AmqpConnector], downstream: dict[str, str], channel: AbstractChannel) -> None:
+    connector = connectors(exchange=downstream["exchange"])
+    mapped = Delivery(b'{"mrn": "MRN-1"}', "ev-amqp-2", "corr-amqp", "adt-inbound", "patient.admitted.v1",
+                      content_type="application/json")
+    await connector.send(mapped)
+    message = await take(channel, downstream["queue"])
+    assert message.body == b'{"mrn": "MRN-1"}'
+    assert message.content_type == "application/json"
+    assert message.routing_key == "patient.admitted.v1"
