@@ -8,7 +8,8 @@ MSH-7 is the time of sending; MSH-3..6 come from the connector.
 MLLP is request/response: a connection carries one message at a time and waits for its ACK. The
 connector keeps up to ``pool`` connections open between deliveries and opens a new one after any
 failure (a connection whose ACK never came is never reused: a late ACK would answer the wrong
-message). Outcomes:
+message). An idle connection the receiver closed (many drop idle senders) is replaced before use,
+and a send that fails on a reused connection is tried once more on a new one. Outcomes:
 
 - ``AA`` / ``CA``: delivered.
 - ``AE`` / ``CE``: the receiver refused the message: dead letter at once, with the ACK's text
@@ -223,8 +224,16 @@ class MllpConnector(Connector):
         link: _Link | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                link = self._idle.pop() if self._idle else await self._connect()
-                body = await link.exchange(payload)
+                link = self._reusable()
+                if link is not None:
+                    try:
+                        body = await link.exchange(payload)
+                    except (OSError, FramingError):  # closed by the receiver while idle: once more, afresh
+                        self._drop(link)
+                        link = None
+                if link is None:
+                    link = await self._connect()
+                    body = await link.exchange(payload)
         except TimeoutError:
             self._drop(link)
             raise DeliveryError(f"{self.name}: {self.describe()}: no ACK within {self.timeout:g}s",
@@ -255,6 +264,15 @@ class MllpConnector(Connector):
         else:
             self._idle.append(link)
         return answer
+
+    def _reusable(self) -> _Link | None:
+        """An idle connection the receiver has not closed meanwhile (receivers drop idle ones), or None."""
+        while self._idle:
+            link = self._idle.pop()
+            if not link.reader.at_eof() and not link.writer.is_closing():
+                return link
+            self._drop(link)
+        return None
 
     async def _connect(self) -> _Link:
         context = client_context(self.tls) if self.tls is not None else None
