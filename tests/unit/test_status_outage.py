@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +22,9 @@ from middleware.cli.status import Status, parse_counters, render
 from middleware.observe import Metrics, serve_metrics
 from middleware.project import load_project
 from middleware.topology import RouteTopology
+from tests.unit.test_status import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
