@@ -33,6 +33,7 @@ def rabbit_env(amqp_url: str, queue_prefix: str, sink: Sink, tmp_path: Path) -> 
             "BED_BOARD_PATH": str(tmp_path / "bed-board.jsonl"),
             "EVENT_ARCHIVE_PATH": str(tmp_path / "event-archive.jsonl"),
             "AUDIT_LOG": str(tmp_path / "audit.log"),  # dlq commands audit here, not in the repository
+            "MIDDLEWARE_JOURNAL_URL": f"sqlite:///{tmp_path / 'journal.db'}",  # the engine's journal, per test
             "MIDDLEWARE_INGEST_LEDGER": str(tmp_path / "ingest")}  # publish's ledger of files: per test
 
 
