@@ -10,6 +10,8 @@ from typing import Any
 
 import hl7
 import pytest
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -123,6 +125,17 @@ def test_what_we_send_reads_back_through_the_shipped_route_as_the_same_event_dat
         [again] = transform(project.routes[route], raw).events
         assert again["data"] == original["data"]
         assert again["type"] == original["type"]
+
+
+@pytest.mark.parametrize(("sample", "route"), [
+    ("adt-inbound/a01-admit.hl7", "adt-inbound"), ("adt-inbound/a03-discharge.hl7", "adt-inbound"),
+    ("adt-inbound/a04-register.hl7", "adt-inbound"), ("adt-inbound/a08-update.hl7", "adt-inbound"),
+    ("results-inbound/oru-r01-lipid-panel.hl7", "results-inbound"),
+])
+def test_what_we_send_passes_hl7apys_strict_structure_validation(project: Project, sample: str, route: str) -> None:
+    for original in transform(project.routes[route], (REPO / "samples" / sample).read_bytes()).events:
+        raw = connector().message(delivery_of(original), NOW).decode()
+        parse_message(raw, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True).validate()
 
 
 RESULT = {"patient": {"mrn": "M7"},
