@@ -5,7 +5,20 @@ from __future__ import annotations
 import typer
 
 from middleware import __version__
-from middleware.cli import demo, dlq, inspect, publish, routetest, run, schemas, status, trace, transform, validate
+from middleware.cli import (
+    demo,
+    dlq,
+    inspect,
+    publish,
+    routetest,
+    run,
+    schema_of,
+    schemas,
+    status,
+    trace,
+    transform,
+    validate,
+)
 
 app = typer.Typer(
     name="middleware",
@@ -14,7 +27,7 @@ app = typer.Typer(
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
 )
-for module in (run, demo, publish, validate, transform, routetest, inspect, dlq, status, trace, schemas):
+for module in (run, demo, publish, validate, transform, routetest, inspect, dlq, status, trace, schemas, schema_of):
     module.register(app)
 
 

@@ -97,7 +97,7 @@ def test_wrong_kind_two_fragments_with_one_target_and_broken_fragments(project: 
     edit(route, "include: patient-demographics   #", "include: [patient-demographics, names]   #")
     line = line_of(route, "include: [patient-demographics, names]")
     assert problems(project) == [f"routes/adt-inbound.yaml:{line}: target 'patient.name.family' is in two included "
-                                 f"fragments ({FRAGMENT}:6 and routes/_fragments/names.yaml:2)"]
+                                 f"fragments ({FRAGMENT}:5 and routes/_fragments/names.yaml:2)"]
 
     edit(route, "include: [patient-demographics, names]   #", "include: patient-demographics   #")
     edit(route, "  - to: case-management\n", "  - include: names\n")
