@@ -49,6 +49,12 @@ def test_when_data_conditions_use_the_filter_condition_keys_over_the_event() -> 
     assert not outpatient.matches(doc(ADMITTED)) and not without_bed.matches(doc(ADMITTED))
 
 
+def test_when_takes_the_route_conditions_expr_over_the_event() -> None:
+    inpatient = compile_when({"type": "patient.*", "expr": "path('data.encounter.class') == 'inpatient'"})
+    assert inpatient.matches(doc(ADMITTED))
+    assert not inpatient.matches(doc({**ADMITTED, "data": {"encounter": {"class": "outpatient"}}}))
+
+
 @pytest.mark.parametrize(("spec", "key", "words"), [
     ({"message_type": "ADT^A01"}, "message_type", "use type:"),
     ({"typ": "patient.admitted"}, "typ", "unknown condition 'typ'"),
