@@ -210,8 +210,23 @@ async def test_sign_in_see_dead_letters_appear_replay_a_fixed_group_and_see_it_d
     # keyboard: the skip link is the first stop, and every route link can be reached with Tab
     from selenium.webdriver.common.keys import Keys
 
+    driver.get(console)
     driver.find_element("tag name", "body").send_keys(Keys.TAB)
     assert driver.switch_to.active_element.text == "Skip to content"
+    for _ in range(12):
+        if driver.switch_to.active_element.get_attribute("id") == "route-link-adt-inbound":
+            break
+        driver.switch_to.active_element.send_keys(Keys.TAB)
+    assert driver.switch_to.active_element.get_attribute("id") == "route-link-adt-inbound"
+    caption = _text(driver, "#routes-table caption")
+    deadline = time.monotonic() + WAIT
+    while _text(driver, "#routes-table caption") in ("", caption):  # wait for an htmx refresh
+        assert time.monotonic() < deadline, "the routes table was not refreshed"
+        time.sleep(0.3)
+    time.sleep(0.5)  # htmx restores the focus when the swap settles
+    assert driver.switch_to.active_element.get_attribute("id") == "route-link-adt-inbound"  # focus kept
+    driver.switch_to.active_element.send_keys(Keys.ENTER)
+    await _until(driver, "h1", "Route adt-inbound")
 
 
 def _total(driver: Any, column: str) -> int:
