@@ -112,3 +112,20 @@ async def test_an_ae_from_the_receiver_dead_letters_the_event_with_its_text(
     assert "answered AE: unknown ward WARD7" in letter.error
     assert len(receiver.received) == 1  # not retried
 
+
+
+async def test_an_event_without_a_template_dead_letters_with_the_reason_and_is_not_sent(
+        rabbit_project: Project, broker: Broker) -> None:
+    receiver = await Receiver(lambda m: ack(m, "AA")).start()
+    engine = await run_engine(rabbit_project, receiver.port)
+    try:
+        await publish_sample(broker, rabbit_project, "a40-merge.hl7")  # patient.merged: no built-in template
+        dlq = naming.dead_letter_queue("adt-inbound", rabbit_project.settings.queue_prefix)
+        letter = DeadLetter.from_message(await wait_message(broker, dlq))
+    finally:
+        await engine.stop()
+        await receiver.stop()
+    assert letter.stage == "deliver" and letter.connector == "bed-board"
+    assert "no HL7 template for event type 'patient.merged'" in letter.error
+    assert letter.attempts == 1
+    assert receiver.received == []
