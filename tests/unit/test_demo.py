@@ -127,7 +127,8 @@ async def test_demo_on_rabbitmq_masks_the_broker_password_and_deletes_everything
     project = load_project(root, {**env, "MIDDLEWARE_QUEUE_PREFIX": prefix})
     queues, exchanges = demo_topology(project)
     assert sorted(report["removed"]) == sorted(queues + exchanges)
-    assert len(queues) == 2 * len(project.routes) + sum(len(r.deliver) for r in project.routes.values())
+    tiers = sum(len(d.retry.delays) if d.retry else 0 for r in project.routes.values() for d in r.deliver)
+    assert len(queues) == 2 * len(project.routes) + sum(len(r.deliver) for r in project.routes.values()) + tiers
     assert sorted(await absent(amqp_url, queues, exchanges)) == sorted(queues + exchanges)
     if shutil.which("rabbitmqctl"):  # also nothing we did not think of, under the test's prefix
         assert rabbitmq_names(queue_prefix) == []
