@@ -5,7 +5,9 @@ HL7 v2 paths follow the tokenizer's grammar (:mod:`middleware.formats.hl7v2`): `
 the segment does, a component when the field has several, a subcomponent when the component has
 several. FHIR paths are the FHIRPath subset (:mod:`middleware.formats.fhir`): ``Patient.name[0].family``,
 ``Bundle.entry[1].resource.subject.reference``, every array indexed; other JSON (``format: json``) the
-dotted paths of :mod:`middleware.formats.json_format` (``referral.items[0].code``). Each printed path, compiled and
+dotted paths of :mod:`middleware.formats.json_format` (``referral.items[0].code``). X12 records (one per
+834 member, 270/271 subscriber or dependent, as ``publish`` splits them) print the element paths of
+:mod:`middleware.formats.x12`: ``NM1[IL]-9``, ``DTP[348]-3``, ``HD-3.1``. Each printed path, compiled and
 read on the same message, gives the printed value first (tests/unit/test_inspect.py checks it).
 
 Values are decoded (HL7 escapes resolved, JSON numbers as parsed). This module only returns them: the
@@ -27,8 +29,9 @@ from middleware.formats import SplitInfo, get_format
 from middleware.formats.fhir import FhirDocument
 from middleware.formats.hl7v2 import Hl7Message
 from middleware.formats.json_format import JsonDocument
+from middleware.formats.x12 import X12Document
 
-FORMATS = ("hl7v2", "fhir", "json")
+FORMATS = ("hl7v2", "fhir", "json", "x12")
 _HL7_NULL = '""'
 _FHIR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # an element name a FHIRPath step can spell
 _JSON_KEY = re.compile(r"[A-Za-z_$][\w$-]*")  # a key a JSON path step can spell
@@ -42,6 +45,7 @@ class Field:
     path: str
     value: Any
     addressable: bool = True
+    note: str | None = None  # why ``addressable`` is False, when it is not the default reason
 
 
 @dataclass
@@ -55,18 +59,20 @@ class Message:
 
 
 def detect_format(raw: bytes) -> str:
-    """``hl7v2`` (MSH, FHS or BHS first), ``fhir`` (a JSON object with a resourceType) or ``json`` (other
-    JSON); raises :class:`ParseError` for anything else."""
+    """``hl7v2`` (MSH, FHS or BHS first), ``x12`` (ISA first), ``fhir`` (a JSON object with a resourceType)
+    or ``json`` (other JSON); raises :class:`ParseError` for anything else."""
     head = raw[:4096].lstrip(b"\xef\xbb\xbf\x0b\r\n\t ")
     if head.startswith((b"MSH", b"FHS", b"BHS")):
         return "hl7v2"
+    if head.startswith(b"ISA"):
+        return "x12"
     if head.startswith((b"{", b"[")):
         try:
             data = orjson.loads(raw.lstrip(b"\xef\xbb\xbf"))
         except orjson.JSONDecodeError:
             return "json"  # the json format says what is wrong with it
         return "fhir" if isinstance(data, dict) and isinstance(data.get("resourceType"), str) else "json"
-    raise ParseError("neither an HL7 v2 message (MSH, FHS or BHS first) nor JSON",
+    raise ParseError("neither an HL7 v2 message (MSH, FHS or BHS first), X12 (ISA first) nor JSON",
                      hint=f"give --format ({', '.join(FORMATS)})")
 
 
@@ -90,7 +96,7 @@ def inspect_input(raw: bytes, fmt: str | None = None) -> tuple[str, list[Message
             continue
         message.message_type = doc.message_type
         message.fields = list(hl7_fields(doc) if name == "hl7v2" else fhir_fields(doc) if name == "fhir"
-                              else json_fields(doc))
+                              else x12_fields(doc) if name == "x12" else json_fields(doc))
     return name, messages
 
 
@@ -127,6 +133,60 @@ def hl7_fields(message: Hl7Message) -> Iterator[Field]:
                         elif len(components) > 1:
                             path += f".{comp_no}"
                         yield Field(path, None if value == _HL7_NULL else message.unescape(value))
+
+
+# -- X12 --------------------------------------------------------------------------------------
+
+
+def x12_fields(doc: X12Document) -> Iterator[Field]:
+    """Every non-empty element (and component) of an X12 record, in segment order. A segment is named by
+    its first element as qualifier (``NM1[IL]-9``, ``DTP[348]-3``) when its tag repeats or is a qualified
+    one (NM1, N1, REF, DTP...) and that qualifier picks it, else by its tag alone (``BGN-2``, ``HD-3``) when
+    it is the first of its tag. A later
+    segment that no such name picks (a second ``REF[0F]``) is shown with ``#<n>`` and marked: ``REF[*]-2``
+    reads them all as a list."""
+    repetition = doc.delimiters.repetition.decode("latin-1") if doc.delimiters.repetition else None
+    component = doc.delimiters.component.decode("latin-1")
+    totals: dict[str, int] = {}
+    for segment in doc.segments:
+        totals[segment[0]] = totals.get(segment[0], 0) + 1
+    seen_tags: set[str] = set()
+    seen_qualified: dict[tuple[str, str], int] = {}
+    for segment in doc.segments:
+        tag = segment[0]
+        qualifier = segment[1] if len(segment) > 1 else ""
+        first_of_tag = tag not in seen_tags
+        seen_tags.add(tag)
+        nth = seen_qualified[(tag, qualifier)] = seen_qualified.get((tag, qualifier), 0) + 1
+        note = None
+        if totals[tag] == 1 and tag not in _X12_QUALIFIED:
+            label = tag
+        elif qualifier and nth == 1 and _X12_QUALIFIER.fullmatch(qualifier) and component not in qualifier:
+            label = f"{tag}[{qualifier}]"
+        elif first_of_tag:
+            label = tag
+        else:
+            label = f"{tag}[{qualifier}]#{nth}" if qualifier else f"{tag}#{nth}"
+            note = f"an earlier {tag} reads first: {tag}[*]-n reads every {tag} as a list"
+        for number in range(1, len(segment)):
+            value = segment[number]
+            if tag == "ISA":  # fixed-width envelope: ISA-11 and ISA-16 are the separators themselves
+                parts = [(f"{label}-{number}", value.strip())]
+            else:
+                if repetition is not None and repetition in value:
+                    value = value.split(repetition, 1)[0]  # a path reads the first repetition
+                pieces = value.split(component)
+                parts = ([(f"{label}-{number}", value.strip())] if len(pieces) == 1 else
+                         [(f"{label}-{number}.{c}", piece.strip()) for c, piece in enumerate(pieces, start=1)])
+            for path, text in parts:
+                if text:
+                    yield Field(path, text, note is None, note)
+
+
+_X12_QUALIFIER = re.compile(r"[^\]\s*]+")  # what X12 path brackets can hold as a qualifier
+# segments whose first element is a qualifier (entity, reference, date, amount...): named by it even when
+# alone, so a map written from one record keeps reading the right one when another record has several
+_X12_QUALIFIED = frozenset({"NM1", "N1", "REF", "DTP", "DTM", "PER", "AMT", "QTY", "EB", "HI", "LUI"})
 
 
 # -- FHIR -------------------------------------------------------------------------------------
@@ -215,7 +275,7 @@ def render_text(source: str, fmt: str, messages: list[Message]) -> Iterator[str]
         yield f"# {where}: {fmt} {message.message_type or '(no message type)'}, {len(message.fields)} value(s)"
         width = min(max((len(f.path) for f in message.fields), default=0), 40)
         for item in message.fields:
-            note = "" if item.addressable else "  (no path reads this key)"
+            note = "" if item.addressable else f"  ({item.note or 'no path reads this key'})"
             yield f"{item.path:<{width}} = {shown(item.value)}{note}"
 
 
