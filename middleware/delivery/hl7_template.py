@@ -8,8 +8,9 @@ paths are relative to the item and ``.`` is the item itself. Every value is esca
 delimiters (``|`` -> ``\\F\\``, ``^`` -> ``\\S\\``, ``~`` -> ``\\R\\``, ``\\`` -> ``\\E\\``,
 ``&`` -> ``\\T\\``); line breaks become ``\\.br\\``.
 
-Built-in templates: ``patient.admitted`` -> ADT^A01, ``patient.registered`` -> ADT^A04,
-``patient.discharged`` -> ADT^A03, ``patient.updated`` -> ADT^A08, ``result.reported`` -> ORU^R01.
+Built-in templates: ``patient.admitted`` -> ADT^A01, ``patient.transferred`` -> ADT^A02,
+``patient.discharged`` -> ADT^A03, ``patient.registered`` -> ADT^A04, ``patient.updated`` -> ADT^A08,
+``result.reported`` -> ORU^R01.
 A connector's ``templates:`` block changes or removes fields of a built-in one, or declares a
 template for another event type (:func:`from_yaml`).
 """
@@ -433,15 +434,21 @@ def _evn(trigger: str) -> SegmentRule:
     return SegmentRule("EVN", {"1": _const(trigger), "2": _src("@time", convert="datetime")})
 
 
-def _adt(trigger: str, visit: Mapping[str, Source]) -> Hl7Template:
-    return Hl7Template(f"ADT^{trigger}^ADT_A01" if trigger != "A03" else "ADT^A03^ADT_A03",
-                       (_evn(trigger), SegmentRule("PID", PID), SegmentRule("PV1", visit)))
+def _adt(trigger: str, visit: Mapping[str, Source], occurred: str | None = None) -> Hl7Template:
+    structure = {"A02": "ADT_A02", "A03": "ADT_A03"}.get(trigger, "ADT_A01")
+    evn = _evn(trigger)
+    if occurred:  # EVN-6, the time the event occurred: what the inbound route reads first
+        evn = replace(evn, fields={**evn.fields, "6": _src(occurred, convert="datetime")})
+    return Hl7Template(f"ADT^{trigger}^{structure}", (evn, SegmentRule("PID", PID), SegmentRule("PV1", visit)))
 
 
 _NOTE = SegmentRule("NTE", {"1": Source(seq=True), "3": _src(".")}, for_each="notes")
 
 BUILT_IN: Mapping[str, Hl7Template] = {
     "patient.admitted": _adt("A01", {**VISIT, "44": _src("encounter.admitted_at", convert="datetime")}),
+    "patient.transferred": _adt("A02", {**VISIT, **{f"6.{n}": _src(f"encounter.prior_location.{key}") for n, key in
+                                                    enumerate(("point_of_care", "room", "bed", "facility"), 1)}},
+                                occurred="encounter.transferred_at"),
     "patient.registered": _adt("A04", NO_VISIT),
     "patient.discharged": _adt("A03", {**VISIT, "36": _src("encounter.disposition"),
                                        "45": _src("encounter.discharged_at", convert="datetime")}),

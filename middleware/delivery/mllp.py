@@ -1,6 +1,6 @@
 """``type: mllp``: each event as an HL7 v2 message over MLLP (optionally TLS), delivered on the receiver's ACK.
 
-The event is written with the template for its type (:mod:`.hl7_template`: ADT^A01/A03/A04/A08,
+The event is written with the template for its type (:mod:`.hl7_template`: ADT^A01/A02/A03/A04/A08,
 ORU^R01 built in, changed per connector with ``templates:``). MSH-10 is derived from the event
 id, so a redelivered event carries the same control id and the receiver can drop the duplicate;
 MSH-7 is the time of sending; MSH-3..6 come from the connector.

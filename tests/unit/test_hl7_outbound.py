@@ -100,7 +100,8 @@ def test_msh_carries_the_connector_names_now_and_a_control_id_derived_from_the_e
 
 
 @pytest.mark.parametrize(("kind", "message_type"), [
-    ("patient.admitted", "ADT^A01^ADT_A01"), ("patient.discharged", "ADT^A03^ADT_A03"),
+    ("patient.admitted", "ADT^A01^ADT_A01"), ("patient.transferred", "ADT^A02^ADT_A02"),
+    ("patient.discharged", "ADT^A03^ADT_A03"),
     ("patient.registered", "ADT^A04^ADT_A01"), ("patient.updated", "ADT^A08^ADT_A01"),
 ])
 def test_each_patient_event_has_its_adt_message_type(kind: str, message_type: str) -> None:
@@ -112,7 +113,8 @@ def test_each_patient_event_has_its_adt_message_type(kind: str, message_type: st
 
 
 @pytest.mark.parametrize(("sample", "route"), [
-    ("adt-inbound/a01-admit.hl7", "adt-inbound"), ("adt-inbound/a03-discharge.hl7", "adt-inbound"),
+    ("adt-inbound/a01-admit.hl7", "adt-inbound"), ("adt-inbound/a02-transfer.hl7", "adt-inbound"),
+    ("adt-inbound/a03-discharge.hl7", "adt-inbound"),
     ("adt-inbound/a04-register.hl7", "adt-inbound"), ("adt-inbound/a08-update.hl7", "adt-inbound"),
     ("results-inbound/oru-r01-lipid-panel.hl7", "results-inbound"),
 ])
@@ -128,7 +130,8 @@ def test_what_we_send_reads_back_through_the_shipped_route_as_the_same_event_dat
 
 
 @pytest.mark.parametrize(("sample", "route"), [
-    ("adt-inbound/a01-admit.hl7", "adt-inbound"), ("adt-inbound/a03-discharge.hl7", "adt-inbound"),
+    ("adt-inbound/a01-admit.hl7", "adt-inbound"), ("adt-inbound/a02-transfer.hl7", "adt-inbound"),
+    ("adt-inbound/a03-discharge.hl7", "adt-inbound"),
     ("adt-inbound/a04-register.hl7", "adt-inbound"), ("adt-inbound/a08-update.hl7", "adt-inbound"),
     ("results-inbound/oru-r01-lipid-panel.hl7", "results-inbound"),
 ])
