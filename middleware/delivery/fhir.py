@@ -135,8 +135,11 @@ class FhirConnector(http.HttpConnector):
             if delivery.mapped:
                 return self._mapped(document)
             entries = resources_for(document, self.systems)
-        except (MappingError, orjson.JSONDecodeError, AttributeError) as exc:
-            detail = exc.message if isinstance(exc, MappingError) else "the body is not a JSON object"
+        except (MappingError, orjson.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError) as exc:
+            # an event of an unexpected shape (never from a route with a schema, but replays and
+            # other producers exist): one clear dead letter, no retry loop, no crashed worker
+            detail = (exc.message if isinstance(exc, MappingError) else
+                      f"cannot build FHIR resources from the event ({type(exc).__name__})")
             raise DeliveryError(f"{self.name}: {detail}", retryable=False,
                                 hint="fix the route's or the delivery's map, then replay the dead letter") from None
         if len(entries) == 1:

@@ -124,6 +124,7 @@ def _drop_empty(node: Any) -> Any:
 
 
 def _coding(code: Any, display: Any = None, system: Any = None) -> dict[str, Any]:
+    code, display = (str(v) if v is not None else None for v in (code, display))
     coding = {"system": CODE_SYSTEMS.get(str(system or "").upper()), "code": code, "display": display}
     return {"coding": [coding] if code else [], "text": display}
 

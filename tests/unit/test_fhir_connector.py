@@ -15,6 +15,8 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from middleware.delivery import ConnectorSpec, Delivery, RetryPolicy, make_connector
 from middleware.delivery.retry import send_with_retry
@@ -144,6 +146,29 @@ async def test_an_event_without_a_built_in_map_or_a_mapped_non_resource_is_final
     with pytest.raises(DeliveryError, match="must build a FHIR resource"):
         await send(server, delivery(event(*UPDATE), b'{"mrn": "1"}', "application/json"))
     assert server.requests == []
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=12)
+EVENT_DATA = st.fixed_dictionaries({}, optional={
+    "patient": st.fixed_dictionaries({}, optional={"mrn": JSON, "name": JSON, "sex": JSON, "address": JSON}),
+    "encounter": JSON, "observations": JSON, "order": JSON, "appointment": JSON, "result": JSON})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["patient.updated.v1", "patient.admitted.v1", "result.reported.v1", "order.placed.v1",
+                             "appointment.booked.v1", "patient.merged.v1"]), data=EVENT_DATA | JSON)
+def test_any_event_shape_gives_a_request_or_a_final_delivery_error(kind: str, data: Any) -> None:
+    connector = make_connector(ConnectorSpec("ehr-fhir", "fhir", {"url": "http://127.0.0.1:9/fhir"}, FAST))
+    body = orjson.dumps({"id": "e", "type": kind, "data": data}, option=orjson.OPT_NON_STR_KEYS)
+    try:
+        method, url, payload, _ = connector._request_for(  # type: ignore[attr-defined]
+            Delivery(body=body, event_id="e", correlation_id="c", route="r", event_type=kind))
+    except DeliveryError as exc:
+        assert not exc.retryable
+    else:
+        assert method in ("PUT", "POST") and url.startswith("http://127.0.0.1:9/fhir") and orjson.loads(payload)
 
 
 async def test_a_failing_server_is_retried(server: FhirServer) -> None:
