@@ -35,7 +35,7 @@ from middleware.console.auth import (
     same_origin,
     set_session_cookie,
 )
-from middleware.console.data import ConsoleData, Extras
+from middleware.console.data import DEAD_LETTER_SCAN, ConsoleData, Extras
 from middleware.depths import DepthSampler
 from middleware.errors import MiddlewareError
 from middleware.observe import Metrics
@@ -43,7 +43,8 @@ from middleware.project import Project
 
 log = logging.getLogger("middleware.console")
 HERE = Path(__file__).parent
-REFRESH_SECONDS = 3
+REFRESH_SECONDS = 3  # the routes page
+DEAD_LETTER_REFRESH_SECONDS = 5  # a route's dead letters: each refresh reads its dead-letter queue
 _HEADERS = {  # Referrer-Policy same-origin: with no-referrer Chromium sends "Origin: null" on our own form posts
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
                                "form-action 'self'; base-uri 'none'",
@@ -77,7 +78,8 @@ def setup_console(app: web.Application, project: Project, metrics: Metrics, *, e
     app[CONSOLE] = Console(Auth(token.strip()), data)
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
     env.filters.update(age=format_age, rate=format_rate, ago=format_ago, dash=dash, when=format_when)
-    env.globals.update(refresh=REFRESH_SECONDS, csrf_field=CSRF_FIELD)
+    env.globals.update(refresh=REFRESH_SECONDS, dead_letter_refresh=DEAD_LETTER_REFRESH_SECONDS,
+                       csrf_field=CSRF_FIELD)
 
     async def close(_: web.Application) -> None:
         await data.close()
@@ -91,7 +93,7 @@ def setup_console(app: web.Application, project: Project, metrics: Metrics, *, e
         web.get("/fragments/routes/{route}", protected(dead_letters_fragment)),
         web.get("/routes/{route}/replay", protected(confirm_replay)),
         web.post("/routes/{route}/replay", protected(do_replay)),
-        web.post("/routes/{route}/letters/{letter}/reveal", protected(reveal)),
+        web.post("/routes/{route}/reveal", protected(reveal)),
         web.get("/trace", protected(trace_page)),
         web.get("/login", login_page),
         web.post("/login", login),
@@ -178,8 +180,8 @@ def _see_other(location: str) -> web.Response:
 
 
 def _next(target: str) -> str:
-    """A local path to return to after signing in (never another site)."""
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    """A local path to return to after signing in (never another site: ``//host`` and ``/\\host`` are)."""
+    return target if target.startswith("/") and target[1:2] not in ("/", "\\") else "/"
 
 
 def _context(identity: Identity, **values: Any) -> dict[str, Any]:
@@ -277,8 +279,12 @@ async def do_replay(request: web.Request, identity: Identity) -> web.StreamRespo
     form = await request.post()
     stage, error_class = str(form.get("stage", "")), str(form.get("error_class", ""))
     try:
-        count = await request.app[CONSOLE].data.replay_group(route, stage, error_class, who=identity.operator,
-                                                             client=request.remote or "")
+        limit = max(1, int(str(form.get("count", ""))))
+    except ValueError:
+        limit = DEAD_LETTER_SCAN
+    try:
+        count = await request.app[CONSOLE].data.replay_group(route, stage, error_class, limit=limit,
+                                                             who=identity.operator, client=request.remote or "")
     except MiddlewareError as exc:  # the audit log or the broker: nothing (more) was replayed
         return aiohttp_jinja2.render_template("problem.html", request, _context(identity, problem=str(exc)),
                                               status=503)
@@ -291,7 +297,7 @@ async def do_replay(request: web.Request, identity: Identity) -> web.StreamRespo
 async def reveal(request: web.Request, identity: Identity) -> web.StreamResponse:
     """One dead letter's body, on an explicit request; audited before it is shown."""
     route = _route(request)
-    letter_id = request.match_info["letter"]
+    letter_id = str((await request.post()).get("letter", ""))
     try:
         summary, body = await request.app[CONSOLE].data.reveal(route, letter_id, who=identity.operator,
                                                                client=request.remote or "")

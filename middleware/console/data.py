@@ -298,8 +298,10 @@ class ConsoleData:
         (groups, letters, scanned), depth = await self._hold(route, None, DEAD_LETTER_SCAN, work)
         return DeadLetters(route, depth, groups, letters, scanned)
 
-    async def replay_group(self, route: str, stage: str, error_class: str, *, who: str, client: str) -> int:
-        """Replay every dead letter of ``route`` that failed at ``stage`` with ``error_class``; audited.
+    async def replay_group(self, route: str, stage: str, error_class: str, *, who: str, client: str,
+                           limit: int = DEAD_LETTER_SCAN) -> int:
+        """Replay the dead letters of ``route`` that failed at ``stage`` with ``error_class`` (at most
+        ``limit``: the count the operator confirmed); audited.
 
         The audit log is checked first (AuditError: nothing is replayed); the record lists what was
         replayed even if a later replay failed. Returns how many were replayed."""
@@ -322,7 +324,7 @@ class ConsoleData:
                                   console_user=who, client=client)
             return len(done)
 
-        count, _ = await self._hold(route, match, DEAD_LETTER_SCAN, work)
+        count, _ = await self._hold(route, match, limit, work)
         return count
 
     async def reveal(self, route: str, letter_id: str, *, who: str, client: str) -> tuple[dict[str, Any], bytes]:

@@ -223,11 +223,13 @@ async def test_replaying_a_group_asks_first_needs_the_csrf_token_and_is_audited(
     assert (await _post(f"{served.url}/routes/adt-inbound/replay", {**form, "csrf": csrf},
                         headers={**session, "Origin": "http://evil.example"}))[0] == 403
     assert not _audit(served.audit) and (await served.broker.queue_info(served.route.inbound)).messages == 0
-    status, _, headers = await _post(f"{served.url}/routes/adt-inbound/replay", {**form, "csrf": csrf},
+    assert 'name="count" value="2"' in page
+    await _dead_letter(served.broker, served.route, ParseError("no MSH segment"))  # arrives after the question
+    status, _, headers = await _post(f"{served.url}/routes/adt-inbound/replay", {**form, "count": "2", "csrf": csrf},
                                      headers={**session, "Origin": served.url})
     assert status == 303 and headers["Location"].startswith("/routes/adt-inbound?replayed=2")
     assert (await served.broker.queue_info(served.route.inbound)).messages == 2
-    assert (await served.broker.queue_info(served.route.dead_letter)).messages == 1  # the map one stays
+    assert (await served.broker.queue_info(served.route.dead_letter)).messages == 2  # the map one, the late one
     [record] = _audit(served.audit)
     assert record["command"] == "console replay" and record["count"] == 2 and len(record["ids"]) == 2
     assert record["console_user"] == "Dr Ops" and record["error_class"] == "ParseError"
@@ -245,27 +247,26 @@ async def test_a_bearer_client_replays_without_a_csrf_token(served: Served) -> N
 async def test_a_body_is_shown_only_on_an_explicit_audited_reveal(served: Served) -> None:
     session, csrf = await _sign_in(served.url)
     _, page, _ = await _get(f"{served.url}/routes/adt-inbound", headers=session)
-    letter = re.search(r'action="/routes/adt-inbound/letters/([^/"]+)/reveal"', page)
+    letter = re.search(r'name="letter" value="([^"]+)"', page)
     assert letter
-    url = f"{served.url}/routes/adt-inbound/letters/{letter.group(1)}/reveal"
-    assert (await _post(url, {}, headers=session))[0] == 403  # no CSRF token: nothing shown
+    url = f"{served.url}/routes/adt-inbound/reveal"
+    assert (await _post(url, {"letter": letter.group(1)}, headers=session))[0] == 403  # no CSRF token
     assert not _audit(served.audit)
-    status, page, _ = await _post(url, {"csrf": csrf}, headers=session)
+    status, page, _ = await _post(url, {"csrf": csrf, "letter": letter.group(1)}, headers=session)
     assert status == 200 and "SECRET-MRN-42" in page
     [record] = _audit(served.audit)
     assert record["command"] == "console reveal" and record["ids"] == [letter.group(1)]
     assert (await served.broker.queue_info(served.route.dead_letter)).messages == 3  # revealing removes nothing
-    status, _, _ = await _post(f"{served.url}/routes/adt-inbound/letters/nope/reveal", {"csrf": csrf},
-                               headers=session)
+    status, _, _ = await _post(url, {"csrf": csrf, "letter": "nope"}, headers=session)
     assert status == 404
 
 
 async def test_nothing_is_revealed_or_replayed_when_the_audit_log_cannot_be_written(served: Served) -> None:
     served.audit.mkdir()  # a directory where the log file should be
     _, page, _ = await _get(f"{served.url}/routes/adt-inbound", headers=_bearer())
-    letter = re.search(r'action="/routes/adt-inbound/letters/([^/"]+)/reveal"', page)
+    letter = re.search(r'name="letter" value="([^"]+)"', page)
     assert letter
-    status, page, _ = await _post(f"{served.url}/routes/adt-inbound/letters/{letter.group(1)}/reveal", {},
+    status, page, _ = await _post(f"{served.url}/routes/adt-inbound/reveal", {"letter": letter.group(1)},
                                   headers=_bearer())
     assert status == 503 and "audit log" in page and "SECRET-MRN-42" not in page
     status, _, _ = await _post(f"{served.url}/routes/adt-inbound/replay",
@@ -317,6 +318,13 @@ async def test_rates_come_from_the_engine_counters(served: Served) -> None:
     _, page, _ = await _get(f"{served.url}/fragments/routes", headers=_bearer())
     row = re.search(r'<tr id="route-adt-inbound".*?</tr>', page, re.S)
     assert row and "30 total" in row.group() and re.search(r"\d+(\.\d+)?/s", row.group())
+
+
+def test_after_sign_in_only_a_local_path_is_followed() -> None:
+    from middleware.console.app import _next
+
+    assert [_next(t) for t in ("/routes/adt-inbound?x=1", "//evil.example/", "/\\evil.example", "https://e.x", "")] \
+        == ["/routes/adt-inbound?x=1", "/", "/", "/", "/"]
 
 
 def test_ages_read_in_words() -> None:
