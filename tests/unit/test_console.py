@@ -320,6 +320,19 @@ async def test_rates_come_from_the_engine_counters(served: Served) -> None:
     assert row and "30 total" in row.group() and re.search(r"\d+(\.\d+)?/s", row.group())
 
 
+async def test_silent_feeds_and_open_breakers_are_highlighted_in_words(served: Served) -> None:
+    served.metrics.sla_silent.labels(route="adt-inbound").set(1)
+    served.metrics.breaker_open.labels(connector="clinical-data-repository").set(1)
+    served.metrics.breaker_open.labels(connector="case-management").set(0)
+    _, page, _ = await _get(f"{served.url}/fragments/routes", headers=_bearer())
+    assert re.search(r'id="silent-feeds">.*adt-inbound', page)
+    silent = re.search(r'<tr id="route-adt-inbound" class="state-silent">.*?</tr>', page, re.S)
+    assert silent and '<td class="state">SILENT</td>' in silent.group() and "(silent)" in silent.group()
+    assert "case-management: closed" in silent.group()
+    orders = re.search(r'<tr id="route-orders-inbound" class="state-breaker-open">.*?</tr>', page, re.S)
+    assert orders and "BREAKER OPEN" in orders.group() and "clinical-data-repository: open" in orders.group()
+
+
 def test_after_sign_in_only_a_local_path_is_followed() -> None:
     from middleware.console.app import _next
 
