@@ -66,8 +66,9 @@ async def raw_baseline(events: int) -> float:
             done.set()
 
     target = await consumer.declare_queue(name, passive=True)
-    await target.consume(on_message)
+    tag = await target.consume(on_message)
     await done.wait()
+    await target.cancel(tag)
     await channel.queue_delete(name)
     await connection.close()
     return (events - 1) / (seen[-1] - seen[0])
