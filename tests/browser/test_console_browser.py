@@ -9,11 +9,13 @@ the test's temporary folder, or to ``$CONSOLE_SCREENSHOTS`` (``docs/images`` to 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,6 +198,10 @@ async def test_sign_in_see_dead_letters_appear_replay_a_fixed_group_and_see_it_d
         assert time.monotonic() < deadline, "the delivered count never went up on the routes page"
         time.sleep(0.5)
     driver.save_screenshot(str(shots / "console-after-replay.png"))
+    with urllib.request.urlopen(f"{console}/metrics", timeout=10) as response:  # no token: /metrics is open
+        exported = response.read().decode()
+    assert re.search(r'middleware_queue_messages\{queue="[^"]*adt-inbound\.dlq",role="dead-letter",'
+                     r'route="adt-inbound"\} 1\.0', exported)  # the parse dead letter is still there
     audit = (tmp_path / "audit.log").read_text()
     assert '"command": "console replay"' in audit and '"console_user": "Browser Test"' in audit
 
