@@ -9,6 +9,7 @@ import pytest
 
 from middleware import topology
 from middleware.broker.kombu_broker import KombuBroker
+from middleware.cli.status import route_queues
 from middleware.errors import BrokerError
 from middleware.ordering import Ordering, key_value, order_headers
 from middleware.project import check_project, load_project
@@ -54,6 +55,14 @@ def test_the_topology_of_an_ordered_delivery(tmp_path: Path) -> None:
     assert names.work_queues == ["X.visits", *names.partition_queues("order-sink")]
     assert everything.exchanges == ["X.middleware.events", "X.visits.to.order-sink.partitions"]
     assert set(names.partition_queues("order-sink")) <= set(everything.queues)
+
+
+def test_status_lists_the_partition_queues_as_the_delivery(tmp_path: Path) -> None:
+    project = load_project(write_project(tmp_path / "p", partitions=3), AMQP)
+    [route] = route_queues(project)
+    assert [(q.queue, q.role, q.connector) for q in route.queues] == [
+        ("visits", "inbound", None), *((f"visits.to.order-sink.p{n}", "delivery", "order-sink") for n in range(3)),
+        ("visits.dlq", "dead-letter", None)]
 
 
 def _problems(root: Path, env: dict[str, str], offline: bool = False) -> list[str]:
