@@ -143,9 +143,13 @@ class SqlStore:
     def outcome_counts(self, route: str, since: float) -> dict[tuple[str, str], int]:
         """Messages per (stage, outcome) of ``route`` since ``since``; routed messages counted once
         (a message with three events writes three routed records)."""
-        rows = self._query(f"SELECT stage, outcome, COUNT(DISTINCT COALESCE(message_id, correlation_id)) "
-                           f"FROM {TABLE} WHERE route = ? AND at >= ? GROUP BY stage, outcome", (route, since))
-        return {(str(s), str(o)): int(n) for s, o, n in rows}
+        counts: dict[tuple[str, str], int] = {}
+        for stage in (INGEST, ROUTE, DELIVER):  # per stage: each read is a range of the (route, stage, at) index
+            rows = self._query(f"SELECT outcome, COUNT(DISTINCT COALESCE(message_id, event_id, correlation_id)) "
+                               f"FROM {TABLE} WHERE route = ? AND stage = ? AND at >= ? GROUP BY outcome",
+                               (route, stage, since))
+            counts.update({(stage, str(o)): int(n) for o, n in rows})
+        return counts
 
     def count(self) -> int:
         return int(self._query(f"SELECT COUNT(*) FROM {TABLE}")[0][0])
