@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import hl7
+import hl7.mllp
 import pytest
 import trustme
 
@@ -285,3 +286,32 @@ async def test_tls_with_an_untrusted_certificate_is_not_retried(receivers: Any, 
     with pytest.raises(DeliveryError, match="not trusted") as caught:
         await connector.send(delivery())
     assert not caught.value.retryable
+
+
+# -- an independent receiver: python-hl7's own MLLP server --------------------------------------------
+
+
+async def test_python_hl7s_mllp_server_parses_what_we_send_and_its_ack_delivers() -> None:
+    received: list[hl7.Message] = []
+
+    async def serve(reader: Any, writer: Any) -> None:
+        with contextlib.suppress(Exception):
+            while not writer.is_closing():
+                message = await reader.readmessage()
+                received.append(message)
+                writer.writemessage(message.create_ack())
+                await writer.drain()
+
+    server = await hl7.mllp.start_hl7_server(serve, "127.0.0.1", 0, encoding="utf-8")
+    port = server.sockets[0].getsockname()[1]
+    connector = MllpConnector(ConnectorSpec("c", "mllp", {"host": "127.0.0.1", "port": port, "timeout": 2}))
+    try:
+        await connector.send(delivery())
+        await connector.send(delivery("00000000-0000-5000-8000-000000000001"))
+    finally:
+        await connector.close()
+        server.close()
+    assert [str(m.segment("MSH")[9]) for m in received] == ["ADT^A01^ADT_A01"] * 2
+    assert [str(m.segment("MSH")[10]) for m in received] == [control_id(EVENT_ID),
+                                                            control_id("00000000-0000-5000-8000-000000000001")]
+    assert str(received[0]["PID.F3.R1.C1"]) == "MRN-1"
