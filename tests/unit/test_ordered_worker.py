@@ -133,3 +133,15 @@ def test_backoff_grows_to_max_and_honours_retry_after() -> None:
     policy = RetryPolicy(initial=1, max=4, multiplier=2, jitter=0)
     assert [backoff(policy, n) for n in (1, 2, 3, 4)] == [1, 2, 4, 4]
     assert backoff(policy, 1, retry_after=60) == 60  # the sink asked: above max
+
+
+async def test_an_event_its_map_cannot_shape_is_dead_lettered_and_the_partition_goes_on(tmp_path: Path) -> None:
+    root = write_project(tmp_path / "m", partitions=2)
+    yaml = root / "routes" / "visits.yaml"
+    yaml.write_text(yaml.read_text() + "    map:\n      nhs: {path: data.patient.nhs, required: true}\n")
+    route = load_project(root, AMQP).routes["visits"]
+    broker, message, connector = Recorder(), Message(), Scripted([])
+    await _worker(route, connector, broker).handle(message)
+    [(letter, queue)] = broker.published
+    assert message.outcome == "ack" and connector.calls == 0 and queue == "X.visits.dlq"
+    assert letter.headers[f"{PREFIX}stage"] == "deliver" and "nhs" in letter.headers[f"{PREFIX}error"]
