@@ -226,8 +226,10 @@ def test_a_bad_filter_expression_is_reported_at_its_line(project: Path) -> None:
 
 
 def test_failing_expressions_dead_letter_at_their_stage_never_crash(project: Path) -> None:
-    add_to_route(project, "      patient.name.family: PID-5.1\n",
-                 "      patient.name.family: {expr: \"substring(path('PID-5.1'), 0, int(path('PID-5.2')))\"}\n")
+    fragment = project / "routes" / "_fragments" / "patient-demographics.yaml"  # A01's patient fields
+    fragment.write_text(fragment.read_text().replace(
+        "  patient.name.family: PID-5.1\n",
+        "  patient.name.family: {expr: \"substring(path('PID-5.1'), 0, int(path('PID-5.2')))\"}\n"))
     route = load_project(project, {}).routes["adt-inbound"]
     with pytest.raises(MappingError) as caught:
         transform(route, MESSAGE, MessageContext(correlation_id="c-1"))
@@ -250,3 +252,14 @@ def test_when_expr_picks_the_event_rule(project: Path) -> None:
     with pytest.raises(MappingError, match="no event rule matches message type ADT\\^A01"):
         transform(route, MESSAGE)
     assert transform(route, MESSAGE.replace(b"PV1|1|I|", b"PV1|1|E|")).events[0]["type"] == "patient.admitted.v1"
+
+
+def test_one_compiled_expression_serves_several_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    expression = compile_expression("upper(path('PID-5.1')) + '/' + path('PID-3.1')", HL7, LOOKUPS)
+    docs = [HL7.parse(MESSAGE.replace(b"Doe^John", f"Doe{n}^John".encode()).replace(b"MRN123", f"M{n}".encode()))
+            for n in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(expression.evaluate, docs * 5))
+    assert results == [f"DOE{n}/M{n}" for n in range(40)] * 5
