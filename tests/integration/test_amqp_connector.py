@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -23,6 +24,7 @@ from middleware.errors import DeliveryError
 from middleware.project import Project
 
 from .conftest import REPO
+from .test_amqps import amqps as tls_terminator  # noqa: F401  (a fixture: mutual TLS in front of RabbitMQ)
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -204,3 +206,21 @@ async def test_a_document_made_by_an_outbound_map_keeps_its_content_type_and_the
     assert message.body == b'{"mrn": "MRN-1"}'
     assert message.content_type == "application/json"
     assert message.routing_key == "patient.admitted.v1"
+
+
+async def test_amqps_with_the_connectors_tls_publishes_through_a_tls_listener(
+        tls_terminator: tuple[str, Path],  # noqa: F811  (the fixture imported above)
+        downstream: dict[str, str], channel: AbstractChannel) -> None:
+    url, certs = tls_terminator
+    connector = AmqpConnector(ConnectorSpec("secure", "amqp", {
+        "url": url, "exchange": downstream["exchange"], "timeout": 5,
+        "tls": {"ca_file": str(certs / "ca.pem"), "cert_file": str(certs / "client.pem")}}))
+    try:
+        await connector.send(DELIVERY)
+    finally:
+        await connector.close()
+    assert (await take(channel, downstream["queue"])).message_id == "ev-amqp-1"
+    untrusted = AmqpConnector(ConnectorSpec("untrusted", "amqp", {"url": url, "exchange": "x", "timeout": 5}))
+    with pytest.raises(DeliveryError, match="cannot connect"):
+        await untrusted.send(DELIVERY)
+    await untrusted.close()
