@@ -4,8 +4,9 @@ The connector opens its own connection to ``url`` (never the engine's), publishe
 with publisher confirms, and counts the event delivered only on the broker's ack:
 
 - unroutable (no queue bound for the routing key), an exchange that does not exist, access
-  refused or a nack: dead letter at once, the reason names exchange and routing key;
-- a broker that is down, a dropped connection, no confirm within ``timeout``: retried (when
+  refused or an untrusted broker certificate: dead letter at once, the reason names exchange and
+  routing key;
+- a broker that is down, a dropped connection, a nack, no confirm within ``timeout``: retried (when
   ``retry_on`` lists ``connection`` / ``timeout``), on a fresh connection.
 
 The message keeps what consumers need to dedupe and trace: ``message_id`` = event id,
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,16 @@ def routing_key(template: str, event: Mapping[str, Any], known: Mapping[str, str
     return _PLACEHOLDER.sub(value, template)
 
 
+def _untrusted(exc: BaseException) -> bool:
+    """The broker's certificate was refused (aiormq wraps the ssl error, sometimes only in its text)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 @register("amqp", SPEC)
 class AmqpConnector(Connector):
     """Publishes events to an exchange over its own aio-pika connection, one confirm per event."""
@@ -137,6 +149,10 @@ class AmqpConnector(Connector):
                                     retryable="timeout" in retry_on, hint="check that the broker is up") from None
             except (OSError, aiormq.exceptions.AMQPConnectionError) as exc:
                 await self._reset()
+                if _untrusted(exc):
+                    raise DeliveryError(f"{self.name}: {safe_url(self.url)}: server certificate not trusted",
+                                        retryable=False, hint="set the connector's tls.ca_file to the broker's CA, "
+                                                              "then replay the dead letter") from None
                 raise DeliveryError(f"{self.name}: cannot connect to {safe_url(self.url)}: {type(exc).__name__}",
                                     retryable="connection" in retry_on,
                                     hint="check that the broker is up and the url's credentials") from None
