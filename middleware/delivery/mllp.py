@@ -204,7 +204,7 @@ class MllpConnector(Connector):
         if self._closed:  # shutting down after a drain timeout: the message goes back to its queue
             raise EngineStopping(f"{self.name}: connector is closed", hint="the engine is stopping")
         payload = self.message(delivery)
-        expected = control_id(delivery.event_id) if delivery.event_id else _msh10(payload)
+        expected = _msh10(payload)  # what was sent (a template may set MSH-10 itself)
         async with self._slots:
             code, text = await self._exchange(payload, expected)
         if code in ("AA", "CA"):
