@@ -90,7 +90,7 @@ class RouteWorker:
     async def _route(self, message: IncomingMessage) -> None:
         name = self.route.name
         self.metrics.received.labels(name).inc()
-        came_in = journal_hooks.route_received(self, message)
+        arrival = journal_hooks.route_received(self, message)  # when it came in, its trace context
         header_cid = message.headers.get("X-Correlation-ID") or message.headers.get("x-correlation-id")
         context = MessageContext(
             correlation_id=message.correlation_id,
@@ -111,30 +111,30 @@ class RouteWorker:
         if outcome.filtered:
             await message.ack()
             self.metrics.filtered.labels(name).inc()
-            journal_hooks.route_finished(self, message, outcome, came_in)
+            journal_hooks.route_finished(self, message, outcome, arrival)
             log.info("filtered", extra={"route": name, "correlation_id": outcome.correlation_id,
                                         "message_type": outcome.message_type})
             return
         if self.ordered:  # one at a time: a message's events reach the partitions in their order
             for event in outcome.events:
-                await self._publish(event, came_in)
+                await self._publish(event, arrival)
         else:
-            await asyncio.gather(*(self._publish(event, came_in) for event in outcome.events))
+            await asyncio.gather(*(self._publish(event, arrival) for event in outcome.events))
         await message.ack()
         for event in outcome.events:
             self.metrics.events.labels(name, event["type"]).inc()
-        journal_hooks.route_finished(self, message, outcome, came_in)
+        journal_hooks.route_finished(self, message, outcome, arrival)
         log.info("routed", extra={"route": name, "correlation_id": outcome.correlation_id,
                                   "message_type": outcome.message_type, "events": len(outcome.events),
                                   "event_ids": [e["id"] for e in outcome.events]})
 
-    async def _publish(self, event: dict[str, object], came_in: float | None = None) -> None:
+    async def _publish(self, event: dict[str, object], arrival: journal_hooks.Arrival | None = None) -> None:
         event_type = str(event["type"])
         await self.broker.publish(
             OutgoingMessage(
                 body=orjson.dumps(event),
                 headers={"x-mw-route": self.route.name, "x-mw-event-type": event_type,
-                         **order_headers(self.route.deliver, event), **journal_hooks.event_headers(event, came_in)},
+                         **order_headers(self.route.deliver, event), **journal_hooks.event_headers(event, arrival)},
                 correlation_id=str(event["correlationid"]),
                 message_id=str(event["id"]),
                 content_type=EVENT_CONTENT_TYPE,
@@ -218,6 +218,7 @@ class DeliveryWorker:
             correlation_id=correlation_id,
             route=self.route.name,
             event_type=str(message.headers.get("x-mw-event-type", "")),
+            traceparent=journal_hooks.next_traceparent(message.headers),  # W3C trace context, a span per delivery
         )
         if self.outbound is not None:  # the deliver entry's when: / map: (middleware.delivery.outbound)
             prepared = await self._prepare(message, delivery)

@@ -70,6 +70,7 @@ class Delivery:
     route: str
     event_type: str
     content_type: str = "application/cloudevents+json"
+    traceparent: str | None = None  # W3C trace context sent with it (middleware.tracecontext)
 
     @property
     def mapped(self) -> bool:

@@ -116,6 +116,8 @@ class FhirConnector(http.HttpConnector):
                                    "Idempotency-Key": delivery.event_id, **extra}
         if delivery.correlation_id:
             headers["X-Correlation-ID"] = delivery.correlation_id
+        if delivery.traceparent:
+            headers["traceparent"] = delivery.traceparent
         answer = await self._authorized(method, url, body, headers)
         if 200 <= answer.status < 300:
             return

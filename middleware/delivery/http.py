@@ -178,6 +178,8 @@ class HttpConnector(Connector):
                                    "Idempotency-Key": delivery.event_id}
         if delivery.correlation_id:
             headers["X-Correlation-ID"] = delivery.correlation_id
+        if delivery.traceparent:
+            headers["traceparent"] = delivery.traceparent
         answer = await self._authorized(self.method, self.url, delivery.body, headers)
         if 200 <= answer.status < 300:
             return

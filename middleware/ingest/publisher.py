@@ -36,6 +36,8 @@ from middleware.journal.records import DEAD_LETTERED, INGEST, RECEIVED
 from middleware.project import Settings, load_project
 from middleware.route import Route
 from middleware.topology import RouteTopology, declare
+from middleware.tracecontext import TRACEPARENT
+from middleware.tracecontext import new as new_trace
 
 log = logging.getLogger("middleware.ingest")
 
@@ -166,7 +168,8 @@ class Publisher:
         """
         cid, mid, now = correlation_id or new_id(), message_id or new_id(), time.time()
         await self.broker.publish(self._message(raw, cid, {INGEST_HEADER: source, RECEIVED_AT_HEADER: now,
-                                                           **(headers or {})}, mid), queue=self.queue)
+                                                           TRACEPARENT: new_trace(), **(headers or {})}, mid),
+                                  queue=self.queue)  # a traceparent in headers (HTTP ingest) is kept
         self.journal.record(self.route.name, INGEST, RECEIVED, at=now, correlation_id=cid, message_id=mid,
                             source=source)
         return cid

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from middleware import tracecontext
 from middleware.journal.records import (
     DEAD_LETTERED,
     DELIVER,
@@ -58,20 +60,39 @@ def received_at(headers: dict[str, Any]) -> float | None:
     return _seconds(headers.get(RECEIVED_AT_HEADER))
 
 
-def event_headers(event: dict[str, Any], received: float | None) -> dict[str, float]:
-    """The time headers an event is published with."""
-    headers = {EVENT_TIME_HEADER: event_seconds(event)} if "time" in event else {}
-    if received is not None:
-        headers[RECEIVED_AT_HEADER] = received
-    return {k: v for k, v in headers.items() if v is not None}
+@dataclass(frozen=True)
+class Arrival:
+    """A message as its route worker took it: when it came in, and its trace context."""
+
+    received_at: float
+    traceparent: str  # the inbound message's own, or a new trace when it brought none
+
+
+def event_headers(event: dict[str, Any], arrival: Arrival | None) -> dict[str, Any]:
+    """The headers an event is published with: when its message came in, its business time, and a
+    ``traceparent`` in its message's trace (a new span per event)."""
+    headers: dict[str, Any] = {}
+    occurred = event_seconds(event) if "time" in event else None
+    if occurred is not None:
+        headers[EVENT_TIME_HEADER] = occurred
+    if arrival is not None:
+        headers[RECEIVED_AT_HEADER] = arrival.received_at
+        headers[tracecontext.TRACEPARENT] = tracecontext.child(arrival.traceparent)
+    return headers
+
+
+def next_traceparent(headers: Mapping[str, Any]) -> str:
+    """The traceparent for the next hop of a message with these headers (its trace, a new span)."""
+    return tracecontext.child(headers.get(tracecontext.TRACEPARENT))
 
 
 # -- route worker ---------------------------------------------------------------------------------
 
 
-def route_received(worker: Any, message: Any) -> float:
+def route_received(worker: Any, message: Any) -> Arrival:
     """A message reached its route worker: last-received gauges (route, source) and its age since it
-    came in; returns when it came in (now if no publisher stamped it)."""
+    came in; returns when it came in (now if no publisher stamped it) and its trace context (kept from
+    a ``traceparent`` header, which HTTP ingest and AMQP publishers may set, else new)."""
     now = time.time()
     name = worker.route.name
     came_in = received_at(message.headers) or now
@@ -81,14 +102,15 @@ def route_received(worker: Any, message: Any) -> float:
     if source:
         metrics.source_last_received.labels(source).set(now)
     metrics.route_age.labels(name).observe(max(0.0, now - came_in))
-    return came_in
+    traceparent = message.headers.get(tracecontext.TRACEPARENT)
+    return Arrival(came_in, traceparent if tracecontext.parse(traceparent) else tracecontext.new())
 
 
-def route_finished(worker: Any, message: Any, outcome: Any, came_in: float) -> None:
+def route_finished(worker: Any, message: Any, outcome: Any, arrival: Arrival) -> None:
     """Routed (one record per event, with its id and type) or filtered."""
     name, journal = worker.route.name, worker.journal
     common = {"correlation_id": outcome.correlation_id, "message_id": message.message_id,
-              "source_id": outcome.source_id, "received_at": came_in,
+              "source_id": outcome.source_id, "received_at": arrival.received_at,
               "source": _text(message.headers.get(INGEST_HEADER))}
     if outcome.filtered:
         journal.record(name, ROUTE, FILTERED, **common)

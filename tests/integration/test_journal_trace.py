@@ -19,6 +19,7 @@ from middleware.ingest.http import HttpGateway
 from ..conftest import Sink
 
 pytestmark = pytest.mark.rabbitmq
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"  # the caller's trace (W3C)
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
@@ -48,7 +49,7 @@ async def test_a_message_from_http_ingest_is_traced_through_its_deliveries(engin
     control_id = f"TRC{uuid.uuid4().hex[:10]}"
     async with aiohttp.ClientSession() as session, session.post(
             f"http://127.0.0.1:{gateway.port}/v1/routes/adt-inbound/messages", data=adt(control_id),
-            headers={"Content-Type": "x-application/hl7-v2+er7",
+            headers={"Content-Type": "x-application/hl7-v2+er7", "traceparent": TRACEPARENT,
                      "Authorization": "Bearer integration-test-token"}) as response:
         assert response.status == 202, await response.text()
         correlation_id = (await response.json())["correlation_id"]
@@ -65,6 +66,9 @@ async def test_a_message_from_http_ingest_is_traced_through_its_deliveries(engin
     assert deliveries["case-management"]["attempts"] == 2 and deliveries["case-management"]["retries"] == 1
     assert deliveries["bed-board"]["attempts"] == 1
     assert [h["stage"] for h in message["hops"]][:2] == ["ingest", "route"]
+    sent = [headers.get("traceparent", "") for headers, _ in sink.requests]  # the 503'd try and the retry
+    assert len(sent) == 2 and all(t.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-") for t in sent)
+    assert TRACEPARENT not in sent  # each hop is a span of its own in the caller's trace
     by_event = await traced(cli, event["event_id"], delivered_everywhere)
     assert by_event["correlation_id"] == correlation_id
 
