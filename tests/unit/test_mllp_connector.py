@@ -100,7 +100,7 @@ async def receivers() -> AsyncIterator[Callable[..., Any]]:
         receiver = await Receiver(answer, close_after_each=options.pop("close_after_each", False)).start(context)
         started.append(receiver)
         connector = MllpConnector(ConnectorSpec("bed-board-mllp", "mllp", {
-            "host": "127.0.0.1", "port": receiver.port, "timeout": 0.5, **options}, retry=FAST))
+            "host": "127.0.0.1", "port": receiver.port, "timeout": 3, **options}, retry=FAST))
         connectors.append(connector)
         await connector.start()
         return receiver, connector
@@ -159,7 +159,7 @@ async def test_ar_every_time_ends_retryable_after_the_policy(receivers: Any) -> 
 
 
 async def test_no_ack_times_out_retryably_and_the_connection_is_not_reused(receivers: Any) -> None:
-    receiver, connector = await receivers(lambda m: None)
+    receiver, connector = await receivers(lambda m: None, timeout=0.5)
     with pytest.raises(DeliveryError, match=r"no ACK within 0.5s") as caught:
         await connector.send(delivery())
     assert caught.value.retryable
