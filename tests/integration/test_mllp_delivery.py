@@ -16,12 +16,13 @@ from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
 from middleware.deadletter import DeadLetter
 from middleware.delivery import ConnectorSpec, RetryPolicy
 from middleware.delivery.mllp import control_id
+from middleware.delivery.outbound import Outbound, compile_map, compile_when
 from middleware.engine import Engine
 from middleware.formats import hl7v2
 from middleware.ingest import MllpListener
 from middleware.ingest.mllp import MllpGateway
 from middleware.project import Project
-from middleware.route import Route, transform
+from middleware.route import DeliveryRule, Route, transform
 from middleware.topology import RouteTopology, Topology
 
 from ..unit.test_mllp_connector import Receiver, ack
@@ -129,3 +130,30 @@ async def test_an_event_without_a_template_dead_letters_with_the_reason_and_is_n
     assert "no HL7 template for event type 'patient.merged'" in letter.error
     assert letter.attempts == 1
     assert receiver.received == []
+
+
+async def test_a_deliver_entrys_when_and_map_shape_what_the_template_writes(
+        rabbit_project: Project, broker: Broker, receiving: tuple[Route, MllpGateway]) -> None:
+    route, gateway = receiving
+    outbound = Outbound(when=compile_when({"type": "patient.admitted"}),
+                        map=compile_map({"patient.mrn": "data.patient.mrn",
+                                         "patient.name.family": "data.patient.name.given",  # visible in PID-5.1
+                                         "encounter.location.bed": "data.encounter.location.bed"}))
+    adt = rabbit_project.routes["adt-inbound"]
+    project = dataclasses.replace(rabbit_project, routes={
+        **rabbit_project.routes, "adt-inbound": dataclasses.replace(adt, deliver=(DeliveryRule("bed-board",
+                                                                                               outbound=outbound),))})
+    engine = await run_engine(project, gateway.port)
+    queue = naming.inbound_queue(route.source_queue, rabbit_project.settings.queue_prefix)
+    try:
+        await publish_sample(broker, rabbit_project, "a08-update.hl7")  # not patient.admitted: skipped
+        await publish_sample(broker, rabbit_project, "a01-admit.hl7")
+        raw = (await wait_message(broker, queue)).body
+        await asyncio.sleep(0.5)
+        assert await broker.get(queue) is None  # the A08 was not sent
+    finally:
+        await engine.stop()
+    message = hl7v2.parse(raw)
+    assert message.message_type == "ADT^A01"
+    assert (message.get("PID-3.1"), message.get("PID-5.1"), message.get("PV1-3.3")) == ("MRN-4711", "Anna", "B")
+    assert message.get("PID-7") is None  # not in the map, so not sent
