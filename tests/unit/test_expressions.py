@@ -263,3 +263,21 @@ def test_one_compiled_expression_serves_several_threads() -> None:
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(expression.evaluate, docs * 5))
     assert results == [f"DOE{n}/M{n}" for n in range(40)] * 5
+
+
+def test_expr_in_a_deliver_entrys_when_and_map_reads_the_cloudevent() -> None:
+    import orjson
+
+    from middleware.delivery.outbound import Outbound, compile_map, compile_when
+
+    event = {"type": "patient.admitted.v1", "data": {"patient": {"mrn": "m-1", "name": {"family": "Doe"}}}}
+    outbound = Outbound(compile_when({"type": "patient.admitted", "expr": "path('data.patient.mrn').startsWith('m')"}),
+                        compile_map({"id": {"expr": "upper(path('data.patient.mrn'))"},
+                                     "name": {"expr": "lower(path('data.patient.name.family'))"}}, LOOKUPS))
+    prepared = outbound.prepare(orjson.dumps(event))
+    assert prepared is not None and orjson.loads(prepared[0]) == {"id": "M-1", "name": "doe"}
+    event["data"]["patient"]["mrn"] = "x-2"
+    assert outbound.prepare(orjson.dumps(event)) is None  # when: is false: skipped
+    failing = Outbound(compile_when({"expr": "int(path('data.patient.mrn')) > 0"}))
+    with pytest.raises(MappingError, match=r"condition expr .* failed"):
+        failing.prepare(orjson.dumps(event))
