@@ -145,7 +145,7 @@ class OrderedDeliveryWorker(DeliveryWorker):
         if not error.retryable:
             await self._finish_dead(message, delivery, error, key)
             return True
-        max_age = getattr(self.retry, "max_age", None)
+        max_age = self.retry.max_age
         if max_age is not None and time.monotonic() - first >= max_age:
             await self._finish_dead(message, delivery, error, key)
             return True
