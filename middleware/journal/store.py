@@ -7,6 +7,7 @@ insert differ (SQLite ``executemany`` in one transaction, PostgreSQL ``COPY``).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -29,6 +30,7 @@ from middleware.journal.records import (
     Row,
 )
 
+log = logging.getLogger("middleware.journal")
 TABLE = "mw_journal"
 MARKS = "mw_journal_marks"  # per (route, connector): every record routed before ``at`` was finished
 MARK_MARGIN = 120.0  # seconds the watermark stays behind now
@@ -118,8 +120,11 @@ class SqlStore:
         row = self._oldest_pending(route, connector, start)
         through = min(row[0] if row else time.time(), time.time() - MARK_MARGIN)
         if through > start:
-            self._query(f"INSERT INTO {MARKS} (name, at) VALUES (?, ?) "
-                        "ON CONFLICT (name) DO UPDATE SET at = excluded.at", (mark, through))
+            try:
+                self._query(f"INSERT INTO {MARKS} (name, at) VALUES (?, ?) "
+                            "ON CONFLICT (name) DO UPDATE SET at = excluded.at", (mark, through))
+            except Exception as exc:  # a read-only journal (an operator's status): slower next time, still right
+                log.debug("journal watermark not saved", extra={"error_class": type(exc).__name__})
         if row is None:
             return None
         at, received_at = row

@@ -21,6 +21,7 @@ from middleware.journal.store import SqlStore, open_store
 
 log = logging.getLogger("middleware.journal")
 PRUNE_EVERY = 3600.0  # seconds between retention passes
+STOP_TIMEOUT = 5.0  # seconds stop() waits for the store to take the last records
 
 
 class NullJournal:
@@ -52,6 +53,7 @@ class Journal(NullJournal):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self._stopping = False
         self.dropped = 0
         self.written = 0
 
@@ -89,13 +91,23 @@ class Journal(NullJournal):
         self._task = asyncio.create_task(self._run(), name="journal-writer")
 
     async def stop(self) -> None:
-        """Stop the background writer and write what is still queued (the last flush)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self.flush()
+        """Write what is still queued (the last flush) and stop the background writer. A store that does
+        not answer within ``STOP_TIMEOUT`` seconds does not hold up the engine's stop: what is left is
+        dropped and counted."""
+        task, self._task = self._task, None
+        if task is None:
+            await self.flush()
+        else:
+            self._stopping = True
+            self._wake.set()
+            done, _ = await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                self._drop(len(self._pending), "store did not answer on stop")
+                self._pending.clear()
+                self._store = None  # a thread may still be stuck in it: not closed here, it would wait too
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
             self._store = None
@@ -123,7 +135,7 @@ class Journal(NullJournal):
 
     async def _run(self) -> None:
         last_prune = time.monotonic()
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.flush_interval)
             self._wake.clear()
@@ -134,6 +146,7 @@ class Journal(NullJournal):
                     await asyncio.to_thread(self.store.prune, time.time() - self.settings.retention)
                 except Exception as exc:
                     self._fail(exc)
+        await self.flush()  # stopping: what came in meanwhile
 
     def _drop(self, count: int, why: str) -> None:
         self.dropped += count

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +23,8 @@ from middleware.journal import (
     sla_state,
     trace,
 )
-from middleware.journal.store import SqlStore
+from middleware.journal.records import Row
+from middleware.journal.store import SqliteStore, SqlStore
 from middleware.observe import Metrics
 
 
@@ -168,3 +171,24 @@ async def test_oldest_pending_reads_from_a_watermark_and_never_skips_an_unfinish
     [(mark,)] = store._query("SELECT at FROM mw_journal_marks WHERE name = 'r/k'")
     assert mark == pytest.approx(now - 120, abs=5)  # stays MARK_MARGIN behind now
     await journal.stop()
+
+
+async def test_a_stuck_store_holds_up_nothing_and_every_record_is_written_or_counted(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    class Stuck(SqliteStore):
+        def write(self, rows: Sequence[Row]) -> None:
+            gate.wait(10)  # the database hangs until the test lets it go
+            super().write(rows)
+
+    journal = Journal(settings(tmp_path, max_queue=100, batch_size=10), store=Stuck(tmp_path / "j.db"))
+    await journal.start()
+    for n in range(20):
+        journal.record("r", "route", "routed", event_id=str(n))
+    await asyncio.sleep(0.1)  # the writer took a batch and is stuck in the store
+    for n in range(500):  # the hot path goes on: nothing waits for the store
+        journal.record("r", "route", "routed", event_id=f"more-{n}")
+    assert journal.dropped > 0
+    gate.set()
+    await journal.stop()
+    assert journal.written + journal.dropped == 520
