@@ -430,7 +430,9 @@ def _reason(exc: Exception) -> str:
     if "Python function call failed" in text:  # a library function given a wrong type: name it, not the value
         name = re.search(r"Function '([^']+)'", text)
         return f"{name.group(1) if name else 'a function'}() cannot use its arguments"
-    return text.split(". Convert explicitly")[0].split(". Check that")[0][:300]
+    for end in (". Convert explicitly", ". Check that", ". CEL does not coerce"):
+        text = text.split(end)[0]
+    return text[:300]
 
 
 def compile_expression(text: Any, fmt: Format, lookups: Mapping[str, Any] | None = None) -> Expression:
@@ -478,7 +480,38 @@ def compile_expression(text: Any, fmt: Format, lookups: Mapping[str, Any] | None
         if match.group(2) not in tables:
             known = ", ".join(sorted(tables)) or "none"
             raise ExpressionError(f"lookup(): no table {match.group(2)!r} in config/lookups/ (known: {known})")
-    return Expression(text, program, tuple(bindings), {n: library[n] for n in sorted(called & set(library))})
+    functions = {n: library[n] for n in sorted(called & set(library))}
+    _probe_types(program, bindings, functions, typed=fmt.name not in _TEXT_FORMATS)
+    return Expression(text, program, tuple(bindings), functions)
+
+
+_TEXT_FORMATS = frozenset({"hl7v2", "csv", "x12"})  # their paths give strings only
+_TYPE_ERRORS = ("Unsupported operation", "No such overload")
+
+
+def _probe_types(program: Any, bindings: list[_Binding], functions: Mapping[str, Callable[..., Any]],
+                 typed: bool) -> None:
+    """CEL here has no type checker: run the expression with every path absent, then holding text (and, for
+    JSON and FHIR, a number and a boolean); a type error in every run is one on every message."""
+    samples: list[Any] = ["1", None, *([1, 1.5, True] if typed else [])]
+    reasons = []
+    for sample in samples:
+        env: dict[str, Any] = dict(functions)
+        for binding in bindings:
+            env[binding.name] = ([] if sample is None else [sample]) if binding.many else sample
+        try:
+            program.execute(env)
+        except TypeError as exc:
+            if not str(exc).startswith(_TYPE_ERRORS):
+                return
+            reasons.append(_reason(exc))  # the first: with text, what HL7 and CSV paths give
+            continue
+        except (RuntimeError, ValueError, OverflowError):
+            return  # not a type error (a function refusing the sample value, a missing overload)
+        return
+    raise ExpressionError(f"type error on every message: {reasons[0]} (path() gives text"
+                          + (", a number or a boolean" if typed else "") + "; convert with int(), double(), "
+                          "string())")
 
 
 def _syntax(message: str) -> str:

@@ -82,6 +82,15 @@ def test_age_without_a_reference_date_is_as_of_today() -> None:
     assert run(f"age('{born.isoformat()}')") == 30
 
 
+def test_the_type_probe_accepts_what_some_message_can_satisfy() -> None:
+    for expr in ("int(path('PID-7')) > 3", "path('PID-5.1') + ', ' + path('PID-5.2')", "date(path('PID-7')) + 'x'",
+                 "path('MSH-7') == null ? '' : path('MSH-7') + 1"):
+        compile_expression(expr, HL7, LOOKUPS)
+    compile_expression("path('amount') > 2 && path('flag')", JSON)  # JSON values may be numbers and booleans
+    with pytest.raises(ExpressionError, match="gives text, a number or a boolean"):
+        compile_expression("path('a') - 'x'", JSON)
+
+
 def test_paths_read_json_and_csv_in_their_own_notation() -> None:
     assert run("upper(path('patient.name'))", JSON, b'{"patient": {"name": "ann"}}') == "ANN"
     assert run("path('member_id') + '/' + path('plan')", CSV, b'{"member_id": "M1", "plan": "Gold"}') == "M1/Gold"
@@ -103,6 +112,9 @@ def test_paths_read_json_and_csv_in_their_own_notation() -> None:
     ("'" + "a" * MAX_LENGTH + "'", f"longer than {MAX_LENGTH} characters"),
     ("'unclosed", "invalid expression at line 1, column 1: Syntax error"),
     ("", "expr must be a non-empty string"),
+    ("path('PID-5.1') + 1", "type error on every message: Unsupported operation: string + int (path() gives text; "
+                            "convert with int(), double(), string())"),
+    ("path('PV1-2') > 2 || !path('PID-8')", "type error on every message: No such overload"),
 ])
 def test_compile_errors_say_what_is_wrong(expr: str, message: str | None) -> None:
     with pytest.raises(ExpressionError) as caught:
@@ -119,7 +131,7 @@ def test_quoted_text_that_looks_like_a_call_is_left_alone() -> None:
     ("substring('abc', 2, 1)", "substring() takes 0 <= start <= end"),
     ("format_date(path('PID-5.1'), '%Y')", "format_date(): not a date"),
     ("phone('x1')", "phone(): fewer than 3 digits"),
-    ("path('PID-5.1') + 1", "Unsupported operation: string + int"),
+    ("path('PID-5.9') == null ? path('PID-5.1') + 1 : ''", "Unsupported operation: string + int"),
     ("int(path('PID-5.1'))", "int"),
     ("join('notalist')", "join() expects a list"),
     ("upper(['a'])", "upper() expects a string, got list"),
