@@ -293,3 +293,14 @@ def test_expr_in_a_deliver_entrys_when_and_map_reads_the_cloudevent() -> None:
     failing = Outbound(compile_when({"expr": "int(path('data.patient.mrn')) > 0"}))
     with pytest.raises(MappingError, match=r"condition expr .* failed"):
         failing.prepare(orjson.dumps(event))
+
+
+def test_expr_inside_each_reads_the_item() -> None:
+    raw = MESSAGE + b"OBX|1|NM|GLU^Glucose||5.4|mmol/L\rOBX|2|NM|HB^Hemoglobin||13|g/dL\r"
+    rule = compile_field("results", {"each": "OBX", "map": {
+        "code": {"expr": "lower(path('OBX-3.1'))"},
+        "value": {"expr": "double(path('OBX-5'))"},
+        "label": {"expr": "path('OBX-3.2') + ' (' + path('OBX-6') + ')'"}}}, HL7, LOOKUPS)
+    assert apply_rules((rule,), HL7.parse(raw)) == {"results": [
+        {"code": "glu", "value": 5.4, "label": "Glucose (mmol/L)"},
+        {"code": "hb", "value": 13.0, "label": "Hemoglobin (g/dL)"}]}
