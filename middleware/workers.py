@@ -311,6 +311,7 @@ class DeliveryWorker:
                                       parked=history.parked + 1)
         await parking.park(self.broker, message, self.delay_queues[seconds], copy)
         self.metrics.parked.labels(self.route.name, self.connector.name).inc()
+        journal_hooks.delivery_parked(self, delivery, error, attempts, seconds)
         log.info("parked", extra={"route": self.route.name, "connector": self.connector.name,
                                   "correlation_id": delivery.correlation_id or None, "event_id": delivery.event_id,
                                   "delay_seconds": seconds, "attempts": attempts, "parked": history.parked + 1,

@@ -20,6 +20,7 @@ from middleware.journal.records import (
     DELIVER,
     DELIVERED,
     FILTERED,
+    PARKED,
     RETRY,
     ROUTE,
     ROUTED,
@@ -144,6 +145,12 @@ def delivery_retry(worker: Any, delivery: Any, attempt: int, error: Any) -> None
     status = getattr(error, "status", None)
     worker.journal.record(worker.route.name, DELIVER, RETRY, attempt=attempt, error_class=type(error).__name__,
                           detail=str(status) if status else None, **_delivery_fields(worker, delivery))
+
+
+def delivery_parked(worker: Any, delivery: Any, error: Exception, attempts: int, seconds: float) -> None:
+    """Parked on the broker for ``seconds`` (a delay queue) after a retryable failure or an open breaker."""
+    worker.journal.record(worker.route.name, DELIVER, PARKED, attempt=attempts, error_class=type(error).__name__,
+                          detail=f"{seconds:g}s", **_delivery_fields(worker, delivery))
 
 
 def delivered(worker: Any, message: Any, delivery: Any, attempts: int) -> None:
