@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import orjson
@@ -78,7 +78,8 @@ async def publish_visits(broker: Broker, queue: str, items: Iterable[tuple[str, 
 class OrderSink:
     """A local HTTP sink recording ``(mrn, seq)`` of each accepted event in arrival order.
 
-    ``fail[(mrn, seq)] = n``: answer ``fail_status`` (503) to that event's first ``n`` requests.
+    ``fail[(mrn, seq)] = n``: answer ``fail_status`` (503) to that event's first ``n`` requests;
+    ``fail_while[(mrn, seq)] = predicate``: answer it while the predicate holds.
     ``delay``: seconds before answering each request.
     """
 
@@ -87,6 +88,7 @@ class OrderSink:
         self.requests = 0
         self.fail: dict[tuple[str, int], int] = {}
         self.fail_status = 503
+        self.fail_while: dict[tuple[str, int], Callable[[], bool]] = {}
         self.failed_at: dict[tuple[str, int], list[float]] = defaultdict(list)
         self.delay = 0.0
         self.url = ""
@@ -99,8 +101,8 @@ class OrderSink:
             self.requests += 1
             if self.delay:
                 await asyncio.sleep(self.delay)
-            if self.fail.get(item, 0) > 0:
-                self.fail[item] -= 1
+            if self.fail.get(item, 0) > 0 or (item in self.fail_while and self.fail_while[item]()):
+                self.fail[item] = max(self.fail.get(item, 0) - 1, 0)
                 self.failed_at[item].append(asyncio.get_running_loop().time())
                 return web.Response(status=self.fail_status, text="no")
             self.accepted.append(item)
