@@ -167,7 +167,7 @@ async def test_three_engines_one_killed_keep_per_patient_order_and_lose_nothing(
     engines: list[subprocess.Popen[bytes]] = []
     try:
         engines.append(start_engine(root, order_env))
-        await _wait_for_consumers(client, names.partition_queues("order-sink"))  # the first holds them all
+        await _wait_for_consumers(client, [*names.partition_queues("order-sink"), names.inbound])  # the first: all
         engines += [start_engine(root, order_env) for _ in range(2)]
         await publish_visits(client, names.inbound, items)
         while len(order_sink.accepted) < len(items) // 3:
