@@ -228,9 +228,13 @@ class ConnectorGate:
     async def _try(self, probe: Probe, message: IncomingMessage) -> None:
         try:
             await probe(message)  # the worker records the outcome on the breaker, parks on failure
-        except EngineStopping:
+        except EngineStopping:  # not a failure of the message: it goes back uncounted
             if not message.settled:
                 await message.hand_back()
+        except asyncio.CancelledError:  # the gate stops: the same, then stop
+            if not message.settled:
+                await asyncio.shield(message.hand_back())
+            raise
         except Exception:
             log.exception("breaker probe failed", extra={"connector": self.connector})
             if not message.settled:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
+from middleware.broker import make_broker
 from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
 from tests.contract import test_broker_contract as contract
 from tests.contract.test_broker_contract import Topology, depth, eventually
@@ -81,3 +83,30 @@ async def _true(value: bool) -> bool:
 
 async def _is_empty(client: Broker, queue: str) -> bool:
     return await depth(client, queue) == 0
+
+
+async def test_a_delayed_message_on_the_spool_survives_a_restart_and_keeps_its_due_time(tmp_path: Path) -> None:
+    url = f"filesystem://{tmp_path}/broker"
+    first = make_broker(url)
+    await first.connect()
+    await first.declare_queue("work", kind="work")
+    await first.declare_queue("work.delay.1", kind="delay", dead_letter_to="work", message_ttl=TTL)
+    consumer = await _consume_into(first, "work", [])  # this engine's mover holds the message until due
+    published = time.monotonic()
+    await first.publish(OutgoingMessage(b"parked", message_id="evt-1"), queue="work.delay.1")
+    await asyncio.sleep(TTL / 4)
+    await consumer.close()  # type: ignore[attr-defined]
+    await first.close()  # before it was due: it goes back to the delay queue, not to "work"
+    second = make_broker(url)
+    await second.connect()
+    await second.declare_queue("work", kind="work")
+    await second.declare_queue("work.delay.1", kind="delay", dead_letter_to="work", message_ttl=TTL)
+    seen: list[tuple[float, IncomingMessage]] = []
+    consumer = await _consume_into(second, "work", seen)
+    try:
+        await eventually(lambda: _true(bool(seen)))
+        assert [m.message_id for _, m in seen] == ["evt-1"]
+        assert TTL * 0.9 <= seen[0][0] - published < TTL * 3  # due when it was first due, not a TTL later
+    finally:
+        await consumer.close()  # type: ignore[attr-defined]
+        await second.close()
