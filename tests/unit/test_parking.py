@@ -191,3 +191,16 @@ def test_the_tier_is_the_parked_count_or_at_least_retry_after() -> None:
 def test_history_ignores_unreadable_headers() -> None:
     history = parking.History.of({parking.ATTEMPTS: "x", parking.FIRST_FAILURE: "yesterday", parking.PARKED: b"2"})
     assert history == parking.History(0, None, 2, None)
+
+
+async def test_a_hanging_sink_is_parked_after_its_timeouts_not_dead_lettered(setup: Setup) -> None:
+    spec = ConnectorSpec(CONNECTOR, "http", {"url": setup.sink.url, "timeout": 0.2}, POLICY)
+    hanging = make_connector(spec)
+    setup.worker = DeliveryWorker(setup.route, hanging, setup.broker, setup.metrics, retry=POLICY)
+    setup.sink.delay = 1.0
+    try:
+        await setup.deliver()
+    finally:
+        await hanging.close()
+    assert await setup.depths() == {"1": 1, "2": 0, "4": 0, "dlq": 0}
+    assert "timed out" in (await setup.only(setup.names.delay(CONNECTOR, 1)))[parking.LAST_ERROR]
