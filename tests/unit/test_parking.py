@@ -204,3 +204,19 @@ async def test_a_hanging_sink_is_parked_after_its_timeouts_not_dead_lettered(set
         await hanging.close()
     assert await setup.depths() == {"1": 1, "2": 0, "4": 0, "dlq": 0}
     assert "timed out" in (await setup.only(setup.names.delay(CONNECTOR, 1)))[parking.LAST_ERROR]
+
+
+async def test_a_refused_connection_is_parked_not_dead_lettered(setup: Setup) -> None:
+    port = setup.sink.url.split(":")[2].split("/")[0]
+    assert setup.sink.runner is not None
+    await setup.sink.runner.cleanup()  # nothing listens there any more: connection refused
+    refused = make_connector(ConnectorSpec(CONNECTOR, "http", {"url": f"http://127.0.0.1:{port}/events"}, POLICY))
+    setup.worker = DeliveryWorker(setup.route, refused, setup.broker, setup.metrics, retry=POLICY)
+    try:
+        await setup.deliver()
+    finally:
+        await refused.close()
+        await setup.sink.start()  # the fixture cleans it up
+    assert await setup.depths() == {"1": 1, "2": 0, "4": 0, "dlq": 0}
+    headers = await setup.only(setup.names.delay(CONNECTOR, 1))
+    assert headers[parking.ATTEMPTS] == 2 and "ClientConnectorError" in headers[parking.LAST_ERROR]
