@@ -66,7 +66,7 @@ class RouteTopology:
         return self.deliveries[connector]
 
     def delay(self, connector: str, seconds: int) -> str:
-        """The delay queue of a delivery to ``connector`` waiting ``seconds`` (issue 11 declares them)."""
+        """The delay queue of a delivery to ``connector`` waiting ``seconds`` (a parked delivery waits there)."""
         self.delivery(connector)  # an unknown connector is a KeyError here too
         return naming.delay_queue(self.route, connector, seconds, self.prefix)
 
