@@ -131,8 +131,10 @@ class PausableConsumer(Consumer):
 class ConnectorGate:
     """One connector's breaker acting on its delivery consumers: pause when open, probe, resume."""
 
-    def __init__(self, connector: str, policy: BreakerPolicy, broker: Broker, metrics: Metrics) -> None:
+    def __init__(self, connector: str, policy: BreakerPolicy, broker: Broker, metrics: Metrics, *,
+                 refresh_every: float = PARKED_REFRESH) -> None:
         self.connector = connector
+        self.refresh_every = refresh_every
         self.broker = broker
         self.metrics = metrics
         self.breaker = CircuitBreaker(connector, policy, on_change=self._changed)
@@ -168,7 +170,7 @@ class ConnectorGate:
                                                                        "error_class": type(exc).__name__})
                     continue
                 self.metrics.parked_messages.labels(route, self.connector).set(sum(depths))
-            await asyncio.sleep(PARKED_REFRESH)
+            await asyncio.sleep(self.refresh_every)
 
     def _changed(self, state: str) -> None:
         opened = state == OPEN

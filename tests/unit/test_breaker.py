@@ -84,7 +84,8 @@ async def test_an_open_breaker_pauses_the_consumer_probes_and_resumes_on_success
     metrics = Metrics()
     connector = make_connector(ConnectorSpec("case-management", "http", {"url": sink.url}, policy))
     worker = DeliveryWorker(route, connector, broker, metrics, retry=policy)
-    gate = ConnectorGate("case-management", BreakerPolicy(failures=3, probe_every=0.5), broker, metrics)
+    gate = ConnectorGate("case-management", BreakerPolicy(failures=3, probe_every=0.5), broker, metrics,
+                         refresh_every=0.05)
     worker.breaker = gate.breaker
     consumer = await gate.consume(worker.queue, worker.handle, 10, worker.probe, route=route.name,
                                   delay_queues=[q for _, q in names.delay_queues("case-management")])
@@ -97,6 +98,18 @@ async def test_an_open_breaker_pauses_the_consumer_probes_and_resumes_on_success
                 break
             await asyncio.sleep(0.02)
         assert gate.breaker.is_open and consumer.paused
+        parked = metrics.value("middleware_deliveries_parked", route="adt-inbound", connector="case-management")
+        assert parked >= 1  # those in flight when it opened: parked, not dead-lettered
+
+        def waiting() -> float | None:
+            return metrics.registry.get_sample_value("middleware_parked_messages",
+                                                     {"route": "adt-inbound", "connector": "case-management"})
+
+        for _ in range(50):
+            if waiting():
+                break
+            await asyncio.sleep(0.02)
+        assert 0 < (waiting() or 0) <= parked  # the gauge reads the delay queues' depths (some may be back)
         assert metrics.registry.get_sample_value("middleware_breaker_open", {"connector": "case-management"}) == 1
         await asyncio.sleep(0.3)
         sent_while_open = len(sink.requests)
