@@ -32,6 +32,7 @@ from typing import Any
 import cel
 
 from middleware import dates
+from middleware.expression_hoist import Call, hoist
 from middleware.formats import Format, PathAccessor
 
 MAX_LENGTH = 1000
@@ -376,7 +377,11 @@ class Expression:
     source: str  # as written in YAML, for error messages
     program: Any  # cel.Program
     bindings: tuple[_Binding, ...]
-    functions: Mapping[str, Callable[..., Any]]  # only those the expression calls
+    functions: Mapping[str, Callable[..., Any]]  # those CEL calls back (the others are hoisted)
+    calls: tuple[Call, ...] = ()  # library calls run in Python first (middleware.expression_hoist)
+    library: Mapping[str, Callable[..., Any]] = field(default_factory=dict)  # what ``calls`` call
+    direct: str | None = None  # the expression is this one hoisted call (or path): no CEL run at all
+    needed: tuple[str, ...] | None = None  # the variables the CEL program reads (None: all)
     _local: threading.local = field(default_factory=threading.local, compare=False, repr=False)
 
     def _context(self) -> tuple[Any, list[dict[str, Any]]]:
@@ -385,7 +390,8 @@ class Expression:
         made: tuple[Any, list[dict[str, Any]]] | None = getattr(self._local, "made", None)
         if made is None:
             holder: list[dict[str, Any]] = [{}]
-            context = cel.Context(variables={b.name: None for b in self.bindings}, functions=dict(self.functions))
+            names = [b.name for b in self.bindings] + [c.target for c in self.calls]
+            context = cel.Context(variables=dict.fromkeys(names), functions=dict(self.functions))
             context.set_variable_resolver(lambda name: holder[0].get(name))  # None: the registered null
             made = self._local.made = (context, holder)
         return made
@@ -396,14 +402,31 @@ class Expression:
         for binding in self.bindings:
             found = binding.accessor.read(doc)
             values[binding.name] = found if binding.many else (found[0] if found else None)
-        context, holder = self._context()
-        holder[0] = values
-        try:
-            result = self.program.execute(context)
-        except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
-            raise EvaluationError(_reason(exc)) from None
-        finally:
-            holder[0] = {}
+        for call in self.calls:
+            try:
+                values[call.target] = self.library[call.function](*(
+                    [values[i] if i in call.variables else i for i in a] if isinstance(a, tuple)
+                    else values[a] if a in call.variables else a for a in call.args))
+            except _FunctionError as exc:
+                raise EvaluationError(str(exc)) from None
+            except (TypeError, ValueError, AttributeError, ArithmeticError):
+                raise EvaluationError(f"{call.function}() cannot use its arguments") from None
+        if self.direct is not None:
+            result = values[self.direct]
+        elif not self.functions:  # no callbacks: the values as a plain dict is the cheapest way in
+            try:
+                result = self.program.execute(values if self.needed is None else {n: values[n] for n in self.needed})
+            except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+                raise EvaluationError(_reason(exc)) from None
+        else:
+            context, holder = self._context()
+            holder[0] = values
+            try:
+                result = self.program.execute(context)
+            except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+                raise EvaluationError(_reason(exc)) from None
+            finally:
+                holder[0] = {}
         if isinstance(result, str | list) and len(result) > MAX_RESULT:
             raise EvaluationError(f"result is longer than {MAX_RESULT:,}")
         if isinstance(result, dt.datetime):  # timestamp(): event data is JSON
@@ -482,7 +505,17 @@ def compile_expression(text: Any, fmt: Format, lookups: Mapping[str, Any] | None
             raise ExpressionError(f"lookup(): no table {match.group(2)!r} in config/lookups/ (known: {known})")
     functions = {n: library[n] for n in sorted(called & set(library))}
     _probe_types(program, bindings, functions, typed=fmt.name not in _TEXT_FORMATS)
-    return Expression(text, program, tuple(bindings), functions)
+    hoisted = hoist(rewritten, frozenset(functions))
+    if hoisted is None:
+        alone = re.fullmatch(r"\s*(_path\d+)\s*", rewritten)  # just path('X'): no CEL run
+        return Expression(text, program, tuple(bindings), functions, direct=alone.group(1) if alone else None)
+    final_text, calls = hoisted
+    direct = final_text.strip() if re.fullmatch(r"\s*_h\d+\s*", final_text) else None
+    final = cel.compile(final_text)
+    references = final.references()
+    remaining = {n: library[n] for n in references["functions"] if n in library}
+    return Expression(text, final, tuple(bindings), remaining, calls, functions, direct,
+                      tuple(references["variables"]) if not scanner.bound else None)
 
 
 _TEXT_FORMATS = frozenset({"hl7v2", "csv", "x12"})  # their paths give strings only
