@@ -154,6 +154,12 @@ class Target:
     def start(self) -> None:
         self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL)
 
+    def cpu(self) -> float:
+        """User + system CPU seconds of the process so far."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def sample(self) -> float:
         assert self.process is not None
         current = rss_mb(self.process.pid)
@@ -297,8 +303,18 @@ async def wait_ready(url: str, target: Target, queues: list[str]) -> None:
     raise RuntimeError(f"{target.name} did not start consuming")
 
 
-async def throughput(url: str, target: Target, sink: Sink, messages: list[bytes]) -> float:
-    """Preload, start the process, msg/s at the sink from first to last arrival."""
+async def startup_cpu(url: str, target: Target, queues: list[str]) -> float:
+    """CPU seconds the process spends starting up on empty queues (taken off the per-message cost)."""
+    target.start()
+    await wait_ready(url, target, queues)
+    await asyncio.sleep(1)
+    spent = target.cpu()
+    target.stop()
+    return spent
+
+
+async def throughput(url: str, target: Target, sink: Sink, messages: list[bytes]) -> tuple[float, float]:
+    """Preload, start the process: msg/s at the sink from first to last arrival, process CPU seconds."""
     await sink.call("POST", "/reset")
     await preload(url, target.inbound, messages)
     target.start()
@@ -311,8 +327,9 @@ async def throughput(url: str, target: Target, sink: Sink, messages: list[bytes]
             break
         if time.monotonic() > deadline or (target.process and target.process.poll() is not None):
             raise RuntimeError(f"{target.name}: {stats['count']} of {len(messages)} arrived")
+    spent = target.cpu()
     target.stop()
-    return (stats["count"] - 1) / (stats["last"] - stats["first"])
+    return (stats["count"] - 1) / (stats["last"] - stats["first"]), spent
 
 
 async def paced(url: str, queue: str, rate: float, seconds: float, tag: str) -> dict[str, float]:
@@ -376,17 +393,23 @@ async def main_async(args: argparse.Namespace) -> None:
             await memory_run(args, engine, sink)
             return
         messages = make_messages(args.messages)
+        queues = {"engine": [engine.inbound, delivery], "bare": [bare.inbound, bare_names(prefix)[2]]}
+        idle = {t.name: await startup_cpu(args.url, t, queues[t.name]) for t in (engine, bare)}
         rates: dict[str, list[float]] = {"engine": [], "bare": []}
+        cpu: dict[str, list[float]] = {"engine": [], "bare": []}
         for _ in range(args.repeat):
             for target in (engine, bare):
-                rates[target.name].append(await throughput(args.url, target, sink, messages))
+                rate, spent = await throughput(args.url, target, sink, messages)
+                rates[target.name].append(rate)
+                cpu[target.name].append((spent - idle[target.name]) / len(messages) * 1e6)
         engine_rate, bare_rate = statistics.median(rates["engine"]), statistics.median(rates["bare"])
+        engine_cpu, bare_cpu = statistics.median(cpu["engine"]), statistics.median(cpu["bare"])
         print(f"pipeline benchmark: {args.messages} ADT^A01 preloaded, median of {args.repeat}, "
               f"RabbitMQ {args.url}, journal {'on' if args.journal else 'off'}")
-        print(f"{'':44} {'median msg/s':>12}  runs")
-        print(f"{'engine (middleware run, adt-inbound -> http)':44} {engine_rate:12.0f}  "
+        print(f"{'':44} {'median msg/s':>12} {'CPU us/msg':>10}  runs (msg/s)")
+        print(f"{'engine (middleware run, adt-inbound -> http)':44} {engine_rate:12.0f} {engine_cpu:10.0f}  "
               + " ".join(f"{r:.0f}" for r in rates["engine"]))
-        print(f"{'bare (aio-pika + aiohttp, same two hops)':44} {bare_rate:12.0f}  "
+        print(f"{'bare (aio-pika + aiohttp, same two hops)':44} {bare_rate:12.0f} {bare_cpu:10.0f}  "
               + " ".join(f"{r:.0f}" for r in rates["bare"]))
         print(f"engine / bare: {engine_rate / bare_rate:.2f}   (runs: "
               + " ".join(f"{e / b:.2f}" for e, b in zip(rates["engine"], rates["bare"], strict=True)) + ")")
