@@ -9,6 +9,7 @@ from middleware.cli import (
     demo,
     dlq,
     inspect,
+    new,
     publish,
     routetest,
     run,
@@ -27,7 +28,8 @@ app = typer.Typer(
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
 )
-for module in (run, demo, publish, validate, transform, routetest, inspect, dlq, status, trace, schemas, schema_of):
+for module in (run, demo, publish, validate, transform, routetest, inspect, dlq, status, trace, schemas, schema_of,
+               new):
     module.register(app)
 
 
