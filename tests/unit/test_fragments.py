@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from middleware.project import check_project, load_project
+from middleware.project import load_project
 
-REPO = Path(__file__).resolve().parents[2]
+from .test_project_validation import REPO, edit, problems
+
 FRAGMENT = "routes/_fragments/patient-demographics.yaml"
 
 
@@ -21,18 +22,9 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text
-    path.write_text(text.replace(old, new, 1))
-
-
 def line_of(path: Path, text: str, start: int = 1) -> int:
+    """The first line at or after ``start`` holding ``text``."""
     return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if n >= start and text in line)
-
-
-def problems(project: Path) -> list[str]:
-    return [str(p) for p in check_project(project, {})[1]]
 
 
 def test_the_shipped_adt_route_includes_the_demographics_fragment() -> None:
