@@ -416,14 +416,14 @@ class Expression:
         elif not self.functions:  # no callbacks: the values as a plain dict is the cheapest way in
             try:
                 result = self.program.execute(values if self.needed is None else {n: values[n] for n in self.needed})
-            except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+            except Exception as exc:  # whatever CEL raises is this message's failure, never the worker's
                 raise EvaluationError(_reason(exc)) from None
         else:
             context, holder = self._context()
             holder[0] = values
             try:
                 result = self.program.execute(context)
-            except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+            except Exception as exc:  # whatever CEL raises is this message's failure, never the worker's
                 raise EvaluationError(_reason(exc)) from None
             finally:
                 holder[0] = {}
@@ -450,9 +450,15 @@ def _reason(exc: Exception) -> str:
     inner = re.search(r"_FunctionError: (.*?)(\. Check function arguments.*)?$", text, re.S)
     if inner:
         return inner.group(1)
-    if "Python function call failed" in text:  # a library function given a wrong type: name it, not the value
-        name = re.search(r"Function '([^']+)'", text)
-        return f"{name.group(1) if name else 'a function'}() cannot use its arguments"
+    function = re.match(r"Function '([^']+)' error", text)
+    if function:  # a CEL or library function refusing its arguments: name it, not the values (regex, number)
+        return f"{function.group(1)}() cannot use its arguments"
+    if isinstance(exc, ArithmeticError):
+        return "arithmetic overflow or division by zero"
+    if isinstance(exc, LookupError):
+        return "index or key not found"
+    if not isinstance(exc, TypeError | RuntimeError | ValueError):
+        return f"failed ({type(exc).__name__})"
     for end in (". Convert explicitly", ". Check that", ". CEL does not coerce"):
         text = text.split(end)[0]
     return text[:300]
@@ -539,8 +545,8 @@ def _probe_types(program: Any, bindings: list[_Binding], functions: Mapping[str,
                 return
             reasons.append(_reason(exc))  # the first: with text, what HL7 and CSV paths give
             continue
-        except (RuntimeError, ValueError, OverflowError):
-            return  # not a type error (a function refusing the sample value, a missing overload)
+        except Exception:  # an index, a parse, an overflow: not a type error
+            return  # (a function refusing the sample value, a missing overload)
         return
     raise ExpressionError(f"type error on every message: {reasons[0]} (path() gives text"
                           + (", a number or a boolean" if typed else "") + "; convert with int(), double(), "

@@ -304,3 +304,17 @@ def test_expr_inside_each_reads_the_item() -> None:
     assert apply_rules((rule,), HL7.parse(raw)) == {"results": [
         {"code": "glu", "value": 5.4, "label": "Glucose (mmol/L)"},
         {"code": "hb", "value": 13.0, "label": "Hemoglobin (g/dL)"}]}
+
+
+@pytest.mark.parametrize(("expr", "message"), [
+    ("[path('PID-5.1')][5]", "index or key not found"),
+    ("{'a': 1}[path('PID-5.1')] == 1", "index or key not found"),
+    ("int(path('PID-7')) * 9223372036854775807 > 0", "arithmetic overflow or division by zero"),
+    ("size(path('PID-5.1')) / (size(path('PID-5.1')) - 3) > 0", "arithmetic overflow or division by zero"),
+    ("'x'.matches(path('PID-5.1') + '(')", "matches() cannot use its arguments"),
+    ("int(path('PID-5.1')) > 0", "int() cannot use its arguments"),
+])
+def test_every_failure_of_cel_is_an_evaluation_error_without_values(expr: str, message: str) -> None:
+    with pytest.raises(EvaluationError) as caught:
+        compile_expression(expr, HL7, LOOKUPS).evaluate(HL7.parse(MESSAGE))
+    assert str(caught.value) == message
