@@ -409,7 +409,7 @@ class Expression:
                     else values[a] if a in call.variables else a for a in call.args))
             except _FunctionError as exc:
                 raise EvaluationError(str(exc)) from None
-            except (TypeError, ValueError, AttributeError, ArithmeticError):
+            except Exception:  # a library function given what it cannot use
                 raise EvaluationError(f"{call.function}() cannot use its arguments") from None
         if self.direct is not None:
             result = values[self.direct]
