@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import cel
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from middleware.expression_hoist import hoist
-from middleware.expressions import _Scanner, compile_expression
+from middleware.expressions import EvaluationError, _Scanner, compile_expression
 from middleware.formats import get_format
 
 HL7 = get_format("hl7v2")
@@ -59,3 +61,35 @@ def test_hoisted_results_are_cels(expr: str) -> None:
     rewritten = _Scanner(expr).run()
     by_cel = cel.compile(rewritten).execute({**values, **compiled.library, **compiled.functions})
     assert compiled.evaluate(doc) == by_cel
+
+
+EXPRESSIONS = [
+    "upper(path('PID-5.1'))", "lower(trim(path('PID-5.2'))) + '/' + path('PID-5.1')",
+    "join([path('PID-5.2'), path('PID-5.1')], ' ')", "substring(path('PID-5.1'), 1, 4)",
+    "date(path('PID-7'))", "age(path('PID-7'), '20240301')", "phone(path('PID-13'), '1')",
+    "format_date(path('PID-7'), '%d.%m.%Y')", "split(path('PID-5.1'), 'a')", "replace(path('PID-5.1'), 'a', 'b')",
+    "coalesce(path('PID-5.3'), path('PID-5.1')).upper()", "int(path('PID-7')) > 19000000",
+]
+
+
+@given(family=st.text(alphabet=st.characters(blacklist_characters="|^~\\&\r\n", blacklist_categories=("Cs",)),
+                      max_size=12),
+       birth=st.from_regex(r"\A[0-9]{0,14}\Z"), phone=st.text(alphabet="0123456789+()- x", max_size=16))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_values_give_cels_result_or_an_evaluation_error(family: str, birth: str, phone: str) -> None:
+    raw = MESSAGE.replace(b"Doe^John^Q", f"{family}^John^Q".encode()).replace(b"19800215", birth.encode()) \
+        .replace(b"|F\r", f"|F|||||{phone}\r".encode())
+    doc = HL7.parse(raw)
+    for expr in EXPRESSIONS:
+        compiled = compile_expression(expr, HL7)
+        values = {b.name: (b.accessor.read(doc) or [None])[0] for b in compiled.bindings}
+        try:
+            expected: object = cel.compile(_Scanner(expr).run()).execute(
+                {**values, **compiled.library, **compiled.functions})
+        except Exception:
+            expected = EvaluationError
+        try:
+            got: object = compiled.evaluate(doc)
+        except EvaluationError:
+            got = EvaluationError
+        assert got == expected, expr
