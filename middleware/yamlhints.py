@@ -19,12 +19,15 @@ def explain(error: yaml.MarkedYAMLError, text: str) -> tuple[int, str]:
     problem, context = error.problem or "", error.context or ""
     found = _CANNOT_START.search(problem)
     if found and found.group(1) == "\\t":
-        return _say(line, column, "a tab in the indentation: YAML indents with spaces only",
+        return _say(line, column, "a tab character: YAML indents and separates with spaces only",
                     "replace the tab with spaces; editors can insert spaces for the tab key")
     if found:
         char = found.group(1)
         return _say(line, column, f"a value cannot start with {char}",
                     f"quote the value, e.g. key: \"{char}...\"")
+    if problem.startswith("found unknown escape character"):
+        return _say(line, column, f"{problem.split()[-1].strip(chr(39))!r} after a backslash is no escape in "
+                    "double quotes", "write \\\\ for a backslash, or put the value in single quotes")
     if "quoted scalar" in context and error.context_mark is not None:
         opened = error.context_mark
         return _say(opened.line, opened.column, "this quote is never closed",
@@ -37,6 +40,9 @@ def explain(error: yaml.MarkedYAMLError, text: str) -> tuple[int, str]:
                         f"(PyYAML stopped at line {line + 1}, column {column + 1})",
                         f"add the {closer}, separate items with commas, or quote a value that contains "
                         f"{opener}, {closer}, ',' or ': '")
+    if context.startswith("expected a single document"):
+        return _say(line, column, "a second document (---) in one file",
+                    "one route, connector or config per file: remove the --- line or move the rest to its own file")
     if problem.startswith("found undefined alias"):
         name = problem.rsplit(" ", 1)[-1].strip("'")
         return _say(line, column, f"alias *{name} is not defined above in this file",
@@ -81,6 +87,9 @@ def _block_end(lines: list[str], line: int, column: int, problem: str) -> tuple[
         key = here.strip().lstrip("- ").split(":", 1)[0] or "key"
         return _say(line, column, "a value that starts with { or [ is read as a mapping or list, and text "
                     "follows it", f"quote the value, e.g. {key}: \"{{PID-5.2}} {{PID-5.1}}\"")
+    if "found '<scalar>'" in problem and re.search(r"['\"]\s*\S", here[:column + 1]):
+        return _say(line, column, "text after the closing quote of a value",
+                    "quote the whole value; inside single quotes write ' as '' (e.g. 'it''s')")
     indent = _indent(here)
     above = next((lines[n] for n in range(line - 1, -1, -1) if lines[n].strip() and
                   not lines[n].lstrip().startswith("#")), "")

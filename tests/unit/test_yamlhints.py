@@ -33,7 +33,13 @@ def problem(tmp_path: Path, text: str) -> str:
     ("route:a\nsource:\n  queue: x\n",
      "routes/route.yaml:1: invalid YAML at column 1: a key without a space after its colon"),
     ("route: a\nsource:\n\tqueue: x\n",
-     "routes/route.yaml:3: invalid YAML at column 1: a tab in the indentation: YAML indents with spaces only"),
+     "routes/route.yaml:3: invalid YAML at column 1: a tab character: YAML indents and separates with spaces only"),
+    ("description: 'it's'\n", "routes/route.yaml:1: invalid YAML at column 18: text after the closing quote of a "
+                              "value (quote the whole value; inside single quotes write ' as '' (e.g. 'it''s'))"),
+    ("x: \"C:\\qdata\"\n", "routes/route.yaml:1: invalid YAML at column 8: 'q' after a backslash is no escape in "
+                           "double quotes (write \\\\ for a backslash, or put the value in single quotes)"),
+    ("route: a\n---\nroute: b\n", "routes/route.yaml:2: invalid YAML at column 1: a second document (---) in one "
+                                "file"),
     ("route: a\ndescription: \"ADT feed\nsource: {queue: x}\n",
      "routes/route.yaml:2: invalid YAML at column 14: this quote is never closed"),
     ("route: 'a\nsource: x\n", "routes/route.yaml:1: invalid YAML at column 8: this quote is never closed"),
