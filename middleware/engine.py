@@ -103,6 +103,13 @@ class Engine:
             await connector.start()
         if self._start_gateways:
             await self._start_listeners()
+        await self.start_workers()
+        self.sla.start()
+        log.info("engine started", extra={"routes": sorted(self.project.routes), "broker": safe_url(self.broker.url)})
+
+    async def start_workers(self) -> None:
+        """Consume every inbound, delivery and partition queue of ``self.project`` with ``self.connectors``
+        (started). :mod:`middleware.reload` calls it again after :meth:`cancel_consumers` and :meth:`drain`."""
         prefetch, prefix, tz = self.settings.prefetch, self.settings.queue_prefix, self.settings.tz
         for route in self.project.routes.values():
             for rule in route.deliver:
@@ -133,8 +140,6 @@ class Engine:
                                     ordered_delivery.PREFETCH)
             else:
                 await self._consume(route_worker.queue, route_worker.handle, prefetch)
-        self.sla.start()
-        log.info("engine started", extra={"routes": sorted(self.project.routes), "broker": safe_url(self.broker.url)})
 
     async def _consume(self, queue: str, handler: Handler, prefetch: int) -> None:
         self._consumers.append(await self.broker.consume(queue, self._tracked.wrap(handler), prefetch=prefetch))
@@ -158,6 +163,19 @@ class Engine:
         stopped and their messages handed back uncounted (a shutdown never dead-letters a healthy
         message). Connectors and the broker connection close last.
         """
+        consumers = await self.cancel_consumers()
+        for gateway in self.gateways:
+            await gateway.stop()
+        self.gateways.clear()
+        await self.drain(consumers)
+        await self.sla.stop()
+        await self.journal.stop()  # writes what is still queued
+        await self.broker.close()
+        log.info("engine stopped")
+
+    async def cancel_consumers(self) -> list[Consumer]:
+        """Stop every consumer's new deliveries at once (channels stay open: handlers in flight finish
+        and ack) and the breakers' probes; returns the consumers for :meth:`drain`."""
         consumers, self._consumers = self._consumers, []
         await asyncio.gather(*(consumer.cancel() for consumer in consumers))
         for gate in self.gates.values():  # no more probes nor resumes
@@ -165,9 +183,11 @@ class Engine:
         draining = self.in_flight
         if draining:
             log.info("draining", extra={"in_flight": draining, "drain_timeout": self.settings.drain_timeout})
-        for gateway in self.gateways:
-            await gateway.stop()
-        self.gateways.clear()
+        return consumers
+
+    async def drain(self, consumers: list[Consumer]) -> None:
+        """Wait up to ``engine.drain_timeout`` for the handlers in flight, then close ``consumers``
+        (what still runs is handed back uncounted) and the connectors."""
         try:
             await asyncio.wait_for(self._tracked.idle.wait(), timeout=self.settings.drain_timeout)
         except TimeoutError:
@@ -177,10 +197,6 @@ class Engine:
             await consumer.close()
         for connector in self.connectors.values():
             await connector.close()
-        await self.sla.stop()
-        await self.journal.stop()  # writes what is still queued
-        await self.broker.close()
-        log.info("engine stopped")
 
     async def is_idle(self) -> bool:
         """True when nothing is in flight and every inbound and delivery queue is empty."""

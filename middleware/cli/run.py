@@ -22,6 +22,7 @@ from middleware.engine import Engine
 from middleware.errors import ConfigError, MiddlewareError
 from middleware.observe import configure_logging, log_loop_exception, serve_metrics
 from middleware.project import Project, load_project
+from middleware.reload import Reloader
 
 log = logging.getLogger("middleware.run")
 
@@ -73,14 +74,17 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
     stop.set()
 
 
-async def run_engine(project: Project) -> None:
-    """Bind the listeners, start the engine; return after a drained stop on SIGTERM or SIGINT."""
+async def run_engine(project: Project, *, watch: bool = False) -> None:
+    """Bind the listeners, start the engine; return after a drained stop on SIGTERM or SIGINT.
+    SIGHUP (and with ``watch`` a changed file) reloads the project (:mod:`middleware.reload`)."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(log_loop_exception)
     engine = Engine(project)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop, sig)
+    reloader = Reloader(engine, project.root, watch=watch)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)  # taken from here on, acted on once started
     server = await _serve_metrics(engine)  # before anything connects or consumes
     try:
         try:
@@ -88,9 +92,11 @@ async def run_engine(project: Project) -> None:
         except BaseException:
             await engine.stop()  # release what did start (listeners, connections) before reporting
             raise
+        reloader.start()
         try:
             await stop.wait()
         finally:
+            await reloader.stop()  # a reload under way finishes first
             await engine.stop()
     finally:
         if server is not None:
@@ -109,13 +115,16 @@ def run(project: Path = ProjectOption,
         log_level: LogLevel = typer.Option(LogLevel.INFO, "--log-level", case_sensitive=False,
                                            help="Our loggers' level (libraries log warnings and up)."),
         log_format: LogFormat = typer.Option(LogFormat.JSON, "--log-format", case_sensitive=False,
-                                             help="json: one JSON object per stderr line; text: for a terminal.")
+                                             help="json: one JSON object per stderr line; text: for a terminal."),
+        watch: bool = typer.Option(False, "--watch", help="Reload routes, connectors, schemas and lookups when "
+                                                          "their files change (SIGHUP always reloads).")
         ) -> None:
-    """Run route workers and delivery workers until SIGTERM (drains in-flight messages, exits 0)."""
+    """Run route workers and delivery workers until SIGTERM (drains in-flight messages, exits 0).
+    SIGHUP reloads the project; an invalid one is refused and the running version goes on."""
     configure_logging(log_level.value, json_lines=log_format is LogFormat.JSON)
     try:
         loaded = load_project(project)
-        asyncio.run(run_engine(loaded))
+        asyncio.run(run_engine(loaded, watch=watch))
     except ConfigError as exc:  # an invalid project, or an MLLP port that is taken
         _fail("; ".join(str(problem) for problem in exc.problems) or str(exc), log_format)
     except MiddlewareError as exc:  # broker unreachable, metrics port taken...
