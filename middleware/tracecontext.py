@@ -31,9 +31,18 @@ def _span_id() -> str:
     return f"{_ids.getrandbits(64) or 1:016x}"
 
 
+def new_trace_id() -> str:
+    return f"{_ids.getrandbits(128) or 1:032x}"
+
+
 def new() -> str:
     """A traceparent that starts a trace (sampled flag set)."""
-    return f"00-{_ids.getrandbits(128) or 1:032x}-{_span_id()}-01"
+    return span_of(new_trace_id())
+
+
+def span_of(trace_id: str, flags: str = "01") -> str:
+    """A traceparent with a new parent id in the trace ``trace_id`` (already checked: no parsing)."""
+    return f"00-{trace_id}-{_span_id()}-{flags}"
 
 
 def child(value: object) -> str:
@@ -42,8 +51,7 @@ def child(value: object) -> str:
     found = parse(value)
     if found is None:
         return new()
-    trace_id, _, flags = found
-    return f"00-{trace_id}-{_span_id()}-{flags}"
+    return span_of(found[0], found[2])
 
 
 def trace_id(value: object) -> str | None:

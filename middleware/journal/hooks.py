@@ -66,7 +66,8 @@ class Arrival:
     """A message as its route worker took it: when it came in, and its trace context."""
 
     received_at: float
-    traceparent: str  # the inbound message's own, or a new trace when it brought none
+    trace_id: str  # the inbound message's trace (its traceparent's), or a new one when it brought none
+    trace_flags: str = "01"
 
 
 def event_headers(event: dict[str, Any], arrival: Arrival | None) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def event_headers(event: dict[str, Any], arrival: Arrival | None) -> dict[str, A
         headers[EVENT_TIME_HEADER] = occurred
     if arrival is not None:
         headers[RECEIVED_AT_HEADER] = arrival.received_at
-        headers[tracecontext.TRACEPARENT] = tracecontext.child(arrival.traceparent)
+        headers[tracecontext.TRACEPARENT] = tracecontext.span_of(arrival.trace_id, arrival.trace_flags)
     return headers
 
 
@@ -103,8 +104,8 @@ def route_received(worker: Any, message: Any) -> Arrival:
     if source:
         metrics.source_last_received.labels(source).set(now)
     metrics.route_age.labels(name).observe(max(0.0, now - came_in))
-    traceparent = message.headers.get(tracecontext.TRACEPARENT)
-    return Arrival(came_in, traceparent if tracecontext.parse(traceparent) else tracecontext.new())
+    trace = tracecontext.parse(message.headers.get(tracecontext.TRACEPARENT))
+    return Arrival(came_in, trace[0], trace[2]) if trace else Arrival(came_in, tracecontext.new_trace_id())
 
 
 def route_finished(worker: Any, message: Any, outcome: Any, arrival: Arrival) -> None:

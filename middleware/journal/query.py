@@ -98,14 +98,17 @@ def build_paths(hops: list[Hop]) -> list[MessagePath]:
     delivery records under their event."""
     paths: dict[str, MessagePath] = {}
     events: dict[str, tuple[MessagePath, EventPath]] = {}
-    for hop in hops:
+    for hop in hops:  # inbound first: a delivery may be recorded before its routing record's time
         if hop.stage in (INGEST, ROUTE):
             key = hop.message_id or hop.correlation_id or ""
             path = paths.get(key)
             if path is None:
                 path = paths[key] = MessagePath(hop.correlation_id or "", hop.route, hop.message_id)
             _take_inbound(path, hop, events)
-        elif hop.stage == DELIVER and hop.event_id in events:
+    for hop in hops:
+        if hop.stage in (INGEST, ROUTE):
+            continue
+        if hop.stage == DELIVER and hop.event_id in events:
             path, event = events[hop.event_id]
             path.hops.append(hop)
             _take_delivery(path, event, hop)
@@ -118,6 +121,8 @@ def build_paths(hops: list[Hop]) -> list[MessagePath]:
             events[hop.event_id or ""] = (path, event)
             path.hops.append(hop)
             _take_delivery(path, event, hop)
+    for path in paths.values():
+        path.hops.sort(key=lambda h: h.at)
     return sorted(paths.values(), key=lambda p: p.hops[0].at if p.hops else 0.0)
 
 

@@ -192,3 +192,15 @@ async def test_a_stuck_store_holds_up_nothing_and_every_record_is_written_or_cou
     gate.set()
     await journal.stop()
     assert journal.written + journal.dropped == 520
+
+
+def test_a_delivery_recorded_before_its_routing_record_still_joins_its_message() -> None:
+    """The route worker records `routed` after its ack; the event may be delivered before that."""
+    from middleware.journal import Hop
+    from middleware.journal.query import build_paths
+
+    hops = [Hop(1.0, "r", "ingest", "received", "c", "m"),
+            Hop(1.2, "r", "deliver", "delivered", "c", event_id="e", connector="k"),
+            Hop(1.3, "r", "route", "routed", "c", "m", event_id="e", received_at=1.0)]
+    [path] = build_paths(hops)
+    assert path.events[0].deliveries[0].outcome == "delivered" and [h.at for h in path.hops] == [1.0, 1.2, 1.3]
