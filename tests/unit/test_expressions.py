@@ -318,3 +318,13 @@ def test_every_failure_of_cel_is_an_evaluation_error_without_values(expr: str, m
     with pytest.raises(EvaluationError) as caught:
         compile_expression(expr, HL7, LOOKUPS).evaluate(HL7.parse(MESSAGE))
     assert str(caught.value) == message
+
+
+def test_every_expression_in_the_docs_compiles() -> None:
+    import re
+
+    text = (REPO / "docs" / "routes.md").read_text(encoding="utf-8")
+    found = re.findall(r"expr: \"([^\"]+)\"", text)
+    assert len(found) >= 6
+    for expr in found:
+        compile_expression(expr, HL7, LOOKUPS)
