@@ -364,8 +364,8 @@ _TYPE_ERRORS = ("Unsupported operation", "No such overload")
 def _probe_types(program: Any, bindings: list[_Binding], functions: Mapping[str, Callable[..., Any]],
                  typed: bool) -> None:
     """CEL here has no type checker: run the expression with every path absent, then holding text (and, for
-    JSON and FHIR, a number and a boolean); a type error in every run is one on every message."""
-    samples: list[Any] = ["1", None, *([1, 1.5, True] if typed else [])]
+    JSON and FHIR, a number, a boolean, an object, a list); a type error in every run is one on every message."""
+    samples: list[Any] = ["1", None, *([1, 1.5, True, {}, []] if typed else [])]  # JSON: objects, lists too
     reasons = []
     for sample in samples:
         env: dict[str, Any] = dict(functions)
@@ -381,9 +381,9 @@ def _probe_types(program: Any, bindings: list[_Binding], functions: Mapping[str,
         except Exception:  # an index, a parse, an overflow: not a type error
             return  # (a function refusing the sample value, a missing overload)
         return
-    raise ExpressionError(f"type error on every message: {reasons[0]} (path() gives text"
-                          + (", a number or a boolean" if typed else "") + "; convert with int(), double(), "
-                          "string())")
+    gives = "text, a number, a boolean, an object or a list" if typed else "text"
+    raise ExpressionError(f"type error on every message: {reasons[0]} (path() gives {gives}; convert with "
+                          "int(), double(), string())")
 
 
 def _syntax(message: str) -> str:

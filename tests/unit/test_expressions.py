@@ -87,11 +87,17 @@ def test_the_type_probe_accepts_what_some_message_can_satisfy() -> None:
                  "path('MSH-7') == null ? '' : path('MSH-7') + 1"):
         compile_expression(expr, HL7, LOOKUPS)
     compile_expression("path('amount') > 2 && path('flag')", JSON)  # JSON values may be numbers and booleans
-    with pytest.raises(ExpressionError, match="gives text, a number or a boolean"):
+    with pytest.raises(ExpressionError, match="gives text, a number, a boolean, an object or a list"):
         compile_expression("path('a') - 'x'", JSON)
 
 
-def test_paths_read_json_and_csv_in_their_own_notation() -> None:
+def test_paths_read_json_csv_and_fhir_in_their_own_notation() -> None:
+    fhir = get_format("fhir")
+    patient = (REPO / "samples" / "fhir-inbound" / "patient-registered.json").read_bytes()
+    assert run("upper(path('Patient.name.first().family'))", fhir, patient) == "TESTPERSON"
+    assert run("path('Patient.name.first()').given[0] + ' ' + path('Patient.name.first()').family", fhir,
+               patient) == "Ada Testperson"  # a complex value is a CEL map
+    assert run("path('Patient.active') == true && size(paths('Patient.name.given')) == 3", fhir, patient) is True
     assert run("upper(path('patient.name'))", JSON, b'{"patient": {"name": "ann"}}') == "ANN"
     assert run("path('member_id') + '/' + path('plan')", CSV, b'{"member_id": "M1", "plan": "Gold"}') == "M1/Gold"
 
