@@ -1,4 +1,4 @@
-"""JSON Schemas for editors (``middleware schema-of route|connector|config|fragment``).
+"""JSON Schemas for editors (``middleware schema-of route|connector|config|fragment|lookup``).
 
 Generated from what ``middleware validate`` checks: :mod:`middleware.project_schema` with the specs
 of every registered format, connector type and ingest gateway (:mod:`middleware.spec`), plus the
@@ -23,7 +23,7 @@ from middleware import fragments, project_schema
 from middleware.mapping import CONDITION_KEYS, CONVERSIONS
 from middleware.spec import components
 
-KINDS = ("route", "connector", "config", "fragment")
+KINDS = ("route", "connector", "config", "fragment", "lookup")
 SPECS = Path(__file__).resolve().parent / "specs"
 DRAFT = "http://json-schema.org/draft-07/schema#"
 _ENV = {"type": "string", "pattern": r"\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}",
@@ -123,9 +123,11 @@ _BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {
         {n: c.spec for n, c in components("connector").items()})),
     "config": lambda: _with_env(project_schema.config_schema(
         {n: c.spec for n, c in components("ingest").items()})),
+    "lookup": lambda: copy.deepcopy(project_schema.LOOKUP),
 }
 _TITLES = {"route": "routes/<name>.yaml", "fragment": "routes/_fragments/<name>.yaml",
-           "connector": "connectors/<name>.yaml", "config": "config/middleware.yaml"}
+           "connector": "connectors/<name>.yaml", "config": "config/middleware.yaml",
+           "lookup": "config/lookups/<name>.yaml"}
 
 
 def schema_of(kind: str) -> dict[str, Any]:

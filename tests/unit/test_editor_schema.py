@@ -20,6 +20,7 @@ SHIPPED = {
     "fragment": sorted((REPO / "routes" / "_fragments").glob("*.yaml")),
     "connector": sorted((REPO / "connectors").glob("*.yaml")),
     "config": [REPO / "config" / "middleware.yaml"],
+    "lookup": sorted((REPO / "config" / "lookups").glob("*.yaml")),
 }
 
 
@@ -42,7 +43,7 @@ def test_schema_of_prints_it_and_refuses_unknown_kinds() -> None:
 def test_every_shipped_yaml_file_names_its_schema_and_is_valid_against_it(kind: str, path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     schema_file = shipped(kind)
-    up = "../../" if kind == "fragment" else "../"
+    up = "../../" if kind in ("fragment", "lookup") else "../"
     modeline = f"# yaml-language-server: $schema={up}middleware/specs/{schema_file.name}"
     assert modeline in text.splitlines()
     assert (path.parent / modeline.split("=", 1)[1]).resolve() == schema_file
