@@ -203,7 +203,7 @@ def _skip_space(text: str, i: int) -> int:
     return i
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # equal and hashed by identity, like the compiled program it holds
 class Expression:
     """A compiled ``expr:``; :meth:`evaluate` per message."""
 

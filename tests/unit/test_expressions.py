@@ -334,3 +334,9 @@ def test_every_expression_in_the_docs_compiles() -> None:
     assert len(found) >= 6
     for expr in found:
         compile_expression(expr, HL7, LOOKUPS)
+
+
+def test_compiled_rules_with_expressions_stay_hashable_like_the_others() -> None:
+    rule = compile_field("a", {"expr": "upper(path('PID-5.1'))"}, HL7, LOOKUPS)
+    condition = compile_condition({"expr": "path('PV1-2') == 'I'"}, HL7)
+    assert len({rule, rule, condition}) == 2
