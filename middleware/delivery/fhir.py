@@ -113,6 +113,7 @@ class FhirConnector(http.HttpConnector):
         self._ready()
         method, url, body, extra = self._request_for(delivery)
         headers: dict[str, Any] = {**self.headers, "Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE,
+                                   "Prefer": "return=minimal",  # the stored resources are not read back
                                    "Idempotency-Key": delivery.event_id, **extra}
         if delivery.correlation_id:
             headers["X-Correlation-ID"] = delivery.correlation_id
