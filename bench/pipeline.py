@@ -19,7 +19,8 @@ Peak RSS of the engine process (``/proc/<pid>/status`` VmHWM) in every mode. ``-
 shipped route, the journal and the console on, a paced publisher at ``--rate`` for M minutes; RSS every
 minute. Deletes every queue and exchange it declared (random ``bench-`` prefix).
 
-Run: .venv/bin/python bench/pipeline.py [--messages 5000] [--repeat 3] [--latency] [--no-journal]
+Run: .venv/bin/python bench/pipeline.py [--messages 5000] [--repeat 3] [--latency] [--journal]
+     .venv/bin/python bench/pipeline.py --messages 20000 --repeat 1 --flamegraph docs/images/flamegraph-engine.svg
      .venv/bin/python bench/pipeline.py --minutes 10 --rate 500
 """
 
@@ -150,9 +151,16 @@ class Target:
         self.name, self.command, self.env, self.inbound = name, command, env, inbound
         self.process: subprocess.Popen[bytes] | None = None
         self.peak_rss = 0.0
+        self.profile: Path | None = None  # the next run is sampled by py-spy into this flame graph (SVG)
+        self._profiler: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL)
+        if self.profile is not None:
+            self._profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                                               str(self.process.pid), "--rate", "200", "--nonblocking",
+                                               "--output", str(self.profile)], stdout=subprocess.DEVNULL)
+            self.profile = None
 
     def cpu(self) -> float:
         """User + system CPU seconds of the process so far."""
@@ -175,6 +183,9 @@ class Target:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self._profiler is not None:  # py-spy writes the SVG when the process it samples exits
+            self._profiler.wait(60)
+            self._profiler = None
         self.process = None
 
 
@@ -276,7 +287,9 @@ class Sink:
     async def call(self, method: str, path: str) -> Any:
         import aiohttp
 
-        async with aiohttp.ClientSession() as session, session.request(method, self.url + path) as answer:
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.request(method, self.url + path) as answer:
             return await answer.json() if answer.status == 200 else None
 
     async def wait_up(self) -> None:
@@ -284,7 +297,7 @@ class Sink:
             try:
                 await self.call("POST", "/reset")
                 return
-            except OSError:
+            except (TimeoutError, OSError):
                 await asyncio.sleep(0.1)
         raise RuntimeError("the sink did not start")
 
@@ -395,6 +408,8 @@ async def main_async(args: argparse.Namespace) -> None:
         messages = make_messages(args.messages)
         queues = {"engine": [engine.inbound, delivery], "bare": [bare.inbound, bare_names(prefix)[2]]}
         idle = {t.name: await startup_cpu(args.url, t, queues[t.name]) for t in (engine, bare)}
+        if args.flamegraph:
+            engine.profile = args.flamegraph
         rates: dict[str, list[float]] = {"engine": [], "bare": []}
         cpu: dict[str, list[float]] = {"engine": [], "bare": []}
         for _ in range(args.repeat):
@@ -482,6 +497,8 @@ def main() -> None:
                         "(default: the engine's measured maximum)")
     parser.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 0.9])
     parser.add_argument("--seconds", type=float, default=5.0, help="paced publishing per latency rate")
+    parser.add_argument("--flamegraph", type=Path, help="py-spy flame graph (SVG) of the engine's first "
+                        "throughput run (pip install py-spy; start-up is in it, so use many --messages)")
     parser.add_argument("--minutes", type=int, default=0, help="memory run: every route, journal, console")
     parser.add_argument("--rate", type=float, default=500.0, help="memory run: publish rate")
     parser.add_argument("--sample", type=float, default=5.0, help="memory run: RSS sampling interval (s)")
