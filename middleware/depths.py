@@ -3,8 +3,10 @@ every inbound, delivery and dead-letter queue of the project, read every :data:`
 ``middleware run`` (dashboards and the "dead letters growing" alert need them; the engine's counters
 cannot say how many dead letters are still waiting after replays and purges).
 
-Read as ``middleware status`` reads them: from the embedded broker's spool folder, else through a
-broker connection of the sampler's own (a passive declare per queue; nothing is consumed).
+Read as ``middleware status`` reads them: from the embedded broker's spool folder, else with a passive
+declare per queue (nothing is consumed) on the engine's connection (``broker``: each declare opens a
+channel of its own, so a missing queue harms nothing; before the engine connects the depths are
+unknown), or on a connection of the sampler's own when none is given.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ CONNECT_TIMEOUT = 10.0
 class DepthSampler:
     """Reads the project's queue depths and keeps ``middleware_queue_messages`` at them."""
 
-    def __init__(self, project: Project, metrics: Metrics, *, interval: float = INTERVAL) -> None:
+    def __init__(self, project: Project, metrics: Metrics, *, broker: Broker | None = None,
+                 interval: float = INTERVAL) -> None:
         self.project = project
         self.metrics = metrics
         self.interval = interval
+        self._shared = broker  # the engine's: used, never connected or closed here
         self._broker: Broker | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -60,9 +64,16 @@ class DepthSampler:
             return statuses
 
     async def _connected(self) -> Broker:
+        if self._shared is not None:
+            return self._shared
         if self._broker is None:
             broker = make_broker(self.project.settings.broker_url, self.project.settings.broker_tls)
-            await asyncio.wait_for(broker.connect(), CONNECT_TIMEOUT)
+            try:
+                await asyncio.wait_for(broker.connect(), CONNECT_TIMEOUT)
+            except BaseException:  # cancelled or failed: leave no reconnecting connection behind
+                with contextlib.suppress(Exception):
+                    await broker.close()
+                raise
             self._broker = broker
         return self._broker
 
@@ -80,15 +91,17 @@ class DepthSampler:
                 log.exception("queue depth sampling failed")
             await asyncio.sleep(self.interval)
 
-    def attach(self, app: Any) -> None:
-        """Sample while ``app`` (the aiohttp app of ``/metrics``) runs."""
-        async def start(_: Any) -> None:
+    def start(self) -> None:
+        """Sample every :attr:`interval` seconds from now on (until :meth:`close`)."""
+        if self._task is None:
             self._task = asyncio.create_task(self._run(), name="queue-depths")
 
+    def attach(self, app: Any) -> None:
+        """Close with ``app`` (the aiohttp app of ``/metrics``); sampling begins at :meth:`start`, once
+        the listener is bound (a start that fails leaves nothing running)."""
         async def stop(_: Any) -> None:
             await self.close()
 
-        app.on_startup.append(start)
         app.on_cleanup.append(stop)
 
     async def close(self) -> None:

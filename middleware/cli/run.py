@@ -48,18 +48,23 @@ async def _serve_metrics(engine: Engine) -> Any:
     settings = engine.settings
     if settings.metrics_port is None:
         return None
-    from middleware.console import console_extras, setup_console  # jinja2 only for `run`
+    from middleware.console import DISABLED, console_extras, setup_console  # jinja2 only for `run`
     from middleware.depths import DepthSampler
 
-    depths = DepthSampler(engine.project, engine.metrics)  # middleware_queue_messages, console or not
+    depths = DepthSampler(engine.project, engine.metrics, broker=engine.broker)  # middleware_queue_messages
+    console: list[bool] = []
 
     def operations(app: Any) -> None:
         depths.attach(app)
-        setup_console(app, engine.project, engine.metrics, extras=console_extras(engine), depths=depths)
+        console.append(setup_console(app, engine.project, engine.metrics, extras=console_extras(engine),
+                                     depths=depths))
 
     runner = await serve_metrics(engine.metrics, settings.metrics_host, settings.metrics_port, setup=operations)
+    depths.start()
     port = runner.addresses[0][1] if runner.addresses else settings.metrics_port
-    log.info("metrics listening", extra={"host": settings.metrics_host, "port": port})
+    log.info("metrics listening", extra={"host": settings.metrics_host, "port": port, "console": all(console)})
+    if not all(console):
+        log.info(DISABLED)
     return runner
 
 

@@ -43,6 +43,7 @@ from middleware.project import Project
 
 log = logging.getLogger("middleware.console")
 HERE = Path(__file__).parent
+DISABLED = "console disabled: set CONSOLE_TOKEN to serve it at / beside /metrics"
 REFRESH_SECONDS = 3  # the routes page
 DEAD_LETTER_REFRESH_SECONDS = 5  # a route's dead letters: each refresh reads its dead-letter queue
 _HEADERS = {  # Referrer-Policy same-origin: with no-referrer Chromium sends "Origin: null" on our own form posts
@@ -68,12 +69,11 @@ CONSOLE: web.AppKey[Console] = web.AppKey("console", Console)
 
 def setup_console(app: web.Application, project: Project, metrics: Metrics, *, extras: Extras | None = None,
                   depths: DepthSampler | None = None, token: str | None = None) -> bool:
-    """Add the console at ``/`` to ``app`` (the listener of ``/metrics``); False, with a log line,
-    when no token is configured (``CONSOLE_TOKEN``): the console is then off, ``/metrics`` unaffected."""
+    """Add the console at ``/`` to ``app`` (the listener of ``/metrics``); False when no token is
+    configured (``CONSOLE_TOKEN``): the console is then off, ``/metrics`` unaffected."""
     token = os.environ.get(TOKEN_ENV, "") if token is None else token
     if not token.strip():
-        log.info("console disabled: set CONSOLE_TOKEN to serve it beside /metrics", extra={"env": TOKEN_ENV})
-        return False
+        return False  # `middleware run` logs DISABLED once its listener is bound
     data = ConsoleData(project, metrics, extras, depths)
     app[CONSOLE] = Console(Auth(token.strip()), data)
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)

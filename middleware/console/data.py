@@ -269,7 +269,12 @@ class ConsoleData:
         queue = self.dead_letter_queue(route)
         async with self._dead_letter_lock:
             broker = make_broker(self.settings.broker_url, self.settings.broker_tls)
-            await broker.connect()
+            try:
+                await broker.connect()
+            except BaseException:  # cancelled or failed: leave no reconnecting connection behind
+                with contextlib.suppress(Exception):
+                    await broker.close()
+                raise
             held: Browse | None = None
             try:
                 try:

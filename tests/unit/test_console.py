@@ -7,7 +7,14 @@ import asyncio
 import json
 import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,9 +127,7 @@ def _audit(path: Path) -> list[dict[str, Any]]:
 
 # -- access -------------------------------------------------------------------------------------------
 
-async def test_without_a_configured_token_the_console_is_off_and_metrics_still_served(
-        project: Project, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="middleware.console")
+async def test_without_a_configured_token_the_console_is_off_and_metrics_still_served(project: Project) -> None:
     runner, url, _ = await _serve(project, "")
     try:
         assert (await _get(f"{url}/"))[0] == 404
@@ -131,7 +136,34 @@ async def test_without_a_configured_token_the_console_is_off_and_metrics_still_s
         assert status == 200 and "middleware_messages_received" in text
     finally:
         await runner.cleanup()
-    assert any("console disabled" in r.getMessage() for r in caplog.records)
+
+
+def test_middleware_run_without_console_token_logs_that_the_console_is_off(tmp_path: Path) -> None:
+    for folder in ("config", "routes", "connectors", "schemas"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIDDLEWARE_", "CONSOLE_"))}
+    env.update({"METRICS_PORT": str(port), "MLLP_PORT": "0", "HTTP_INGEST_PORT": "0", "HTTP_INGEST_TOKEN": "t"})
+    process = subprocess.Popen([sys.executable, "-m", "middleware", "run", "--project", str(tmp_path)], env=env,
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: list[dict[str, Any]] = []
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(json.loads(line))
+            if lines[-1]["event"] == "engine started":
+                break
+        assert any(entry["event"].startswith("console disabled: set CONSOLE_TOKEN") for entry in lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            assert b"# TYPE middleware_queue_messages gauge" in response.read()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
+        assert refused.value.code == 404
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
 
 
 async def test_no_token_is_401_with_the_login_page_for_browsers_and_a_challenge_for_others(served: Served) -> None:
