@@ -27,14 +27,17 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import time
 from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from yarl import URL
 
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage, OutgoingMessage, QueueInfo
+from middleware.broker.failover import FailoverConnection, split_urls
 from middleware.errors import BrokerError, EngineStopping
 from middleware.observe import safe_url
 from middleware.tls import TlsOptions, client_context
@@ -163,9 +166,7 @@ class AmqpBroker(Broker):
     async def connect(self) -> None:
         try:
             ssl_context = client_context(self.tls) if self.url.startswith("amqps://") else None
-            self._connection = await aio_pika.connect_robust(
-                self.url, reconnect_interval=RECONNECT_SECONDS, ssl_context=ssl_context,
-                client_properties={"connection_name": self.connection_name})
+            self._connection = await self._first_node(ssl_context)
             self._channel = await self._new_channel()
         # EOFError: the server hung up mid-handshake (a TLS listener refusing our client certificate)
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError, EOFError) as exc:
@@ -177,6 +178,23 @@ class AmqpBroker(Broker):
         self._connection.close_callbacks.add(self._on_connection_closed)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
 
+    async def _first_node(self, ssl_context: ssl.SSLContext | None) -> FailoverConnection:
+        """A robust connection to the first node of ``url`` that answers (several: see broker/failover.py)."""
+        urls = split_urls(self.url)
+        for first, url in enumerate(urls):
+            connection = FailoverConnection(
+                URL(url), urls=urls, first=first, reconnect_interval=RECONNECT_SECONDS, ssl_context=ssl_context,
+                client_properties={"connection_name": self.connection_name})
+            try:
+                await connection.connect()
+                return connection
+            except (TimeoutError, aiormq.exceptions.AMQPError, OSError, EOFError) as exc:
+                if first == len(urls) - 1:
+                    raise
+                log.warning("broker node does not answer; trying the next", extra={
+                    "broker": safe_url(url), "error": type(exc).__name__})
+        raise AssertionError("unreachable: the last node's error is raised")
+
     def _on_connection_closed(self, connection: AbstractConnection | None, error: BaseException | None) -> None:
         """Log a lost connection once per outage (aio-pika keeps reconnecting every second)."""
         if connection is not self._connection or self._lost_at is not None:
@@ -184,7 +202,7 @@ class AmqpBroker(Broker):
         self._lost_at = time.monotonic()
         self.connection_losses += 1
         log.warning("broker connection lost", extra={
-            "broker": safe_url(self.url), "connection_name": self.connection_name,
+            "broker": self.node, "connection_name": self.connection_name,
             "error": type(error).__name__ if error else None, "losses": self.connection_losses})
 
     def _on_reconnected(self, connection: AbstractRobustConnection | None) -> None:
@@ -192,7 +210,7 @@ class AmqpBroker(Broker):
         self._lost_at = None
         self.connection_restores += 1
         log.info("broker connection restored", extra={
-            "broker": safe_url(self.url), "connection_name": self.connection_name,
+            "broker": self.node, "connection_name": self.connection_name,
             "down_seconds": round(down, 3) if down is not None else None,
             "losses": self.connection_losses, "restores": self.connection_restores})
 
@@ -203,6 +221,12 @@ class AmqpBroker(Broker):
         if prefetch is not None:
             await channel.set_qos(prefetch_count=prefetch)
         return channel
+
+    @property
+    def node(self) -> str:
+        """The URL (credentials masked) of the node connected to, or being tried now."""
+        connection = self._connection
+        return safe_url(str(connection.url) if isinstance(connection, FailoverConnection) else split_urls(self.url)[0])
 
     @property
     def connected(self) -> bool:
@@ -241,7 +265,10 @@ class AmqpBroker(Broker):
         else:
             raise ValueError(f"unknown queue kind {kind!r}")
         try:
-            await self.channel.declare_queue(name, durable=True, arguments=arguments)
+            # robust=False: not declared again at each reconnect (the queues are durable, they are still there);
+            # in a cluster a classic dead-letter queue whose node is down would fail that re-declaration and
+            # with it the whole reconnect to the other nodes (found with bench/cluster.py)
+            await self.channel.declare_queue(name, durable=True, arguments=arguments, robust=False)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             self._channel = await self._new_channel()
             raise BrokerError(f"queue {name!r} exists with other settings: {exc}",
