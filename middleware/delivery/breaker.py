@@ -29,6 +29,7 @@ log = logging.getLogger("middleware.breaker")
 CLOSED, OPEN = "closed", "open"
 IDLE_POLL = 0.05  # seconds between looks at a cancelled consumer's handlers before it is closed
 PARKED_REFRESH = 15.0  # seconds between reads of the delay queues' depths (the parked gauge)
+RESUME_RETRY = 1.0  # seconds between tries to subscribe again after the breaker closed
 Probe = Callable[[IncomingMessage], Awaitable[bool]]  # try one message once; True if the sink took it
 
 
@@ -197,8 +198,20 @@ class ConnectorGate:
                 if self._prober is None or self._prober.done():
                     self._prober = asyncio.create_task(self._probe_loop(), name=f"breaker probe {self.connector}")
             else:
+                await self._resume()
+
+    async def _resume(self) -> None:
+        """Subscribe every paused consumer again; a broker that refuses now is tried again (the
+        deliveries must not stay paused behind a closed breaker)."""
+        while not self.breaker.is_open:
+            try:
                 for consumer in self.consumers:
                     await consumer.start()
+                return
+            except Exception as exc:
+                log.warning("cannot resume deliveries yet; trying again", extra={
+                    "connector": self.connector, "error_class": type(exc).__name__})
+                await asyncio.sleep(RESUME_RETRY)
 
     async def _probe_loop(self) -> None:
         """While open: every ``probe_every``, try one message of the next delivery queue that has one."""

@@ -11,10 +11,12 @@ import pytest
 
 from middleware import topology
 from middleware.broker import make_broker
-from middleware.broker.base import OutgoingMessage
+from middleware.broker.base import Consumer, Handler, IncomingMessage, OutgoingMessage
+from middleware.broker.kombu_broker import KombuBroker
+from middleware.delivery import breaker as breaker_module
 from middleware.delivery.base import BreakerPolicy, ConnectorSpec, RetryPolicy, make_connector
 from middleware.delivery.breaker import CLOSED, OPEN, CircuitBreaker, ConnectorGate
-from middleware.errors import DeliveryError
+from middleware.errors import BrokerError, DeliveryError
 from middleware.observe import Metrics
 from middleware.project import Project, load_project
 from middleware.route import DeliveryRule
@@ -132,4 +134,53 @@ async def test_an_open_breaker_pauses_the_consumer_probes_and_resumes_on_success
         await connector.close()
         for queue in names.queues:
             await broker.delete_queue(queue)
+        await broker.close()
+
+
+class _RefusingOnce(KombuBroker):
+    """The embedded broker, refusing one subscription (as a broker in the middle of a restart would)."""
+
+    refuse = False
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 10) -> Consumer:
+        if self.refuse:
+            self.refuse = False
+            raise BrokerError("connection lost", hint="it comes back")
+        return await super().consume(queue, handler, prefetch=prefetch)
+
+
+async def test_deliveries_resume_even_if_the_broker_refuses_the_first_new_subscription(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(breaker_module, "RESUME_RETRY", 0.05)
+    broker = _RefusingOnce("memory://")
+    await broker.connect()
+    await broker.declare_queue("gate.work", kind="work")
+
+    async def handler(message: IncomingMessage) -> None:
+        await message.ack()
+
+    async def probe(message: IncomingMessage) -> bool:
+        return True
+
+    gate = ConnectorGate("sink", BreakerPolicy(failures=1, probe_every=60), broker, Metrics())
+    consumer = await gate.consume("gate.work", handler, 10, probe)
+    try:
+        gate.breaker.record(RETRYABLE)
+        for _ in range(100):
+            if consumer.paused:
+                break
+            await asyncio.sleep(0.01)
+        assert consumer.paused
+        broker.refuse = True
+        gate.breaker.record(None)  # closed: the first subscription fails, the next one is made
+        for _ in range(100):
+            if not consumer.paused:
+                break
+            await asyncio.sleep(0.02)
+        assert not consumer.paused and not broker.refuse
+    finally:
+        await consumer.cancel()
+        await gate.stop()
+        await consumer.close()
+        await broker.delete_queue("gate.work")
         await broker.close()
