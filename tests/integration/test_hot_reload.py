@@ -171,33 +171,62 @@ async def test_run_watch_applies_a_change_refuses_a_broken_file_and_reloads_on_s
     with log_path.open("ab") as log:
         command = [sys.executable, "-m", "middleware", "run", "--watch", "--project", str(project_dir)]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)  # a file: never blocks
-    publisher = await Publisher.connect("feed", project=project_dir)
-    feed = Feed(publisher)
     try:
         await wait_for(lambda: '"engine started"' in log_path.read_text())
-        feed.start()
-        await wait_for(lambda: len(delivered(out)) >= 10)
-        (project_dir / "routes/feed.yaml").write_text(ROUTE_V2)
-        await wait_for(lambda: '"reload ok"' in log_path.read_text())
-        assert '"trigger": "watch"' in log_path.read_text()
-        count = len(delivered(out))
-        await wait_for(lambda: len(delivered(out)) >= count + 20)
-        assert delivered(out)[-1].get("tag") == "v2"
-
-        (project_dir / "routes/feed.yaml").write_text(ROUTE_BROKEN)
-        await wait_for(lambda: "reload refused: routes/feed.yaml:6: unknown key 'mapp'" in log_path.read_text())
-        process.send_signal(signal.SIGHUP)
-        await wait_for(lambda: log_path.read_text().count("reload refused: routes/feed.yaml:6") == 2)
-        assert '"trigger": "signal"' in log_path.read_text()
-        count = len(delivered(out))
-        await wait_for(lambda: len(delivered(out)) >= count + 20)  # the last good version still routes
-        assert delivered(out)[-1].get("tag") == "v2"
-        sent = await feed.stop()
-        await wait_for(lambda: len(delivered(out)) >= len(sent))
-        assert_each_once(out, sent)
+        async with await Publisher.connect("feed", project=project_dir) as publisher:
+            feed = Feed(publisher)
+            try:
+                await _watch_refuse_and_sighup(process, feed, project_dir, out, log_path)
+            finally:
+                await feed.stop()
     finally:
-        await feed.stop()
-        await publisher.close()
         process.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(process.wait, 30)
+        try:
+            code = await asyncio.to_thread(process.wait, 30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
     assert code == 0, log_path.read_text()[-3000:]
+
+
+async def _watch_refuse_and_sighup(process: subprocess.Popen[bytes], feed: Feed, project_dir: Path, out: Path,
+                                   log_path: Path) -> None:
+    feed.start()
+    await wait_for(lambda: len(delivered(out)) >= 10)
+    (project_dir / "routes/feed.yaml").write_text(ROUTE_V2)
+    await wait_for(lambda: '"reload ok"' in log_path.read_text())
+    assert '"trigger": "watch"' in log_path.read_text()
+    count = len(delivered(out))
+    await wait_for(lambda: len(delivered(out)) >= count + 20)
+    assert delivered(out)[-1].get("tag") == "v2"
+
+    (project_dir / "routes/feed.yaml").write_text(ROUTE_BROKEN)
+    await wait_for(lambda: "reload refused: routes/feed.yaml:6: unknown key 'mapp'" in log_path.read_text())
+    process.send_signal(signal.SIGHUP)
+    await wait_for(lambda: log_path.read_text().count("reload refused: routes/feed.yaml:6") == 2)
+    assert '"trigger": "signal"' in log_path.read_text()
+    count = len(delivered(out))
+    await wait_for(lambda: len(delivered(out)) >= count + 20)  # the last good version still routes
+    assert delivered(out)[-1].get("tag") == "v2"
+    sent = await feed.stop()
+    await wait_for(lambda: len(delivered(out)) >= len(sent))
+    assert_each_once(out, sent)
+
+
+async def test_a_new_route_and_its_queues_start_on_reload(
+        running: tuple[Engine, Reloader, Feed], project_dir: Path, tmp_path: Path) -> None:
+    engine, reloader, _ = running
+    (project_dir / "routes/second.yaml").write_text(ROUTE_V2.replace("route: feed", "route: second")
+                                                    .replace("queue: feed.in", "queue: second.in"))
+    assert await reloader.reload() is True
+    try:
+        assert sorted(engine.project.routes) == ["feed", "second"] and len(engine._consumers) == 4
+        async with await Publisher.connect("second", project=project_dir) as publisher:
+            await publisher.publish(b'{"id": "s1"}')
+        await wait_for(lambda: len(delivered(tmp_path / "out.jsonl")) == 1)
+        assert delivered(tmp_path / "out.jsonl") == [{"id": "s1", "tag": "v2"}]
+    finally:
+        second = engine.project.routes["second"]
+        (project_dir / "routes/second.yaml").unlink()
+        assert await reloader.reload() is True  # its consumers stop before its queues go
+        await topology.delete(engine.broker, Topology.of([second], engine.settings.queue_prefix))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from middleware.engine import Engine
+from middleware.ingest.publisher import Publisher
 from middleware.project import load_project
 from middleware.reload import Reloader, snapshot
 
@@ -49,3 +52,52 @@ def test_a_reload_keeps_the_settings_that_need_a_restart_and_says_so(
     assert kept.settings.queue_prefix == running.settings.queue_prefix
     assert kept.settings.prefetch == 3  # engine settings apply
     assert caplog.records[-1].settings == ["broker_url", "queue_prefix"]  # type: ignore[attr-defined]
+
+
+async def test_on_the_in_memory_broker_a_change_applies_mid_flow_and_a_broken_one_is_refused(tmp_path: Path) -> None:
+    """The swap on the kombu adapter: every message routed once, the new map after the reload, and a
+    broken route leaves the running version in place (RabbitMQ: tests/integration/test_hot_reload.py)."""
+    root, out = tmp_path / "project", tmp_path / "out.jsonl"
+    (root / "schemas/feed.received").mkdir(parents=True)
+    (root / "config").mkdir()
+    (root / "routes").mkdir()
+    (root / "connectors").mkdir()
+    (root / "config/middleware.yaml").write_text("broker: {url: 'memory://'}\njournal: {enabled: false}\n")
+    (root / "connectors/archive.yaml").write_text(f"connector: archive\ntype: file\npath: {out}\n")
+    (root / "schemas/feed.received/1.json").write_text(
+        '{"type": "object", "properties": {"id": {"type": "string"}, "tag": {"type": "string"}}}')
+    route = ("route: feed\nsource: {queue: feed.in, format: json}\nevents:\n  - type: feed.received\n"
+             "    version: 1\n    map:\n      id: id\ndeliver:\n  - to: archive\n")
+    (root / "routes/feed.yaml").write_text(route)
+    engine = Engine(load_project(root), gateways=False)
+    await engine.start()
+    reloader = Reloader(engine, root)
+    publisher = Publisher(engine.broker, engine.project.routes["feed"], engine.project.settings)
+
+    async def publish(first: int, count: int) -> None:
+        for n in range(first, first + count):
+            await publisher.publish(json.dumps({"id": f"m{n}"}).encode())
+
+    def events() -> list[dict[str, str]]:
+        return [json.loads(line)["data"] for line in out.read_text().splitlines()] if out.exists() else []
+
+    try:
+        flow = asyncio.create_task(publish(0, 50))
+        await asyncio.sleep(0.05)
+        (root / "routes/feed.yaml").write_text(route.replace("id: id\n", "id: id\n      tag: {value: v2}\n"))
+        assert await reloader.reload() is True
+        await flow
+        await publish(50, 10)  # after the reload returned
+        (root / "routes/feed.yaml").write_text(route.replace("map:", "mapp:"))
+        assert await reloader.reload() is False
+        await publish(60, 10)
+        for _ in range(250):
+            if len(events()) >= 70:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await engine.stop()
+    ids = [e["id"] for e in events()]
+    assert sorted(ids) == sorted(f"m{n}" for n in range(70)) and len(set(ids)) == 70
+    assert all(e.get("tag") == "v2" for e in events() if int(e["id"][1:]) >= 50)
+    assert reloader.outcomes.labels("ok")._value.get() == 1 and reloader.outcomes.labels("refused")._value.get() == 1
