@@ -38,7 +38,8 @@ def test_journal_defaults_to_sqlite_under_the_project_var_folder(project: Path) 
 def test_journal_url_from_the_environment_and_switching_it_off(project: Path) -> None:
     settings = load_project(project, {**ENV, "MIDDLEWARE_JOURNAL_URL": "postgresql://u@db/j"}).settings
     assert settings.journal.url == "postgresql://u@db/j"
-    replace_in(project / "config" / "middleware.yaml", "  enabled: true\n  url: sqlite", "  enabled: false\n  url: sqlite")
+    config = project / "config" / "middleware.yaml"
+    replace_in(config, "  enabled: true\n  url: sqlite", "  enabled: false\n  url: sqlite")
     assert not load_project(project, ENV).settings.journal.enabled
 
 
