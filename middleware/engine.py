@@ -75,7 +75,7 @@ class Engine:
         self.broker = broker or make_broker(self.settings.broker_url, self.settings.broker_tls)
         self.metrics = metrics or Metrics()
         self.journal = open_journal(self.settings.journal, self.metrics)  # hop records (middleware.journal)
-        self.sla = SlaMonitor(project.routes.values(), self.metrics)  # silent feeds, error rates
+        self.sla = SlaMonitor(lambda: self.project.routes.values(), self.metrics)  # silent feeds, error rates
         specs = {**project.connectors, **(connector_specs or {})}
         used = {d.connector for r in project.routes.values() for d in r.deliver}
         self.connectors: dict[str, Connector] = {name: make_connector(specs[name]) for name in sorted(used)}

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from middleware.journal.config import ERROR_RATE_WINDOW
@@ -23,21 +23,20 @@ CHECK_INTERVAL = 10.0  # seconds
 class SlaMonitor:
     """Checks every route that has an ``sla:`` each ``interval`` seconds (:meth:`check` does one pass)."""
 
-    def __init__(self, routes: Iterable[Any], metrics: Any, *, interval: float = CHECK_INTERVAL,
+    def __init__(self, routes: Callable[[], Iterable[Any]], metrics: Any, *, interval: float = CHECK_INTERVAL,
                  window: float = ERROR_RATE_WINDOW) -> None:
-        self.routes = [r for r in routes if getattr(r, "sla", None) is not None]
+        self.routes = routes  # called at each check: a hot reload's new routes and SLAs apply
         self.metrics = metrics
         self.interval = interval
         self.window = window
         self.started = time.time()
         self._silent: dict[str, bool] = {}
         self._failing: dict[str, bool] = {}
-        self._samples: dict[str, deque[tuple[float, float, float]]] = {r.name: deque() for r in self.routes}
+        self._samples: dict[str, deque[tuple[float, float, float]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        if self.routes:
-            self._task = asyncio.create_task(self._run(), name="sla-monitor")
+        self._task = asyncio.create_task(self._run(), name="sla-monitor")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -54,8 +53,10 @@ class SlaMonitor:
     def check(self, now: float | None = None) -> None:
         """One pass over every route with an SLA."""
         now = time.time() if now is None else now
-        for route in self.routes:
-            sla = route.sla
+        for route in self.routes():
+            sla = getattr(route, "sla", None)
+            if sla is None:
+                continue
             if sla.silent_after is not None:
                 self._check_silence(route.name, sla.silent_after, now)
             if sla.max_error_rate is not None:
@@ -74,7 +75,7 @@ class SlaMonitor:
     def _check_errors(self, name: str, limit: float, now: float) -> None:
         received = self.metrics.value("middleware_messages_received", route=name)
         failed = self.metrics.total("middleware_dead_lettered", route=name)
-        samples = self._samples[name]
+        samples = self._samples.setdefault(name, deque())
         samples.append((now, received, failed))
         while len(samples) > 1 and samples[1][0] <= now - self.window:
             samples.popleft()

@@ -86,7 +86,7 @@ def test_sla_monitor_counts_a_silent_feed_and_an_error_rate_breach_once() -> Non
     metrics = Metrics()
     route = dataclasses.replace(load_project(REPO, {"HTTP_INGEST_TOKEN": "t"}).routes["adt-inbound"],
                                 sla=Sla(silent_after=60, max_error_rate=0.1))
-    monitor = SlaMonitor([route], metrics, window=300)
+    monitor = SlaMonitor(lambda: [route], metrics, window=300)
     now = time.time()
     monitor.check(now)
     for later in (now + 61, now + 62):
