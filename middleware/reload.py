@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -177,7 +176,6 @@ class Reloader:
                 log.critical("reload failed and the last good version did not restart: no messages are "
                              "consumed; restart the engine", extra={"error": type(exc).__name__})
             raise
-        _update_sla(engine, project)
         if engine.gateways and old_sources != new_sources:
             log.warning("ingest listeners keep the routes they started with; restart to apply route "
                         "additions, removals or source changes to them")
@@ -207,12 +205,3 @@ async def _start_connectors(project: Project) -> dict[str, Connector]:
         raise
     return connectors
 
-
-def _update_sla(engine: Engine, project: Project) -> None:
-    """Point the SLA monitor at the new routes, keeping what it knows of the routes that stay."""
-    monitor = engine.sla
-    monitor.routes = [route for route in project.routes.values() if route.sla is not None]
-    for route in monitor.routes:
-        monitor._samples.setdefault(route.name, deque())
-    if monitor.routes and monitor._task is None:
-        monitor.start()
