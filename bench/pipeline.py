@@ -189,7 +189,7 @@ class Target:
         self.process = None
 
 
-def make_project(folder: Path, *, full: bool, journal: bool, metrics_port: int) -> None:
+def make_project(folder: Path, *, full: bool, journal: bool, metrics_port: int, prefetch: int | None = None) -> None:
     """A copy of the shipped project: adt-inbound -> case-management only, unless ``full``."""
     for part in ("config", "connectors", "schemas"):
         shutil.copytree(REPO / part, folder / part)
@@ -197,6 +197,8 @@ def make_project(folder: Path, *, full: bool, journal: bool, metrics_port: int) 
     settings = yaml.safe_load((REPO / "config" / "middleware.yaml").read_text())
     settings["metrics"] = {"host": "127.0.0.1", "port": metrics_port}
     settings["journal"]["enabled"] = journal
+    if prefetch:
+        settings["engine"]["prefetch"] = prefetch
     if not full:
         settings.pop("ingest", None)
         for route in (folder / "routes").glob("*.yaml"):
@@ -392,7 +394,7 @@ async def main_async(args: argparse.Namespace) -> None:
     await sink.wait_up()
     folder = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     full = args.minutes > 0
-    make_project(folder, full=full, journal=args.journal, metrics_port=free_port())
+    make_project(folder, full=full, journal=args.journal, metrics_port=free_port(), prefetch=args.prefetch)
     env = engine_env(folder, args.url, prefix, sink.url + "/events")
     inbound, broker, topology_ = await declare_engine(folder, env)
     engine = Target("engine", [str(Path(sys.executable).parent / "middleware"), "run", "--project", str(folder),
@@ -420,7 +422,8 @@ async def main_async(args: argparse.Namespace) -> None:
         engine_rate, bare_rate = statistics.median(rates["engine"]), statistics.median(rates["bare"])
         engine_cpu, bare_cpu = statistics.median(cpu["engine"]), statistics.median(cpu["bare"])
         print(f"pipeline benchmark: {args.messages} ADT^A01 preloaded, median of {args.repeat}, "
-              f"RabbitMQ {args.url}, journal {'on' if args.journal else 'off'}")
+              f"RabbitMQ {args.url}, journal {'on' if args.journal else 'off'}, "
+              f"engine prefetch {args.prefetch or 'as configured'}")
         print(f"{'':44} {'median msg/s':>12} {'CPU us/msg':>10}  runs (msg/s)")
         print(f"{'engine (middleware run, adt-inbound -> http)':44} {engine_rate:12.0f} {engine_cpu:10.0f}  "
               + " ".join(f"{r:.0f}" for r in rates["engine"]))
@@ -492,6 +495,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--journal", action=argparse.BooleanOptionalAction, default=False,
                         help="the engine's journal (default off for throughput; the --minutes run turns it on)")
+    parser.add_argument("--prefetch", type=int, default=0, help="the engine's engine.prefetch (default: the "
+                        "shipped config's)")
     parser.add_argument("--latency", action="store_true", help="also the paced latency curve")
     parser.add_argument("--max-rate", type=float, default=0.0, help="latency rates as shares of this "
                         "(default: the engine's measured maximum)")
