@@ -36,6 +36,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from yarl import URL
 
+from middleware.broker.acks import AckBatcher
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage, OutgoingMessage, QueueInfo
 from middleware.broker.failover import FailoverConnection, split_urls
 from middleware.errors import BrokerError, EngineStopping
@@ -57,10 +58,12 @@ class AmqpIncoming(IncomingMessage):
     """An aio-pika message seen through the port."""
 
     def __init__(self, message: AbstractIncomingMessage, *, queue: str | None = None,
-                 channel: AbstractRobustChannel | None = None) -> None:
+                 channel: AbstractRobustChannel | None = None, acks: AckBatcher | None = None) -> None:
         self._message = message
         self._queue = queue  # where hand_back() puts the copy
         self._channel = channel
+        self._acks = acks  # a consumer's acks leave batched (middleware.broker.acks)
+        self._raw_channel = message.channel if acks is not None else None
         self.body = message.body
         self.headers = dict(message.headers or {})
         self.correlation_id = message.correlation_id
@@ -73,11 +76,17 @@ class AmqpIncoming(IncomingMessage):
 
     async def ack(self) -> None:
         self.settled = True
-        await self._message.ack()
+        tag = self._message.delivery_tag
+        if self._acks is None or tag is None:
+            await self._message.ack()
+            return
+        await self._acks.ack(self._raw_channel, tag)
 
     async def reject(self, requeue: bool = True) -> None:
         self.settled = True
         await self._message.reject(requeue=requeue)
+        if self._acks is not None:
+            self._acks.settled(self._raw_channel, self._message.delivery_tag)
 
     async def hand_back(self) -> None:
         if self._queue is None or self._channel is None:
@@ -97,6 +106,8 @@ class AmqpIncoming(IncomingMessage):
                 self._channel.default_exchange.publish(copy, routing_key=self._queue, mandatory=True),
                 STOP_STEP_SECONDS)
             await raw.ack()
+            if self._acks is not None:
+                self._acks.settled(self._raw_channel, raw.delivery_tag)
         except Exception as exc:  # unroutable, refused, timed out, connection gone
             # unacked, it returns when the channel closes (counted once by the quorum queue)
             log.warning("hand back failed; the broker requeues the message", extra={
@@ -111,6 +122,7 @@ class AmqpConsumer(Consumer):
         self._queue = queue
         self.tag: str | None = None
         self.running: dict[asyncio.Task[object], AmqpIncoming] = {}
+        self.acks = AckBatcher()
         self._cancelled = self._closed = False
 
     @property
@@ -338,7 +350,8 @@ class AmqpBroker(Broker):
         subscription = AmqpConsumer(channel, target)
 
         async def on_message(raw: AbstractIncomingMessage) -> None:
-            message = AmqpIncoming(raw, queue=queue, channel=channel)
+            subscription.acks.delivered(raw.channel, raw.delivery_tag)
+            message = AmqpIncoming(raw, queue=queue, channel=channel, acks=subscription.acks)
             task = asyncio.current_task()
             if task is not None:
                 subscription.running[task] = message
