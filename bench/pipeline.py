@@ -397,8 +397,11 @@ async def main_async(args: argparse.Namespace) -> None:
     make_project(folder, full=full, journal=args.journal, metrics_port=free_port(), prefetch=args.prefetch)
     env = engine_env(folder, args.url, prefix, sink.url + "/events")
     inbound, broker, topology_ = await declare_engine(folder, env)
-    engine = Target("engine", [str(Path(sys.executable).parent / "middleware"), "run", "--project", str(folder),
-                               "--log-level", "WARNING"], env, inbound)
+    launcher = [str(Path(sys.executable).parent / "middleware")]
+    if args.uvloop:  # the same CLI on uvloop's event loop (pip install uvloop)
+        launcher = [sys.executable, "-c", "import sys, uvloop; uvloop.install(); sys.argv[0] = 'middleware'; "
+                    "from middleware.cli import main; main()"]
+    engine = Target("engine", [*launcher, "run", "--project", str(folder), "--log-level", "WARNING"], env, inbound)
     await declare_bare(args.url, prefix)
     bare = Target("bare", [sys.executable, __file__, "--role", "bare", "--url", args.url, "--prefix", prefix,
                            "--sink", sink.url + "/events"], dict(os.environ), bare_names(prefix)[0])
@@ -423,7 +426,7 @@ async def main_async(args: argparse.Namespace) -> None:
         engine_cpu, bare_cpu = statistics.median(cpu["engine"]), statistics.median(cpu["bare"])
         print(f"pipeline benchmark: {args.messages} ADT^A01 preloaded, median of {args.repeat}, "
               f"RabbitMQ {args.url}, journal {'on' if args.journal else 'off'}, "
-              f"engine prefetch {args.prefetch or 'as configured'}")
+              f"engine prefetch {args.prefetch or 'as configured'}{', engine on uvloop' if args.uvloop else ''}")
         print(f"{'':44} {'median msg/s':>12} {'CPU us/msg':>10}  runs (msg/s)")
         print(f"{'engine (middleware run, adt-inbound -> http)':44} {engine_rate:12.0f} {engine_cpu:10.0f}  "
               + " ".join(f"{r:.0f}" for r in rates["engine"]))
@@ -497,6 +500,7 @@ def main() -> None:
                         help="the engine's journal (default off for throughput; the --minutes run turns it on)")
     parser.add_argument("--prefetch", type=int, default=0, help="the engine's engine.prefetch (default: the "
                         "shipped config's)")
+    parser.add_argument("--uvloop", action="store_true", help="run the engine on uvloop (pip install uvloop)")
     parser.add_argument("--latency", action="store_true", help="also the paced latency curve")
     parser.add_argument("--max-rate", type=float, default=0.0, help="latency rates as shares of this "
                         "(default: the engine's measured maximum)")
