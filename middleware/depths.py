@@ -19,7 +19,6 @@ from typing import Any
 from middleware.broker import make_broker
 from middleware.broker.base import Broker
 from middleware.cli.status import RouteStatus, fill_from_broker, fill_from_spool, route_queues, spool_folder
-from middleware.errors import BrokerError
 from middleware.observe import Metrics
 from middleware.project import Project
 
@@ -52,8 +51,9 @@ class DepthSampler:
             else:
                 try:
                     await fill_from_broker(statuses, await self._connected())
-                except (BrokerError, OSError, TimeoutError):
-                    await self._drop()  # reconnect next time; depths unknown meanwhile
+                except Exception as exc:  # broker away (any client error): depths unknown, try again next time
+                    log.debug("cannot read queue depths", extra={"error_class": type(exc).__name__})
+                    await self._drop()
                     for status in statuses:
                         for queue in status.queues:
                             queue.messages = None
