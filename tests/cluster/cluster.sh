@@ -59,15 +59,19 @@ case "${1:-}" in
     echo "cluster up: $("$0" urls)"
     ;;
   stop)
-    for n in "${NODES[@]}"; do ctl "$n" stop >/dev/null 2>&1 || true; done
+    for n in "${NODES[@]}"; do timeout 30 rabbitmqctl -q -n "c$n@localhost" stop >/dev/null 2>&1 || true; done
     for n in "${NODES[@]}"; do  # a node whose rabbitmqctl did not answer: its own pid file, nothing else
       pid_file=$BASE/c$n/pid
-      if [[ -f $pid_file ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then kill "$(cat "$pid_file")" || true; fi
+      if [[ -f $pid_file ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+        kill "$(cat "$pid_file")" || true
+        sleep 10
+        kill -0 "$(cat "$pid_file")" 2>/dev/null && kill -9 "$(cat "$pid_file")" || true
+      fi
     done
     rm -rf "$BASE"
     echo "cluster stopped"
     ;;
-  stop-node) ctl "${2:?node number}" stop ;;
+  stop-node) timeout 60 rabbitmqctl -q -n "c${2:?node number}@localhost" stop ;;
   start-node) start_node "${2:?node number}"; wait_node "$2" ;;
   status) ctl 1 cluster_status 2>/dev/null || ctl 2 cluster_status ;;
   urls)
