@@ -74,6 +74,8 @@ async def setup(project: Project, sink: Sink) -> AsyncIterator[Setup]:
     route = dataclasses.replace(project.routes["adt-inbound"], deliver=(DeliveryRule(CONNECTOR, POLICY),))
     broker = make_broker("memory://")
     await broker.connect()
+    for queue in RouteTopology.of(route).queues:  # the in-memory broker is one per process: start empty
+        await broker.delete_queue(queue)
     await topology.declare(broker, RouteTopology.of(route), delivery_limit=5)
     made = Setup(broker, route, sink, Metrics(), POLICY)
     yield made

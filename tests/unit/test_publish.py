@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def project(tmp_path: Path) -> Path:
     folder = tmp_path / "project"
     for name in ("config", "connectors", "schemas"):
         shutil.copytree(REPO / name, folder / name)
-    (folder / "routes").mkdir()
+    shutil.copytree(REPO / "routes" / "_fragments", folder / "routes" / "_fragments")  # adt-inbound includes one
     shutil.copy(REPO / "routes" / "adt-inbound.yaml", folder / "routes")
     return folder
 
@@ -229,6 +230,8 @@ async def test_one_message_api_for_gateways_sets_source_and_correlation_id(publi
     message = await publisher.broker.get("ehr.adt")
     assert message is not None and message.body == adt(1) and message.correlation_id == "MSG1"
     received_at = message.headers.pop("x-mw-received-at")  # when it came in (message age, the journal)
+    traceparent = str(message.headers.pop("traceparent"))  # a W3C trace starts here when the caller sent none
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", traceparent)
     assert message.headers == {"x-mw-ingest": "mllp:adt", "x-extra": 1} and abs(received_at - time.time()) < 60
     assert message.content_type == "x-application/hl7-v2+er7" and message.message_id
     await message.ack()
