@@ -84,20 +84,22 @@ class Feed:
         self.publisher = publisher
         self.sent: list[tuple[str, float]] = []
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             name = f"m{len(self.sent)}"
             await self.publisher.publish(json.dumps({"id": name}).encode())
             self.sent.append((name, time.monotonic()))
             await asyncio.sleep(0.01)
 
     async def stop(self) -> set[str]:
+        """Stop between two publishes (cancelling one mid-confirm would leave a delivered id out of ``sent``)."""
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         return {name for name, _ in self.sent}
 
