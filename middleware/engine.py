@@ -199,10 +199,11 @@ class Engine:
             await connector.close()
 
     async def is_idle(self) -> bool:
-        """True when nothing is in flight and every inbound and delivery queue is empty."""
+        """True when nothing is in flight and every work queue (inbound, delivery, partition) and delay
+        queue is empty: a delivery parked while its sink is down is not done."""
         if self.in_flight:
             return False
-        for queue in self.topology.work_queues:
+        for queue in self.topology.pending_queues:
             if (await self.broker.queue_info(queue)).messages:
                 return False
         return self.in_flight == 0

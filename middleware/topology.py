@@ -101,10 +101,19 @@ class RouteTopology:
         return [self.inbound, *self.deliveries.values(), *(q for c in self.ordered for q in self.partition_queues(c))]
 
     @property
+    def parking_queues(self) -> list[str]:
+        """Every delay queue of the route's (unordered) deliveries: where deliveries wait while parked."""
+        return [queue for connector in self.deliveries for _, queue in self.delay_queues(connector)]
+
+    @property
+    def pending_queues(self) -> list[str]:
+        """Queues whose messages are work still to do: the work queues, then the delay queues."""
+        return [*self.work_queues, *self.parking_queues]
+
+    @property
     def queues(self) -> list[str]:
         """Every queue the route declares: inbound, delivery queues, delay queues, dead letters."""
-        delay = [queue for connector in self.deliveries for _, queue in self.delay_queues(connector)]
-        return [*self.work_queues, *delay, self.dead_letter]
+        return [*self.pending_queues, self.dead_letter]
 
 
 @dataclass(frozen=True)
@@ -128,8 +137,14 @@ class Topology:
 
     @property
     def work_queues(self) -> list[str]:
-        """Every inbound and delivery queue (what ``is_idle`` and ``status`` watch)."""
+        """Every inbound, delivery and partition queue (what ``status`` watches)."""
         return [queue for route in self for queue in route.work_queues]
+
+    @property
+    def pending_queues(self) -> list[str]:
+        """Every work and delay queue: messages there are not done yet (what ``Engine.is_idle`` watches;
+        a delivery parked while its sink is down sits in a delay queue, in no work queue)."""
+        return [queue for route in self for queue in route.pending_queues]
 
     @property
     def queues(self) -> list[str]:
