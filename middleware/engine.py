@@ -17,11 +17,14 @@ from middleware.delivery.ordered import OrderedDeliveryWorker
 from middleware.ingest import Gateway, GatewayContext, make_gateway
 from middleware.journal import open_journal
 from middleware.journal.hooks import attach as attach_journal
+from middleware.journal.hooks import publishers_of
 from middleware.journal.monitor import SlaMonitor
 from middleware.observe import Metrics, safe_url
 from middleware.project import Project, Settings
 from middleware.route import Route
 from middleware.topology import RouteTopology, Topology
+from middleware.tracing import Tracing, open_tracing
+from middleware.tracing import attach as attach_tracing
 from middleware.workers import DeliveryWorker, RouteWorker
 
 log = logging.getLogger("middleware.engine")
@@ -64,17 +67,20 @@ class Engine:
     ``connector_specs`` replaces connectors by name (the demo points http connectors at a local
     sink this way). With ``gateways`` (default) it also starts every ``ingest.<kind>[]`` listener
     (MLLP, HTTP, any registered gateway), before the workers (a taken port fails the start before
-    anything is consumed); the demo passes False.
+    anything is consumed); the demo passes False. ``tracing`` replaces the one ``tracing:`` configures
+    (:func:`middleware.tracing.open_tracing`; tests give one with an in-memory exporter).
     """
 
     def __init__(self, project: Project, *, broker: Broker | None = None, metrics: Metrics | None = None,
-                 connector_specs: Mapping[str, ConnectorSpec] | None = None, gateways: bool = True) -> None:
+                 connector_specs: Mapping[str, ConnectorSpec] | None = None, gateways: bool = True,
+                 tracing: Tracing | None = None) -> None:
         self.project = project
         self.settings = project.settings
         self.topology = Topology.of(project.routes.values(), self.settings.queue_prefix)
         self.broker = broker or make_broker(self.settings.broker_url, self.settings.broker_tls)
         self.metrics = metrics or Metrics()
         self.journal = open_journal(self.settings.journal, self.metrics)  # hop records (middleware.journal)
+        self.tracing = tracing or open_tracing(self.settings.tracing)  # spans per hop, when on
         self.sla = SlaMonitor(lambda: self.project.routes.values(), self.metrics)  # silent feeds, error rates
         specs = {**project.connectors, **(connector_specs or {})}
         used = {d.connector for r in project.routes.values() for d in r.deliver}
@@ -118,12 +124,12 @@ class Engine:
                         ordered = OrderedDeliveryWorker(route, self.connectors[rule.connector], self.broker,
                                                         self.metrics, partition=partition, retry=rule.retry,
                                                         prefix=prefix, delivery_limit=self.settings.delivery_limit)
-                        ordered.journal = self.journal
+                        ordered.journal, ordered.tracing = self.journal, self.tracing
                         await self._consume(ordered.queue, ordered.handle, ordered_delivery.PREFETCH)
                     continue
                 worker = DeliveryWorker(route, self.connectors[rule.connector], self.broker, self.metrics,
                                         retry=rule.retry, prefix=prefix, delivery_limit=self.settings.delivery_limit)
-                worker.journal = self.journal
+                worker.journal, worker.tracing = self.journal, self.tracing
                 gate = self.gates.get(rule.connector)
                 if gate is None:
                     gate = self.gates[rule.connector] = ConnectorGate(
@@ -134,7 +140,7 @@ class Engine:
                     delay_queues=list(worker.delay_queues.values())))
             route_worker = RouteWorker(route, self.broker, self.metrics, prefix=prefix, tz=tz,
                                        delivery_limit=self.settings.delivery_limit)
-            route_worker.journal = self.journal
+            route_worker.journal, route_worker.tracing = self.journal, self.tracing
             if route_worker.ordered:  # events leave in the order messages came in (middleware.ordering)
                 await self._consume(route_worker.queue, ordered_delivery.in_place(route_worker.handle),
                                     ordered_delivery.PREFETCH)
@@ -151,6 +157,7 @@ class Engine:
             for listener in listeners:
                 gateway = make_gateway(kind, listener, context)
                 attach_journal(gateway, self.journal)  # the publishers record what comes in
+                attach_tracing(publishers_of(gateway), self.tracing)  # and make its ingest span
                 await gateway.start(declare=False)  # start() above declared every route's queues
                 self.gateways.append(gateway)
 
@@ -170,6 +177,7 @@ class Engine:
         await self.drain(consumers)
         await self.sla.stop()
         await self.journal.stop()  # writes what is still queued
+        await asyncio.to_thread(self.tracing.shutdown)  # exports the spans still buffered
         await self.broker.close()
         log.info("engine stopped")
 

@@ -39,6 +39,8 @@ from middleware.route import DeliveryRule, EventRule, Route, subject_placeholder
 from middleware.schemas import SchemaRegistry
 from middleware.spec import components
 from middleware.tls import TlsOptions
+from middleware.tracing import TracingSettings, missing_problem
+from middleware.tracing import settings_of as tracing_settings
 from middleware.yamlfile import PathKey, YamlDoc, interpolate, load_yaml
 
 DEFAULT_BROKER_URL = "filesystem://var/broker"
@@ -60,6 +62,7 @@ class Settings:
     ingest: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # ingest.<kind>[] listeners, by kind
     audit_path: Path = Path("var/audit.log")  # anchored to the project folder by the loader
     journal: JournalSettings = field(default_factory=JournalSettings)  # journal: (sqlite path anchored to the project)
+    tracing: TracingSettings = field(default_factory=TracingSettings)  # tracing: OpenTelemetry spans (off)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -261,8 +264,13 @@ class _Loader:
                 "metrics_port": metrics.get("port"),
                 "audit_path": (data.get("audit") or {}).get("path"),
                 "journal": _journal_settings(data.get("journal") or {}),
+                "tracing": tracing_settings(data.get("tracing") or {}),
                 "ingest": self._listeners(doc, data.get("ingest") or {}),
             }
+            missing = missing_problem(values["tracing"])
+            if missing:  # enabled, but the otel extra is not installed
+                doc.problem(("tracing", "enabled"), missing)
+                self.problems += doc.problems[-1:]
             if values["timezone"]:
                 try:
                     ZoneInfo(values["timezone"])

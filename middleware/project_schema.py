@@ -10,6 +10,7 @@ from typing import Any
 
 from middleware.durations import DURATION, DURATION_OR_FOREVER
 from middleware.ordering import SCHEMA as ORDERING
+from middleware.tracing import SCHEMA as TRACING
 
 NAME: dict[str, Any] = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"}
 _CONDITION = {"type": "object"}  # keys are checked by middleware.mapping.compile_condition
@@ -141,6 +142,7 @@ CONFIG: dict[str, Any] = {
                 "max_queue": {"type": "integer", "minimum": 1},
             },
         },
+        "tracing": TRACING,  # middleware.tracing.TracingSettings
     },
 }
 

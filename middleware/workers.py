@@ -35,6 +35,8 @@ from middleware.journal import hooks as journal_hooks
 from middleware.observe import Metrics
 from middleware.ordering import order_headers
 from middleware.route import MessageContext, Route, transform
+from middleware.tracecontext import TRACEPARENT
+from middleware.tracing import NULL_SPAN, NULL_TRACING, Span, Tracing
 
 log = logging.getLogger("middleware.worker")
 
@@ -58,6 +60,7 @@ class RouteWorker:
     """Consumes a route's inbound queue: parse -> filter -> map -> validate -> publish events -> ack."""
 
     journal: NullJournal = NULL_JOURNAL  # the engine gives its own (middleware.journal)
+    tracing: Tracing = NULL_TRACING  # spans per hop when on (middleware.tracing)
 
     def __init__(self, route: Route, broker: Broker, metrics: Metrics, *, prefix: str = "",
                  tz: ZoneInfo | None = None, delivery_limit: int = 10) -> None:
@@ -88,6 +91,15 @@ class RouteWorker:
             await self._dead_letter(message, exc, stage="parse", attempts=message.delivery_count + 1)
 
     async def _route(self, message: IncomingMessage) -> None:
+        span = self.tracing.start("route", message.headers.get(TRACEPARENT), route=self.route.name,
+                                  correlation_id=message.correlation_id, message_id=message.message_id)
+        try:
+            await self._route_traced(message, span)
+        except BaseException as exc:
+            span.end("failed", exc)
+            raise
+
+    async def _route_traced(self, message: IncomingMessage, span: Span) -> None:
         name = self.route.name
         self.metrics.received.labels(name).inc()
         arrival = journal_hooks.route_received(self, message)  # when it came in, its trace context
@@ -101,25 +113,31 @@ class RouteWorker:
             batch_position=_header_text(message.headers.get("x-mw-batch-position")),
         )
         started = time.perf_counter()
+        step = span.child("transform")  # parse, filter, map, validate
         try:
             outcome = transform(self.route, message.body, context, self.tz)
         except PipelineError as exc:
+            step.end("failed", exc)
             await self._dead_letter(message, exc)
+            span.end("dead_lettered", exc)
             return
         finally:
             self.metrics.processing.labels(name).observe(time.perf_counter() - started)
+        step.end("filtered" if outcome.filtered else "mapped", events=len(outcome.events),
+                 message_type=outcome.message_type)
         if outcome.filtered:
             await message.ack()
             self.metrics.filtered.labels(name).inc()
             journal_hooks.route_finished(self, message, outcome, arrival)
+            span.end("filtered", correlation_id=outcome.correlation_id)
             log.info("filtered", extra={"route": name, "correlation_id": outcome.correlation_id,
                                         "message_type": outcome.message_type})
             return
         if self.ordered:  # one at a time: a message's events reach the partitions in their order
             for event in outcome.events:
-                await self._publish(event, arrival)
+                await self._publish(event, arrival, span)
         else:
-            await asyncio.gather(*(self._publish(event, arrival) for event in outcome.events))
+            await asyncio.gather(*(self._publish(event, arrival, span) for event in outcome.events))
         await message.ack()
         for event in outcome.events:
             self.metrics.events.labels(name, event["type"]).inc()
@@ -127,14 +145,28 @@ class RouteWorker:
         log.info("routed", extra={"route": name, "correlation_id": outcome.correlation_id,
                                   "message_type": outcome.message_type, "events": len(outcome.events),
                                   "event_ids": [e["id"] for e in outcome.events]})
+        span.end("routed", correlation_id=outcome.correlation_id, events=len(outcome.events))
 
-    async def _publish(self, event: dict[str, object], arrival: journal_hooks.Arrival | None = None) -> None:
+    async def _publish(self, event: dict[str, object], arrival: journal_hooks.Arrival | None = None,
+                       span: Span = NULL_SPAN) -> None:
         event_type = str(event["type"])
+        headers = {"x-mw-route": self.route.name, "x-mw-event-type": event_type,
+                   **order_headers(self.route.deliver, event), **journal_hooks.event_headers(event, arrival)}
+        step = span.child("publish", "producer", event_type=event_type, event_id=event["id"])
+        if step.traceparent:  # the event's hop is a child of its publish span
+            headers[TRACEPARENT] = step.traceparent
+        try:
+            await self._send_event(event, event_type, headers)
+        except BaseException as exc:
+            step.end("failed", exc)
+            raise
+        step.end("published")
+
+    async def _send_event(self, event: dict[str, object], event_type: str, headers: dict[str, object]) -> None:
         await self.broker.publish(
             OutgoingMessage(
                 body=orjson.dumps(event),
-                headers={"x-mw-route": self.route.name, "x-mw-event-type": event_type,
-                         **order_headers(self.route.deliver, event), **journal_hooks.event_headers(event, arrival)},
+                headers=headers,
                 correlation_id=str(event["correlationid"]),
                 message_id=str(event["id"]),
                 content_type=EVENT_CONTENT_TYPE,
@@ -165,6 +197,7 @@ class DeliveryWorker:
     """Consumes one (route, connector) delivery queue and sends each event with retries."""
 
     journal: NullJournal = NULL_JOURNAL  # the engine gives its own (middleware.journal)
+    tracing: Tracing = NULL_TRACING  # spans per hop when on (middleware.tracing)
 
     def __init__(self, route: Route, connector: Connector, broker: Broker, metrics: Metrics, *,
                  retry: RetryPolicy | None = None, prefix: str = "", delivery_limit: int = 10) -> None:
@@ -194,11 +227,16 @@ class DeliveryWorker:
         return self.breaker is None or not self.breaker.is_open
 
     async def _handle(self, message: IncomingMessage, *, probe: bool) -> None:
+        span = self.tracing.start("deliver", message.headers.get(TRACEPARENT), route=self.route.name,
+                                  connector=self.connector.name, event_id=message.message_id,
+                                  correlation_id=message.correlation_id, probe=probe or None)
         try:
-            await self._deliver(message, probe=probe)
-        except EngineStopping:
+            await self._deliver(message, probe=probe, span=span)
+        except EngineStopping as exc:
+            span.end("failed", exc)
             raise
         except Exception as exc:
+            span.end("failed", exc)
             if message.settled or not is_last_delivery(message, self.delivery_limit):
                 raise
             log.warning("failed on its last allowed delivery", extra={
@@ -209,7 +247,7 @@ class DeliveryWorker:
                                 event_type=str(message.headers.get("x-mw-event-type", "")))
             await self._dead_letter(message, delivery, exc, None, attempts=message.delivery_count + 1)
 
-    async def _deliver(self, message: IncomingMessage, *, probe: bool = False) -> None:
+    async def _deliver(self, message: IncomingMessage, *, probe: bool = False, span: Span = NULL_SPAN) -> None:
         labels = (self.route.name, self.connector.name)
         correlation_id = message.correlation_id or ""
         delivery = Delivery(
@@ -218,7 +256,8 @@ class DeliveryWorker:
             correlation_id=correlation_id,
             route=self.route.name,
             event_type=str(message.headers.get("x-mw-event-type", "")),
-            traceparent=journal_hooks.next_traceparent(message.headers),  # W3C trace context, a span per delivery
+            traceparent=span.traceparent or journal_hooks.next_traceparent(message.headers),  # a span per delivery
+            span=span,
         )
         if self.outbound is not None:  # the deliver entry's when: / map: (middleware.delivery.outbound)
             prepared = await self._prepare(message, delivery)
@@ -270,6 +309,7 @@ class DeliveryWorker:
         await message.ack()
         self.metrics.delivered.labels(*labels).inc()
         journal_hooks.delivered(self, message, delivery, attempts)
+        span.end("delivered", attempts=attempts)
         log.info("delivered", extra={"route": labels[0], "connector": labels[1], "correlation_id": correlation_id,
                                      "event_id": delivery.event_id, "attempts": attempts})
 
@@ -285,6 +325,7 @@ class DeliveryWorker:
         if prepared is None:
             await message.ack()
             self.metrics.skipped.labels(self.route.name, self.connector.name).inc()
+            delivery.span.end("skipped")
             log.debug("skipped by when", extra={"route": self.route.name, "connector": self.connector.name,
                                                 "event_id": delivery.event_id, "event_type": delivery.event_type})
             return None
@@ -312,6 +353,7 @@ class DeliveryWorker:
         await parking.park(self.broker, message, self.delay_queues[seconds], copy)
         self.metrics.parked.labels(self.route.name, self.connector.name).inc()
         journal_hooks.delivery_parked(self, delivery, error, attempts, seconds)
+        delivery.span.end("parked", error, attempts=attempts, delay_seconds=seconds)
         log.info("parked", extra={"route": self.route.name, "connector": self.connector.name,
                                   "correlation_id": delivery.correlation_id or None, "event_id": delivery.event_id,
                                   "delay_seconds": seconds, "attempts": attempts, "parked": history.parked + 1,
@@ -332,6 +374,7 @@ class DeliveryWorker:
         await message.ack()
         self.metrics.dead_lettered.labels(self.route.name, "deliver").inc()
         journal_hooks.delivery_dead_lettered(self, message, delivery, error, attempts)
+        delivery.span.end("dead_lettered", error, attempts=attempts)
         log.warning("dead-lettered", extra={"route": self.route.name, "connector": self.connector.name,
                                             "stage": "deliver", "correlation_id": correlation_id,
                                             "event_id": delivery.event_id, "error_class": type(error).__name__,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from middleware import spec as registry
+from middleware.tracing import NULL_SPAN, Span
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Delivery:
     event_type: str
     content_type: str = "application/cloudevents+json"
     traceparent: str | None = None  # W3C trace context sent with it (middleware.tracecontext)
+    span: Span = field(default=NULL_SPAN, compare=False, repr=False)  # its ``deliver`` span (middleware.tracing)
 
     @property
     def mapped(self) -> bool:

@@ -38,6 +38,7 @@ from middleware.route import Route
 from middleware.topology import RouteTopology, declare
 from middleware.tracecontext import TRACEPARENT
 from middleware.tracecontext import new as new_trace
+from middleware.tracing import NULL_TRACING, Tracing
 
 log = logging.getLogger("middleware.ingest")
 
@@ -108,6 +109,7 @@ class Publisher:
                  journal: NullJournal = NULL_JOURNAL) -> None:
         self.broker = broker
         self.journal = journal  # records what comes in (the engine gives gateways its own)
+        self.tracing: Tracing = NULL_TRACING  # ingest spans (the engine gives gateways its own)
         self.route = route
         self.settings = settings
         self.window = max(window, 1)
@@ -167,9 +169,19 @@ class Publisher:
         kept, else a new one is made; ``headers`` are added to the message.
         """
         cid, mid, now = correlation_id or new_id(), message_id or new_id(), time.time()
-        await self.broker.publish(self._message(raw, cid, {INGEST_HEADER: source, RECEIVED_AT_HEADER: now,
-                                                           TRACEPARENT: new_trace(), **(headers or {})}, mid),
-                                  queue=self.queue)  # a traceparent in headers (HTTP ingest) is kept
+        sent = {INGEST_HEADER: source, RECEIVED_AT_HEADER: now, TRACEPARENT: new_trace(), **(headers or {})}
+        span = self.tracing.start("ingest", headers.get(TRACEPARENT) if headers else None, "producer",
+                                  route=self.route.name, source=source, correlation_id=cid,
+                                  message_id=mid)  # NULL_SPAN when off (middleware.tracing)
+        if span.traceparent:
+            sent[TRACEPARENT] = span.traceparent
+        try:
+            await self.broker.publish(self._message(raw, cid, sent, mid),
+                                      queue=self.queue)  # a traceparent in headers (HTTP ingest) is kept
+        except BaseException as exc:
+            span.end("failed", exc)
+            raise
+        span.end("published")
         self.journal.record(self.route.name, INGEST, RECEIVED, at=now, correlation_id=cid, message_id=mid,
                             source=source)
         return cid

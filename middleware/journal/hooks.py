@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,11 +180,15 @@ def delivery_dead_lettered(worker: Any, message: Any, delivery: Any, error: Exce
                           received_at=received_at(message.headers), **_delivery_fields(worker, delivery))
 
 
-def attach(gateway: Any, journal: Any) -> None:
-    """Give a gateway's publishers the engine's journal: gateways keep theirs as ``publisher`` or
-    ``publishers`` (a mapping); a gateway with neither records nothing at ingest."""
-    found: Iterable[Any] = list(getattr(gateway, "publishers", {}).values())
+def publishers_of(gateway: Any) -> list[Any]:
+    """A gateway's publishers: gateways keep theirs as ``publisher`` or ``publishers`` (a mapping)."""
+    found: list[Any] = list(getattr(gateway, "publishers", {}).values())
     if getattr(gateway, "publisher", None) is not None:
-        found = [*found, gateway.publisher]
-    for publisher in found:
+        found.append(gateway.publisher)
+    return found
+
+
+def attach(gateway: Any, journal: Any) -> None:
+    """Give a gateway's publishers the engine's journal; a gateway with none records nothing at ingest."""
+    for publisher in publishers_of(gateway):
         publisher.journal = journal
