@@ -7,25 +7,25 @@
   - trace: ``trace(store, id)`` for random MSH-10s, event ids and correlation ids (median / max ms)
     beside a raw baseline (one indexed SELECT by correlation id), plus ``sla_state`` of a route and one
     ``middleware trace MSH-10`` process end to end (interpreter start and project load included);
-  - pipeline (--pipeline N): the engine on RabbitMQ with the shipped adt-inbound route delivering to an
-    fsynced file, N messages preloaded, journal off / SQLite (/ PostgreSQL), msg/s, each run twice,
-    alternating.
+  - pipeline (--pipeline N): ``middleware run`` on bench/pipeline.py's project (adt-inbound -> http sink
+    in its own process), N messages preloaded, journal off / SQLite (/ PostgreSQL) alternating in one run,
+    median of --repeat: msg/s and CPU µs per message of the engine process (all threads) and of its
+    event-loop thread, start-up taken off; the on - off difference is the journal's cost.
 
 Every table and schema it makes is its own (a temporary folder, a random PostgreSQL schema dropped at
 the end, random queue prefixes deleted).
 
 Run: .venv/bin/python bench/journal.py [--records 1000000] [--postgres postgresql://postgres@127.0.0.1/test]
-     [--pipeline 3000 --url amqp://guest:guest@127.0.0.1:5672/]
+     [--pipeline 3000 --repeat 3 --skip-fill --url amqp://guest:guest@127.0.0.1:5672/]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import random
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,89 +227,113 @@ def hot_path_part(count: int = 20_000) -> str:
 # -- pipeline cost ------------------------------------------------------------------------------------
 
 
-def cpu_seconds() -> float:
-    """User + system CPU of this process, every thread (the journal writes from a worker thread)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def proc_cpu(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process (or of one of its threads: ``tid``) from /proc."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def pipeline_rate(url: str, messages: list[bytes], journal_url: str | None, out: Path) -> tuple[float, float]:
-    """(messages/s, CPU µs per message) while the engine drains the preloaded messages."""
-    from pipeline import preload
-
-    from middleware import topology
-    from middleware.engine import Engine, declare_route_topology
-    from middleware.journal import JournalSettings
-    from middleware.project import load_project
-
-    prefix = f"bench-{uuid.uuid4().hex[:6]}."
-    project = load_project(REPO, {"MIDDLEWARE_BROKER_URL": url, "MIDDLEWARE_QUEUE_PREFIX": prefix,
-                                  "HTTP_INGEST_TOKEN": "bench"})
-    route = project.routes["adt-inbound"]
-    route = dataclasses.replace(route, deliver=tuple(d for d in route.deliver if d.connector == "bed-board"))
-    bed_board = dataclasses.replace(project.connectors["bed-board"], options={"path": str(out)})
-    journal = JournalSettings(enabled=journal_url is not None, url=journal_url or "sqlite:///unused")
-    settings = dataclasses.replace(project.settings, ingest={}, journal=journal)
-    project = dataclasses.replace(project, routes={route.name: route}, settings=settings,
-                                  connectors={"bed-board": bed_board})
-    engine = Engine(project, gateways=False)
-    await engine.broker.connect()
-    await declare_route_topology(engine.broker, route, settings)
-    await preload(url, engine.topology.route(route.name).inbound, messages, None)
-    started, cpu = time.perf_counter(), cpu_seconds()
-    await engine.start()
-    deadline = time.monotonic() + 120
-    while engine.metrics.value("middleware_events_delivered", route="adt-inbound", connector="bed-board") \
-            < len(messages):
-        if time.monotonic() > deadline:  # the broker went away for good (another test restarting it)
-            await engine.stop()
-            raise RuntimeError("pipeline run did not finish in 120 s")
-        await asyncio.sleep(0.005)
-    await engine.stop()  # includes the journal's last flush
-    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu
-    cleaner = Engine(project, gateways=False).broker
-    await cleaner.connect()
-    await topology.delete(cleaner, engine.topology)
-    await cleaner.close()
-    return len(messages) / elapsed, cpu / len(messages) * 1e6
+async def engine_run(pl: Any, url: str, target: Any, sink: Any, messages: list[bytes] | None,
+                     queues: list[str]) -> tuple[float, float, float]:
+    """(msg/s at the sink, process CPU s, event-loop thread CPU s) while ``target`` drains the preloaded
+    ``messages``; with None, the CPU of starting up on empty queues (taken off the runs)."""
+    await sink.call("POST", "/reset")
+    if messages:
+        await pl.preload(url, target.inbound, messages)
+    target.start()
+    pid = target.process.pid
+    if messages is None:
+        await pl.wait_ready(url, target, queues)
+        await asyncio.sleep(1)
+        spent = (proc_cpu(pid), proc_cpu(pid, pid))
+        target.stop()
+        return 0.0, *spent
+    deadline = time.monotonic() + 60 + len(messages) / 100
+    while True:
+        await asyncio.sleep(0.25)
+        stats = await sink.call("GET", "/stats")
+        if stats["count"] >= len(messages):
+            break
+        if time.monotonic() > deadline or target.process.poll() is not None:
+            raise RuntimeError(f"{target.name}: {stats['count']} of {len(messages)} arrived")
+    spent = (proc_cpu(pid), proc_cpu(pid, pid))
+    target.stop()
+    return (stats["count"] - 1) / (stats["last"] - stats["first"]), *spent
 
 
-def pipeline_part(count: int, url: str, postgres: str | None) -> str:
-    import psycopg
+async def pipeline_async(count: int, url: str, postgres: str | None, repeat: int) -> str:
+    """``middleware run`` (bench/pipeline.py's project: adt-inbound -> http sink in its own process) with
+    the journal off, SQLite (and PostgreSQL), alternating in one run on the same preloaded messages."""
+    import pipeline as pl
     from mllp import make_messages
 
-    messages = make_messages(count)
-    rates: dict[str, list[tuple[float, float]]] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        schema = f"mw_bench_{uuid.uuid4().hex[:8]}"
-        admin = psycopg.connect(postgres, autocommit=True) if postgres else None
+    from middleware import topology
+
+    prefix = f"bench-{uuid.uuid4().hex[:6]}."
+    sink = pl.Sink(pl.free_port())
+    await sink.wait_up()
+    base = Path(tempfile.mkdtemp(prefix="bench-journal-"))
+    schema = f"mw_bench_{uuid.uuid4().hex[:8]}"
+    admin = None
+    kinds: dict[str, str | None] = {"off": None, "sqlite": None}
+    if postgres:
+        import psycopg
+
+        admin = psycopg.connect(postgres, autocommit=True)
+        admin.execute(f"CREATE SCHEMA {schema}")
+        separator = "&" if "?" in postgres else "?"
+        kinds["postgresql"] = f"{postgres}{separator}options=" + quote(f"-csearch_path={schema}")
+    launcher = str(Path(sys.executable).parent / "middleware")
+    targets, broker, everything = [], None, None
+    try:
+        for kind, journal_url in kinds.items():
+            folder = base / kind
+            folder.mkdir()
+            pl.make_project(folder, full=False, journal=kind != "off", metrics_port=pl.free_port())
+            env = pl.engine_env(folder, url, prefix, sink.url + "/events")
+            if journal_url:
+                env["MIDDLEWARE_JOURNAL_URL"] = journal_url
+            if broker is None:
+                inbound, broker, everything = await pl.declare_engine(folder, env)
+            targets.append(pl.Target(f"journal {kind}", [launcher, "run", "--project", str(folder), "--log-level",
+                                                         "WARNING"], env, inbound))
+        queues = [inbound, everything.route("adt-inbound").deliveries["case-management"]]
+        idle = {t.name: await engine_run(pl, url, t, sink, None, queues) for t in targets}
+        messages = make_messages(count)
+        runs: dict[str, list[tuple[float, float, float]]] = {t.name: [] for t in targets}
+        for _ in range(repeat):
+            for target in targets:
+                rate, cpu, loop = await engine_run(pl, url, target, sink, messages, queues)
+                runs[target.name].append((rate, (cpu - idle[target.name][1]) / count * 1e6,
+                                          (loop - idle[target.name][2]) / count * 1e6))
+    finally:
+        for target in targets:
+            target.stop()
+        if broker is not None:
+            await topology.delete(broker, everything)
+            await broker.close()
         if admin is not None:
-            admin.execute(f"CREATE SCHEMA {schema}")
-        kinds: dict[str, str | None] = {"off": None, "sqlite": f"sqlite:///{folder}/journal.db"}
-        if postgres:
-            separator = "&" if "?" in postgres else "?"
-            kinds["postgresql"] = f"{postgres}{separator}options=" + quote(f"-csearch_path={schema}")
-        try:  # the schema is dropped even when a run fails (the broker went away)
-            for _ in range(3):
-                for kind, journal_url in kinds.items():
-                    out = Path(folder) / f"{kind}.jsonl"
-                    rates.setdefault(kind, []).append(asyncio.run(pipeline_rate(url, messages, journal_url, out)))
-                    out.unlink()
-        finally:
-            if admin is not None:
-                admin.execute(f"DROP SCHEMA {schema} CASCADE")
-                admin.close()
-    off = min(c for _, c in rates["off"])
-    lines = [f"pipeline: {count} ADT^A01 preloaded on RabbitMQ, adt-inbound -> fsynced file, 3 runs each, "
-             "alternating; CPU per message (this process, all threads) is the figure that a loaded machine "
-             "disturbs least"]
-    for kind, values in rates.items():
-        cpu = min(c for _, c in values)
-        runs = ", ".join(f"{c:.0f}" for _, c in values)
-        lines.append(f"  journal {kind:<10} CPU {cpu:6.0f} µs/message (runs: {runs})"
-                     f"; msg/s {', '.join(f'{r:.0f}' for r, _ in values)}"
-                     + ("" if kind == "off" else f"; CPU {100 * (cpu - off) / off:+.1f} % vs off"))
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+            admin.close()
+        sink.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    off = statistics.median(c for _, c, _ in runs["journal off"])
+    lines = [f"pipeline: middleware run, {count} ADT^A01 preloaded, adt-inbound -> http sink (bench/pipeline.py's "
+             f"project), journal off / on alternating in one run, median of {repeat}; CPU per message of the "
+             "engine process (all threads; start-up taken off) and of its event-loop thread",
+             f"  {'':<20} {'msg/s':>7} {'CPU us/msg':>11} {'loop thread':>12} {'vs off':>8}   runs (CPU us/msg)"]
+    for name, values in runs.items():
+        rate = statistics.median(r for r, _, _ in values)
+        cpu = statistics.median(c for _, c, _ in values)
+        loop = statistics.median(t for _, _, t in values)
+        lines.append(f"  {name:<20} {rate:7.0f} {cpu:11.0f} {loop:12.0f} {cpu - off:+8.0f}   "
+                     + " ".join(f"{c:.0f}" for _, c, _ in values))
     return "\n".join(lines)
+
+
+def pipeline_part(count: int, url: str, postgres: str | None, repeat: int = 3) -> str:
+    return asyncio.run(pipeline_async(count, url, postgres, repeat))
 
 
 def main() -> None:
@@ -317,7 +342,8 @@ def main() -> None:
     parser.add_argument("--postgres", help="a PostgreSQL URL: also fill and time a PostgreSQL journal")
     parser.add_argument("--pipeline", type=int, default=0, help="messages for the pipeline on/off part (0: skip)")
     parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/", help="RabbitMQ for --pipeline")
-    parser.add_argument("--skip-fill", action="store_true", help="only the pipeline part")
+    parser.add_argument("--repeat", type=int, default=3, help="pipeline runs per journal kind (median)")
+    parser.add_argument("--skip-fill", action="store_true", help="only the hot-path and pipeline parts")
     args = parser.parse_args()
     from middleware.observe import configure_logging
 
@@ -329,7 +355,7 @@ def main() -> None:
             print(postgres_part(messages, args.postgres), flush=True)
     print(hot_path_part(), flush=True)
     if args.pipeline:
-        print(pipeline_part(args.pipeline, args.url, args.postgres), flush=True)
+        print(pipeline_part(args.pipeline, args.url, args.postgres, args.repeat), flush=True)
 
 
 if __name__ == "__main__":
