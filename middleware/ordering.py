@@ -8,7 +8,10 @@ The pure part of the feature (the worker is :mod:`middleware.delivery.ordered`, 
   ``x-mw-order.<key>`` header per ordering key, valued with the key's value in the event. The
   delivery's consistent-hash exchange hashes that header, so every event of one key lands in
   the same partition queue, in publish order;
-- :func:`ordering_problems` is what ``validate`` says about a block, at its line.
+- :func:`ordering_problems` is what ``validate`` says about a block, at its line;
+- :func:`partition_delivery_limit` sizes a partition queue's delivery limit so that a failing
+  event held in place is given back to its partition (one return per :data:`HOLD_SECONDS`) until
+  its ``max_age``, never dead-lettered sooner by the limit.
 
 The key is ``subject`` (the CloudEvent's subject) or a dotted path into its ``data``
 (``patient.mrn``). An event without a value for the key hashes the empty string: all such events
@@ -17,6 +20,7 @@ share one partition, still in order among themselves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +31,10 @@ HEADER_PREFIX = "x-mw-order."
 SUBJECT = "subject"
 DEFAULT_PARTITIONS = 8
 MAX_PARTITIONS = 256
+# seconds an ordered delivery holds a failing event before it returns it to the head of its partition
+# (below RabbitMQ's default consumer_timeout, 30 min, which would close the channel); read at call time
+HOLD_SECONDS = 20 * 60.0
+UNLIMITED_DELIVERIES = 2**31 - 1  # a partition queue's delivery limit for ``max_age: forever``
 
 SCHEMA: dict[str, Any] = {  # the ``ordering:`` block of a deliver entry
     "type": "object",
@@ -82,6 +90,21 @@ def key_value(event: Mapping[str, Any], key: str) -> str:
 def order_headers(rules: Iterable[_Ordered], event: Mapping[str, Any]) -> dict[str, str]:
     """``{header: value}`` for every ordering key among a route's deliver ``rules`` (empty when none)."""
     return {o.header: key_value(event, o.key) for rule in rules if (o := rule.ordering) is not None}
+
+
+def partition_delivery_limit(delivery_limit: int, max_age: float | None, hold_seconds: float | None = None) -> int:
+    """``x-delivery-limit`` of an ordered delivery's partition queues.
+
+    Each hold window's return counts as a delivery, so the engine's ``delivery_limit`` (the
+    deliveries a crash-looping message gets) is raised by the returns a wait of ``max_age`` takes
+    (``max_age / hold_seconds``, one spare): the wait ends on ``max_age``, not on the limit
+    (RabbitMQ's default consumer_timeout and 24 h: 10 + 73 = 83). ``max_age`` None (``forever``):
+    no practical limit.
+    """
+    if max_age is None:
+        return UNLIMITED_DELIVERIES
+    hold = HOLD_SECONDS if hold_seconds is None else hold_seconds
+    return min(delivery_limit + math.ceil(max_age / hold) + 1, UNLIMITED_DELIVERIES)
 
 
 def ordering_problems(ordering: Ordering, map_targets: Sequence[Iterable[str]], subjects: Sequence[bool],

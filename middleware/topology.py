@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from middleware.broker import naming
 from middleware.broker.base import Broker
 from middleware.delivery.base import RetryPolicy
-from middleware.ordering import Ordering
+from middleware.ordering import Ordering, partition_delivery_limit
 
 if TYPE_CHECKING:
     from middleware.route import Route
@@ -33,6 +33,8 @@ class RouteTopology:
     one delay queue each. An ordered delivery (``ordered``: connector -> its ordering) has no
     delivery queue: a consistent-hash exchange bound to the events exchange feeds its partition
     queues, one active consumer each; the route's inbound queue is then single-active-consumer too.
+    ``max_ages`` maps each ordered delivery onto its retry policy's ``max_age`` (None: forever),
+    which sizes its partition queues' delivery limit.
     """
 
     route: str
@@ -43,6 +45,7 @@ class RouteTopology:
     dead_letter: str
     delays: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     ordered: Mapping[str, Ordering] = field(default_factory=dict)
+    max_ages: Mapping[str, float | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, route: Route, prefix: str = "") -> RouteTopology:
@@ -54,7 +57,9 @@ class RouteTopology:
                                for rule in route.deliver if rule.ordering is None},
                    ordered={rule.connector: rule.ordering for rule in route.deliver if rule.ordering is not None},
                    dead_letter=naming.dead_letter_queue(route.name, prefix),
-                   delays={rule.connector: (rule.retry or RetryPolicy()).delays for rule in route.deliver})
+                   delays={rule.connector: (rule.retry or RetryPolicy()).delays for rule in route.deliver},
+                   max_ages={rule.connector: (rule.retry or RetryPolicy()).max_age for rule in route.deliver
+                             if rule.ordering is not None})
 
     @property
     def binding_key(self) -> str:
@@ -179,9 +184,11 @@ async def declare(broker: Broker, topology: RouteTopology, delivery_limit: int) 
         exchange = topology.partition_exchange(connector)
         await broker.declare_exchange(exchange, hash_header=ordering.header)
         await broker.bind_exchange(exchange, topology.exchange, topology.binding_key)
+        # a failing event is returned to its partition once per hold window until its max_age
+        limit = partition_delivery_limit(delivery_limit, topology.max_ages.get(connector, RetryPolicy().max_age))
         for queue in topology.partition_queues(connector):
             await broker.declare_queue(queue, kind="ordered", dead_letter_to=topology.dead_letter,
-                                       delivery_limit=delivery_limit)
+                                       delivery_limit=limit)
             await broker.bind(queue, exchange, "1")  # equal weights: keys spread evenly
 
 

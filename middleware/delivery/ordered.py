@@ -10,12 +10,15 @@ events of its key overtake it), and blocks only its own partition:
   (exponential, capped at ``max``, never shorter than a ``Retry-After``), while the message stays
   unacked at the head of its partition;
 - RabbitMQ cancels a consumer that holds a message longer than its ``consumer_timeout`` (30 min by
-  default), so after a hold window (:data:`HOLD_SECONDS`) the message is returned to its
-  partition, whose head it stays (quorum queues deliver returned messages first) and comes back
-  at once. Each return counts as a delivery toward the queue's delivery limit;
-- the delivery's ``max_age`` (from the first failure this process saw) or its last allowed
-  delivery ends the wait: the event is dead-lettered with its reason and the partition moves on.
-  A non-retryable failure dead-letters at once, as for any delivery;
+  default), so after a hold window (:data:`middleware.ordering.HOLD_SECONDS`) the message is
+  returned to its partition, whose head it stays (quorum queues deliver returned messages first)
+  and comes back at once. Each return counts as a delivery, so the partition queue's delivery
+  limit is sized for ``max_age`` (:func:`middleware.ordering.partition_delivery_limit`);
+- as for a parked delivery (:mod:`.parking`), only the delivery's ``max_age`` (counted from the
+  first failure this process saw, across its hold windows; ``forever``: never) or a non-retryable
+  outcome ends the wait: the event is dead-lettered with its attempts, first and last failure,
+  and the partition moves on. Its last allowed delivery (left only when engines crashed or
+  handed the partition over meanwhile) dead-letters it too, with its reason;
 - a stopping engine returns the message to the head of its partition (a hand-back would put it at
   the back, behind later events of its key).
 """
@@ -27,9 +30,12 @@ import datetime as dt
 import logging
 import random
 import time
+from dataclasses import dataclass
 
+from middleware import ordering
 from middleware.broker import naming
 from middleware.broker.base import Broker, Handler, IncomingMessage
+from middleware.delivery import parking
 from middleware.delivery.base import Connector, Delivery, RetryPolicy
 from middleware.errors import BrokerError, DeliveryError, EngineStopping
 from middleware.journal import hooks as journal_hooks
@@ -39,7 +45,6 @@ from middleware.workers import DeliveryWorker, is_last_delivery
 
 log = logging.getLogger("middleware.worker")
 
-HOLD_SECONDS = 20 * 60.0  # below RabbitMQ's default consumer_timeout (30 min)
 PREFETCH = 1
 
 
@@ -50,8 +55,13 @@ def backoff(policy: RetryPolicy, attempt: int, retry_after: float | None = None)
     return max(wait, retry_after) if retry_after else wait
 
 
-def _iso_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+@dataclass
+class _Failing:
+    """An event failing in place: when it first failed (in this process) and the sends so far."""
+
+    since: float  # time.monotonic() of the first failure
+    first: dt.datetime  # the same, as the dead letter's first failure
+    attempts: int
 
 
 def in_place(handler: Handler) -> Handler:
@@ -78,8 +88,11 @@ class OrderedDeliveryWorker(DeliveryWorker):
         super().__init__(route, connector, broker, metrics, retry=retry, prefix=prefix, delivery_limit=delivery_limit)
         self.partition = partition
         self.queue = naming.partition_queue(route.name, connector.name, partition, prefix)  # replay comes back here
-        self.hold_seconds = HOLD_SECONDS if hold_seconds is None else hold_seconds
-        self._first_failures: dict[str, tuple[float, str]] = {}  # event id -> (monotonic, ISO) of first failure
+        self.hold_seconds = ordering.HOLD_SECONDS if hold_seconds is None else hold_seconds
+        # the partition queue's limit (topology.declare sizes it alike): returns until max_age, then some
+        self.partition_limit = ordering.partition_delivery_limit(delivery_limit, self.retry.max_age,
+                                                                  self.hold_seconds)
+        self._failing: dict[str, _Failing] = {}  # event id -> its failure so far, across hold windows
 
     async def handle(self, message: IncomingMessage) -> None:
         """Deliver one event in place; a stopping engine returns it to the head of its partition."""
@@ -128,7 +141,7 @@ class OrderedDeliveryWorker(DeliveryWorker):
                     await asyncio.sleep(backoff(self.retry, attempt))
         finally:
             self.metrics.delivery_seconds.labels(*labels).observe(time.perf_counter() - started)
-        self._first_failures.pop(key, None)
+        self._failing.pop(key, None)
         await message.ack()
         self.metrics.delivered.labels(*labels).inc()
         journal_hooks.delivered(self, message, delivery, attempt)
@@ -140,24 +153,30 @@ class OrderedDeliveryWorker(DeliveryWorker):
                              attempt: int, held_since: float) -> bool:
         """Wait before the next try; True when the message was settled instead (dead letter, returned)."""
         labels = (self.route.name, self.connector.name)
-        first, _ = self._first_failures.setdefault(key, (time.monotonic(), _iso_now()))
-        error.attempts = attempt + message.delivery_count
+        failing = self._failing.get(key)
+        if failing is None:  # earlier deliveries (another process's hold windows) made one send at least
+            failing = self._failing[key] = _Failing(time.monotonic(), dt.datetime.now(dt.UTC),
+                                                    message.delivery_count)
+        failing.attempts += 1
+        error.attempts = failing.attempts
         if not error.retryable:
             await self._finish_dead(message, delivery, error, key)
             return True
         max_age = self.retry.max_age
-        if max_age is not None and time.monotonic() - first >= max_age:
-            await self._finish_dead(message, delivery, error, key)
+        if max_age is not None and time.monotonic() - failing.since >= max_age:  # as a parked delivery
+            await self._finish_dead(message, delivery, parking.gave_up(error, failing.first, dt.datetime.now(dt.UTC),
+                                                                       max_age), key)
             return True
         wait = backoff(self.retry, attempt, error.retry_after)
         self.metrics.retries.labels(*labels).inc()
         journal_hooks.delivery_retry(self, delivery, attempt, error)
-        log.info("delivery retry in place", extra={"route": labels[0], "connector": labels[1], "attempt": attempt,
+        log.info("delivery retry in place", extra={"route": labels[0], "connector": labels[1],
+                                                   "attempt": failing.attempts,
                                                    "correlation_id": delivery.correlation_id,
                                                    "event_id": delivery.event_id, "status": error.status,
                                                    "partition": self.partition})
         if time.monotonic() + wait - held_since > self.hold_seconds:
-            if is_last_delivery(message, self.delivery_limit):
+            if is_last_delivery(message, self.partition_limit):  # crashes or hand-overs used the returns up
                 await self._finish_dead(message, delivery, error, key)
             else:  # back to the head of the partition, delivered again at once (RabbitMQ's consumer_timeout)
                 await message.reject(requeue=True)
@@ -165,6 +184,8 @@ class OrderedDeliveryWorker(DeliveryWorker):
         await asyncio.sleep(wait)
         return False
 
-    async def _finish_dead(self, message: IncomingMessage, delivery: Delivery, error: Exception, key: str) -> None:
-        _, first_failure = self._first_failures.pop(key, (0.0, None))
-        await self._dead_letter(message, delivery, error, first_failure)
+    async def _finish_dead(self, message: IncomingMessage, delivery: Delivery, error: DeliveryError,
+                           key: str) -> None:
+        failing = self._failing.pop(key, None)
+        await self._dead_letter(message, delivery, error, parking.timestamp(failing.first) if failing else None,
+                                attempts=error.attempts)

@@ -5,6 +5,7 @@ and three ``middleware run`` processes with one SIGKILLed mid-run."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import re
 import signal
 import subprocess
@@ -13,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from middleware import topology
+from middleware import ordering, topology
 from middleware.broker import make_broker
 from middleware.broker.base import Broker
 from middleware.deadletter import DeadLetter
-from middleware.delivery import ordered
 from middleware.engine import Engine
 from middleware.project import Project, load_project
 from middleware.topology import RouteTopology, Topology
@@ -111,7 +111,7 @@ async def test_a_hold_window_returns_the_event_to_the_head_of_its_partition(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """RabbitMQ's consumer_timeout bounds how long one message may be held: the worker gives it back
     after a hold window; it comes back first (quorum queues deliver returns first), still in order."""
-    monkeypatch.setattr(ordered, "HOLD_SECONDS", 0.4)
+    monkeypatch.setattr(ordering, "HOLD_SECONDS", 0.4)
     project = load_project(write_project(tmp_path / "p", partitions=2), order_env)
     items = visits(patients=3, per_patient=10)
     order_sink.fail[("P001", 2)] = 10  # ~1.5 s of failures: several hold windows
@@ -149,6 +149,35 @@ async def test_max_age_and_non_retryable_failures_dead_letter_and_the_partition_
         assert order_sink.accepted[-1] == ("P000", 9)
         [letter] = await _dead_letters(client, naming_dlq(project))
         assert "400" in letter.error and letter.attempts == 1
+    finally:
+        await _cleanup(client, project)
+
+
+async def test_an_ordered_event_waits_in_place_for_its_max_age_however_many_hold_windows_it_takes(
+        tmp_path: Path, order_env: dict[str, str], order_sink: OrderSink, client: Broker,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11: like a parked delivery, an ordered one gives up only after its max_age. Hold windows
+    of 0.3 s with delivery_limit 2 used to end the wait on the third delivery (~1 s); now the
+    partition queue's limit leaves room for every return, and max_age (3 s) ends it, with a dead
+    letter counting every send and its first and last failure. Its key's next event waits meanwhile."""
+    monkeypatch.setattr(ordering, "HOLD_SECONDS", 0.3)
+    project = load_project(write_project(tmp_path / "p", partitions=2, delivery_limit=2, max_age="3s"), order_env)
+    items = visits(patients=2, per_patient=6)
+    overtaken: list[bool] = []  # at each failure of P000's event 1: had its event 2 been delivered?
+    order_sink.fail_while[("P000", 1)] = lambda: overtaken.append(("P000", 2) in order_sink.accepted) or True
+    others = [i for i in items if i != ("P000", 1)]
+    try:
+        await _run_in_process(project, client, items, order_sink, timeout=30, wait_for=others)
+        assert ("P000", 1) not in order_sink.accepted and not any(overtaken)
+        assert order_report(others, order_sink.accepted) == {"out_of_order": [], "missing": 0, "duplicates": 0}
+        [letter] = await _dead_letters(client, naming_dlq(project))
+        waited = order_sink.failed_at[("P000", 1)]
+        assert waited[-1] - waited[0] >= 2.7  # held for about max_age, through ~10 hold windows
+        assert letter.attempts == len(waited)  # every send, across the hold windows
+        assert "retry.max_age 3s" in letter.error and "503" in letter.error
+        first, last = (dt.datetime.fromisoformat(t) for t in (letter.first_failure, letter.last_failure))
+        assert (last - first).total_seconds() >= 3.0
+        assert re.fullmatch(r".*visits\.to\.order-sink\.p[01]", letter.replay_queue)
     finally:
         await _cleanup(client, project)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -112,12 +113,41 @@ async def test_a_stopping_engine_returns_the_event_to_the_head_of_its_partition(
 
 async def test_a_hold_window_gives_the_event_back_and_the_last_delivery_dead_letters(route: Route) -> None:
     failing: list[Exception] = [DeliveryError("503", retryable=True, status=503) for _ in range(1000)]
+    policy = dataclasses.replace(FAST, max_age=1.0)  # the partition queue's limit: 10 + 1.0 / 0.02 + 1 = 61
     message = Message(delivery_count=2)
-    await _worker(route, Scripted(failing), Recorder(), hold_seconds=0.02, delivery_limit=10).handle(message)
+    await _worker(route, Scripted(failing), Recorder(), retry=policy, hold_seconds=0.02, delivery_limit=10
+                  ).handle(message)
     assert message.outcome == "reject requeue=True"
-    broker, last = Recorder(), Message(delivery_count=10)
-    await _worker(route, Scripted(failing), broker, hold_seconds=0.02, delivery_limit=10).handle(last)
+    broker, last = Recorder(), Message(delivery_count=61)
+    worker = _worker(route, Scripted(failing), broker, retry=policy, hold_seconds=0.02, delivery_limit=10)
+    assert worker.partition_limit == 61
+    await worker.handle(last)
     assert last.outcome == "ack" and len(broker.published) == 1  # dead-lettered with its reason instead
+
+
+async def test_hold_windows_go_on_past_the_delivery_limit_until_max_age(route: Route) -> None:
+    """The wait is bounded by max_age, not by the engine's delivery_limit: each hold window's return
+    is one more delivery, and the dead letter counts every send since the first failure."""
+    connector = Scripted([DeliveryError("503", retryable=True, status=503) for _ in range(100_000)])
+    broker = Recorder()
+    worker = _worker(route, connector, broker, retry=dataclasses.replace(FAST, max_age=0.3), hold_seconds=0.02,
+                     delivery_limit=2)
+    outcomes = []
+    for count in range(1000):  # the broker delivers the returned event again, delivery_count one higher
+        message = Message(delivery_count=count)
+        await worker.handle(message)
+        outcomes.append(message.outcome)
+        if message.outcome == "ack":
+            break
+    assert outcomes[-1] == "ack" and len(outcomes) > 5  # returned far more often than delivery_limit 2
+    assert set(outcomes[:-1]) == {"reject requeue=True"}
+    [(letter, _)] = broker.published
+    headers = letter.headers
+    assert "retry.max_age" in headers[f"{PREFIX}error"] and "503" in headers[f"{PREFIX}error"]
+    assert headers[f"{PREFIX}attempts"] == connector.calls  # every send, every hold window
+    first = dt.datetime.fromisoformat(headers[f"{PREFIX}first-failure"])
+    last = dt.datetime.fromisoformat(headers[f"{PREFIX}last-failure"])
+    assert (last - first).total_seconds() >= 0.3
 
 
 async def test_max_age_ends_the_wait(route: Route) -> None:

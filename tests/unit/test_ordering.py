@@ -11,7 +11,7 @@ from middleware import topology
 from middleware.broker.kombu_broker import KombuBroker
 from middleware.cli.status import route_queues
 from middleware.errors import BrokerError
-from middleware.ordering import Ordering, key_value, order_headers
+from middleware.ordering import UNLIMITED_DELIVERIES, Ordering, key_value, order_headers, partition_delivery_limit
 from middleware.project import check_project, load_project
 from middleware.route import DeliveryRule
 from middleware.topology import RouteTopology, Topology
@@ -119,3 +119,9 @@ def test_the_order_check_allows_consecutive_duplicates_only() -> None:
     assert order_report(published, [("A", 0), ("A", 2), ("A", 1), ("B", 0)])["out_of_order"] == ["A"]
     assert order_report(published, [("A", 0), ("A", 1), ("A", 2)]) == {"out_of_order": ["B"], "missing": 1,
                                                                       "duplicates": 0}
+
+
+def test_a_partition_queue_allows_one_return_per_hold_window_of_max_age() -> None:
+    assert partition_delivery_limit(10, 24 * 3600.0) == 10 + 72 + 1  # 20-minute hold windows
+    assert partition_delivery_limit(2, 3.0, hold_seconds=0.3) == 2 + 10 + 1
+    assert partition_delivery_limit(10, None) == UNLIMITED_DELIVERIES  # max_age: forever
