@@ -202,6 +202,7 @@ def _from_broker_death(message: IncomingMessage, death: tuple[str, str], route: 
 # -- reading, replaying and removing dead letters (``middleware dlq``) ---------------------------
 
 REPLAYED_FROM = PREFIX + "replayed-from"
+RECEIVED_AT = PREFIX + "received-at"  # when it first came in (middleware.journal.hooks.RECEIVED_AT_HEADER)
 REPLAY_COUNT = PREFIX + "replay-count"
 DELIVERY_LIMIT_HEADER = PREFIX + "delivery-limit-exceeded"  # the embedded broker's poison-message mark
 # broker bookkeeping a replay must not carry back into a work queue (a stale x-delivery-count would
@@ -309,10 +310,26 @@ def replay_target(letter: DeadLetter) -> str | None:
     return None
 
 
+def _epoch(stamp: object) -> float | None:
+    """An ISO 8601 ``x-mw-first-failure`` as Unix seconds (None when absent or not a date-time)."""
+    try:
+        return dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp() if stamp else None
+    except ValueError:
+        return None
+
+
 def replay_message(message: IncomingMessage, dead_letter_queue: str) -> OutgoingMessage:
     """The message a replay publishes: the body unchanged, the original headers without the failure
-    reason (and broker bookkeeping), marked ``x-mw-replayed-from`` and ``x-mw-replay-count``."""
+    reason (and broker bookkeeping), marked ``x-mw-replayed-from`` and ``x-mw-replay-count``.
+
+    ``x-mw-received-at`` is kept, so ages and ``deliver_within`` count from the first receipt, not
+    from the replay; a dead letter without it (written before it was stamped at ingest) gets its
+    first failure's time, the latest it can have come in."""
     headers = {k: v for k, v in message.headers.items() if k not in REASON_HEADERS and not _is_broker_header(k)}
+    if RECEIVED_AT not in headers:
+        first = _epoch(message.headers.get(PREFIX + "first-failure"))
+        if first is not None:
+            headers[RECEIVED_AT] = f"{first:.6f}"  # as text, as middleware.journal.hooks.stamp writes it
     try:
         count = int(headers.get(REPLAY_COUNT, 0) or 0)
     except (TypeError, ValueError):

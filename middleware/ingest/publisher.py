@@ -31,7 +31,7 @@ from middleware.errors import BrokerError, ConfigError, ParseError, Problem
 from middleware.formats import Record, SplitInfo
 from middleware.ingest.ledger import Finished, Ledger, file_digest
 from middleware.journal import NULL_JOURNAL, NullJournal
-from middleware.journal.hooks import RECEIVED_AT_HEADER
+from middleware.journal.hooks import RECEIVED_AT_HEADER, stamp
 from middleware.journal.records import DEAD_LETTERED, INGEST, RECEIVED
 from middleware.project import Settings, load_project
 from middleware.route import Route
@@ -169,7 +169,7 @@ class Publisher:
         kept, else a new one is made; ``headers`` are added to the message.
         """
         cid, mid, now = correlation_id or new_id(), message_id or new_id(), time.time()
-        sent = {INGEST_HEADER: source, RECEIVED_AT_HEADER: now, TRACEPARENT: new_trace(), **(headers or {})}
+        sent = {INGEST_HEADER: source, RECEIVED_AT_HEADER: stamp(now), TRACEPARENT: new_trace(), **(headers or {})}
         span = self.tracing.start("ingest", headers.get(TRACEPARENT) if headers else None, "producer",
                                   route=self.route.name, source=source, correlation_id=cid,
                                   message_id=mid)  # NULL_SPAN when off (middleware.tracing)
@@ -190,7 +190,9 @@ class Publisher:
                           headers: Mapping[str, Any] | None = None, message_id: str | None = None) -> str:
         """Put ``raw``, which cannot be taken in, on the route's dead-letter queue with its reason."""
         cid, mid = correlation_id or new_id(), message_id or new_id()
-        message = dead_letter_body(raw, headers={INGEST_HEADER: source, **(headers or {})},
+        kept = {INGEST_HEADER: source, RECEIVED_AT_HEADER: stamp(time.time()),  # a replay's age counts from here
+                TRACEPARENT: new_trace(), **(headers or {})}
+        message = dead_letter_body(raw, headers=kept,
                                    content_type=self.content_type, message_id=mid,
                                    route=self.route.name, stage=error.stage or "parse", error=error,
                                    replay_queue=self.queue, correlation_id=cid)

@@ -1,9 +1,12 @@
 """What the workers and the publisher call at each hop: one journal record plus the age, last-received
 and SLA metrics, so each hook in the I/O shell is one line.
 
-Two headers carry times between hops (Unix seconds, as numbers): ``x-mw-received-at``, set by the
-publisher when a message enters the middleware and copied onto its events by the route worker, and
-``x-mw-event-time``, the event's business time (CloudEvents ``time``), set by the route worker.
+Two headers carry times between hops (Unix seconds): ``x-mw-received-at``, set by the publisher when
+a message enters the middleware and copied onto its events by the route worker (a dead letter keeps
+it, so a replay's age still counts from the first receipt), and ``x-mw-event-time``, the event's
+business time (CloudEvents ``time``), set by the route worker. They are written as decimal text
+(:func:`stamp`): an AMQP client encodes a Python float as a 32-bit float (pamqp: field type ``f``),
+which holds today's Unix time only to 128 s; numbers are still read (older messages).
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ def _seconds(value: object) -> float | None:
     return None
 
 
+def stamp(seconds: float) -> str:
+    """A time header's value: Unix seconds as text, to the microsecond (read back by :func:`received_at`)."""
+    return f"{seconds:.6f}"
+
+
 def _text(value: object) -> str | None:
     if value is None:
         return None
@@ -76,9 +84,9 @@ def event_headers(event: dict[str, Any], arrival: Arrival | None) -> dict[str, A
     headers: dict[str, Any] = {}
     occurred = event_seconds(event) if "time" in event else None
     if occurred is not None:
-        headers[EVENT_TIME_HEADER] = occurred
+        headers[EVENT_TIME_HEADER] = stamp(occurred)
     if arrival is not None:
-        headers[RECEIVED_AT_HEADER] = arrival.received_at
+        headers[RECEIVED_AT_HEADER] = stamp(arrival.received_at)
         headers[tracecontext.TRACEPARENT] = tracecontext.span_of(arrival.trace_id, arrival.trace_flags)
     return headers
 

@@ -187,7 +187,11 @@ def test_replay_message_drops_reasons_and_counts_replays() -> None:
     message = Fake({**letter.headers, "x-delivery-count": 4})
     out = replay_message(message, "r.dlq")
     assert out.body == b"\x00MSH" and out.correlation_id == "cid"
+    first_failure = dt.datetime.fromisoformat(str(letter.headers["x-mw-first-failure"])).timestamp()
+    assert float(out.headers.pop("x-mw-received-at")) == pytest.approx(first_failure)  # it had none: ages count
     assert out.headers == {"x-mw-source-file": "f.hl7", "x-mw-replay-count": 3, "x-mw-replayed-from": "r.dlq"}
+    stamped = replay_message(Fake({**letter.headers, "x-mw-received-at": "1700000000.250000"}), "r.dlq")
+    assert stamped.headers["x-mw-received-at"] == "1700000000.250000"  # from the first receipt, kept as it was
     assert letter_id(message) == letter_id(Fake(letter.headers)) and len(letter_id(message)) == 16
     assert isinstance(letter, OutgoingMessage)
 
