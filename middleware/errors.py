@@ -112,6 +112,12 @@ class BrokerError(MiddlewareError):
     """The message broker is unreachable or refused an operation."""
 
 
+class BrokerUnavailable(BrokerError):
+    """The broker could not take a message for a while (connection lost, a cluster node down, a queue
+    electing a new leader refused it): not the message's fault, so a worker hands the message back
+    without counting a failed delivery, and never dead-letters it for this."""
+
+
 class AuditError(MiddlewareError):
     """The audit log cannot be written: the audited action (reveal, export, replay, purge) is not done."""
 

@@ -8,7 +8,11 @@ broker fails mid-way the message is not acked and comes back (at-least-once).
 Every dead letter has a reason (DESIGN promise 7): on a message's last allowed delivery (RabbitMQ
 dead-letters a message returned with ``x-delivery-count`` = ``delivery_limit``), a failure that
 would give it back dead-letters it here instead, with stage, error and attempts. A stopping engine
-(:class:`EngineStopping`, a cancelled handler) is never such a failure.
+(:class:`EngineStopping`, a cancelled handler) is never such a failure, nor is a broker that cannot take
+a publish for a while (:class:`BrokerUnavailable`: a lost connection, a cluster node down, a queue
+electing a leader, after the adapter's own retries): the consumer hands such a message back without
+counting a delivery (an ordered route's inbound message goes back to the head of its queue instead,
+counted, except on its last allowed delivery), so a broker outage never dead-letters work.
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ from middleware.delivery import parking
 from middleware.delivery.base import Connector, Delivery, RetryPolicy
 from middleware.delivery.breaker import CircuitBreaker
 from middleware.delivery.retry import send_with_retry
-from middleware.errors import BrokerError, DeliveryError, EngineStopping, MappingError, MiddlewareError, PipelineError
+from middleware.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    DeliveryError,
+    EngineStopping,
+    MappingError,
+    MiddlewareError,
+    PipelineError,
+)
 from middleware.journal import NULL_JOURNAL, NullJournal
 from middleware.journal import hooks as journal_hooks
 from middleware.observe import Metrics
@@ -82,6 +94,11 @@ class RouteWorker:
             await self._route(message)
         except EngineStopping:
             raise
+        except BrokerUnavailable:  # not the message's fault: never counted toward a dead letter
+            if self.ordered and not message.settled and not is_last_delivery(message, self.delivery_limit):
+                await message.reject(requeue=True)  # to the head of its queue: per-key order first
+                return
+            raise  # the consumer hands it back uncounted (middleware.broker.amqp)
         except Exception as exc:
             if message.settled or not is_last_delivery(message, self.delivery_limit):
                 raise
@@ -108,7 +125,7 @@ class RouteWorker:
             correlation_id=message.correlation_id,
             header_correlation_id=str(header_cid) if header_cid else None,
             message_id=message.message_id,
-            received_at=dt.datetime.fromtimestamp(arrival.received_at, dt.UTC),  # the first receipt, also on replay
+            received_at=dt.datetime.now(dt.UTC),
             batch_id=_header_text(message.headers.get("x-mw-batch-id")),
             batch_position=_header_text(message.headers.get("x-mw-batch-position")),
         )
@@ -232,7 +249,7 @@ class DeliveryWorker:
                                   correlation_id=message.correlation_id, probe=probe or None)
         try:
             await self._deliver(message, probe=probe, span=span)
-        except EngineStopping as exc:
+        except (EngineStopping, BrokerUnavailable) as exc:  # the consumer hands it back, uncounted
             span.end("failed", exc)
             raise
         except Exception as exc:
