@@ -4,7 +4,6 @@ runtime failures that dead-letter at the right stage instead of crashing."""
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from middleware.formats import get_format
 from middleware.mapping import LookupTable, SpecError, apply_rules, compile_condition, compile_field
 from middleware.project import check_project, load_project
 from middleware.route import MessageContext, transform
+from tests.project_copy import copy_project
 
 REPO = Path(__file__).resolve().parents[2]
 HL7 = get_format("hl7v2")
@@ -209,9 +209,7 @@ def test_conditions_with_expr() -> None:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    return tmp_path
+    return copy_project(tmp_path)
 
 
 def add_to_route(project: Path, old: str, new: str) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -19,16 +18,14 @@ from middleware.errors import ConfigError
 from middleware.ingest import FolderListener, GatewayContext, make_gateway
 from middleware.ingest.folder import FolderGateway, folder_status
 from middleware.project import Project, load_project
+from tests.project_copy import copy_project
 
-REPO = Path(__file__).resolve().parents[2]
 ENV = {"HTTP_INGEST_TOKEN": "t", "MIDDLEWARE_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/"}
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    return tmp_path
+    return copy_project(tmp_path)
 
 
 def add_folder(project: Path, entry: str) -> None:

@@ -3,28 +3,19 @@ reported at the including line with the fragment's file:line; fragments are not 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from middleware.project import load_project
-
-from .test_project_validation import REPO, edit, problems
+from tests.project_copy import REPO, copy_project, edit, line_of, problems
 
 FRAGMENT = "routes/_fragments/patient-demographics.yaml"
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    return tmp_path
-
-
-def line_of(path: Path, text: str, start: int = 1) -> int:
-    """The first line at or after ``start`` holding ``text``."""
-    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if n >= start and text in line)
+    return copy_project(tmp_path)
 
 
 def test_the_shipped_adt_route_includes_the_demographics_fragment() -> None:

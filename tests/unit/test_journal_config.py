@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from middleware.journal import Sla
 from middleware.project import check_project, load_project
+from tests.project_copy import copy_project, edit
 
-REPO = Path(__file__).resolve().parents[2]
 ENV = {"HTTP_INGEST_TOKEN": "t"}
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    return tmp_path
-
-
-def replace_in(path: Path, old: str, new: str) -> int:
-    """Replace ``old`` once; the line number of the replacement."""
-    text = path.read_text()
-    assert old in text
-    path.write_text(text.replace(old, new, 1))
-    return text[: text.index(old)].count("\n") + 1
+    return copy_project(tmp_path)
 
 
 def test_journal_defaults_to_sqlite_under_the_project_var_folder(project: Path) -> None:
@@ -39,14 +28,14 @@ def test_journal_url_from_the_environment_and_switching_it_off(project: Path) ->
     settings = load_project(project, {**ENV, "MIDDLEWARE_JOURNAL_URL": "postgresql://u@db/j"}).settings
     assert settings.journal.url == "postgresql://u@db/j"
     config = project / "config" / "middleware.yaml"
-    replace_in(config, "  enabled: true\n  url: sqlite", "  enabled: false\n  url: sqlite")
+    edit(config, "  enabled: true\n  url: sqlite", "  enabled: false\n  url: sqlite")
     assert not load_project(project, ENV).settings.journal.enabled
 
 
 def test_bad_journal_keys_are_reported_at_their_line(project: Path) -> None:
     config = project / "config" / "middleware.yaml"
-    line = replace_in(config, "  retention: 7d", "  retention: a week")
-    url_line = replace_in(config, "  url: sqlite:///var/journal.db", "  url: mysql://db/journal")
+    line = edit(config, "  retention: 7d", "  retention: a week")
+    url_line = edit(config, "  url: sqlite:///var/journal.db", "  url: mysql://db/journal")
     _, problems = check_project(project, ENV)
     found = [str(p) for p in problems]
     assert any(p.startswith(f"config/middleware.yaml:{line}: journal.retention") for p in found), found
@@ -60,7 +49,7 @@ def test_route_sla_is_compiled_to_seconds(project: Path) -> None:
 
 def test_bad_sla_is_reported_at_its_line(project: Path) -> None:
     route = project / "routes" / "adt-inbound.yaml"
-    line = replace_in(route, "sla: {deliver_within: 5m,", "sla: {deliver_within: soon, within: 1,")
+    line = edit(route, "sla: {deliver_within: 5m,", "sla: {deliver_within: soon, within: 1,")
     _, problems = check_project(project, ENV)
     found = [str(p) for p in problems]
     assert any(p.startswith(f"routes/adt-inbound.yaml:{line}:") and "within" in p for p in found), found

@@ -14,30 +14,12 @@ import pytest
 from middleware.formats import get_format
 from middleware.mapcheck import check_map
 from middleware.mapping import LookupTable, SpecError, compile_field
-from middleware.project import check_project
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.project_copy import REPO, copy_project, edit, line_of, problems
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    return tmp_path
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
-
-
-def line_of(path: Path, needle: str) -> int:
-    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
-
-
-def problems(project: Path) -> list[str]:
-    return [str(p) for p in check_project(project, {})[1]]
+    return copy_project(tmp_path)
 
 
 def test_shipped_maps_fit_their_schemas(project: Path) -> None:

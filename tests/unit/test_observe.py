@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
 import aiohttp
@@ -14,8 +13,7 @@ from hypothesis import strategies as st
 
 from middleware.observe import JsonFormatter, Metrics, TextFormatter, mask_secrets, safe_url, serve_metrics
 from middleware.project import check_project
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.project_copy import copy_project
 
 
 async def test_metrics_and_health_endpoints() -> None:
@@ -79,8 +77,7 @@ def test_log_lines_mask_urls_in_the_message_and_the_extra_fields() -> None:
 
 
 def test_validate_masks_a_url_it_quotes_in_a_problem(tmp_path: Path) -> None:
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
+    copy_project(tmp_path)
     connector = tmp_path / "connectors" / "case-management.yaml"
     connector.write_text(re.sub(r"(?m)^url: .*$", "url: ftp://svc:s3cr/et@sink.example/in", connector.read_text()))
     _, problems = check_project(tmp_path, {})

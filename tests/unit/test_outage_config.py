@@ -4,7 +4,6 @@ value is reported at its line."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,14 @@ import pytest
 from middleware.delivery.base import BreakerPolicy, RetryPolicy
 from middleware.project import check_project, load_project
 from middleware.topology import RouteTopology
+from tests.project_copy import copy_project
 
-REPO = Path(__file__).resolve().parents[2]
 ENV = {"HTTP_INGEST_TOKEN": "t"}
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    return tmp_path
+    return copy_project(tmp_path)
 
 
 def _retry(project: Path, block: str) -> Path:

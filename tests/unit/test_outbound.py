@@ -4,7 +4,6 @@ dead-lettered)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ from middleware.errors import MappingError
 from middleware.formats.json_format import JsonDocument
 from middleware.mapping import SpecError
 from middleware.project import check_project
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.project_copy import copy_project
 
 ADMITTED: dict[str, Any] = {
     "specversion": "1.0", "id": "e-1", "type": "patient.admitted.v1", "source": "urn:middleware:route:adt-inbound",
@@ -114,9 +112,7 @@ def test_prepare_raises_a_mapping_error_for_a_required_value_or_a_body_that_is_n
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    return tmp_path
+    return copy_project(tmp_path)
 
 
 def set_deliver(project: Path, deliver: str) -> Path:

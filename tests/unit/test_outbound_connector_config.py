@@ -3,15 +3,13 @@ templates and TLS combinations are reported at their file:line; the loader resol
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from middleware.project import load_project
 from middleware.tls import TlsOptions
-
-from .test_project_validation import REPO, edit, line_of, problems
+from tests.project_copy import copy_project, edit, line_of, problems
 
 MLLP = "connectors/bed-board-mllp.yaml"
 
@@ -19,9 +17,7 @@ MLLP = "connectors/bed-board-mllp.yaml"
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A copy of the shipped project that a test may break."""
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / "project" / folder)
-    return tmp_path / "project"
+    return copy_project(tmp_path / "project")
 
 
 def test_the_shipped_mllp_example_is_valid_and_reads_its_host_and_port_from_the_environment(project: Path) -> None:

@@ -11,36 +11,14 @@ from typer.testing import CliRunner
 from middleware.cli import app
 from middleware.delivery import connector_types
 from middleware.errors import ConfigError
-from middleware.project import check_project, load_project
-
-REPO = Path(__file__).resolve().parents[2]
+from middleware.project import load_project
+from tests.project_copy import copy_project, edit, line_of, problems
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A copy of the shipped project that a test may break."""
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    return tmp_path
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
-
-
-def line_of(path: Path, needle: str) -> int:
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if needle in line:
-            return number
-    raise AssertionError(f"{needle!r} not in {path}")
-
-
-def problems(project: Path, env: dict[str, str] | None = None) -> list[str]:
-    loaded, found = check_project(project, env or {})
-    assert (loaded is None) == bool(found)
-    return [str(p) for p in found]
+    """A copy of the shipped project that a test may break (other test modules import this fixture)."""
+    return copy_project(tmp_path)
 
 
 def test_shipped_project_is_valid(project: Path) -> None:

@@ -8,7 +8,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 from middleware.cli.status import Status, engine_holds_spool, format_age, parse_counters, spool_queues
 from middleware.observe import Metrics, serve_metrics
 from middleware.project import load_project
+from tests.project_copy import copy_project
 
 REPO = Path(__file__).resolve().parents[2]
 ADT = REPO / "samples" / "adt-inbound"
@@ -34,9 +34,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    for folder in ("config", "routes", "connectors", "schemas", "samples"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    return tmp_path
+    return copy_project(tmp_path, "samples")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import dataclasses
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,16 +21,13 @@ from middleware.cli.status import Status, parse_counters, render
 from middleware.observe import Metrics, serve_metrics
 from middleware.project import load_project
 from middleware.topology import RouteTopology
+from tests.project_copy import copy_project
 from tests.unit.test_status import free_port
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    return tmp_path
+    return copy_project(tmp_path)
 
 
 async def test_parked_deliveries_are_the_sum_of_the_delay_queues(project: Path) -> None:

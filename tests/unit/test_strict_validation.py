@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from middleware.errors import ParseError
 from middleware.project import Project, check_project, load_project
 from middleware.route import transform
+from tests.project_copy import copy_project
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
@@ -18,8 +18,7 @@ SAMPLES = REPO / "samples"
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Project:
     root = tmp_path_factory.mktemp("strict")
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, root / folder)
+    copy_project(root)
     for route in ("adt-inbound", "scheduling-inbound"):
         path = root / "routes" / f"{route}.yaml"
         path.write_text(path.read_text().replace("\nsource:", "\nvalidation: strict\nsource:", 1))
@@ -61,8 +60,7 @@ def test_unsupported_version_says_which_are(strict: Project) -> None:
 
 
 def test_strict_is_only_for_hl7v2(tmp_path: Path) -> None:
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
+    copy_project(tmp_path)
     (tmp_path / "routes" / "referrals.yaml").write_text(
         "route: referrals\nvalidation: strict\nsource: {queue: rest.strict-only, format: json}\n"
         "events:\n  - type: patient.merged\n    version: 1\n    map: {patient.mrn: a, merged_mrn: b}\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,39 +11,21 @@ from typer.testing import CliRunner
 from middleware.cli import app
 from middleware.delivery import make_connector
 from middleware.delivery.http import HttpConnector
-from middleware.project import check_project, load_project
+from middleware.project import load_project
 from middleware.tls import TlsOptions
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.project_copy import copy_project, edit, line_of, problems
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A copy of the shipped project with a throwaway CA and client certificate under certs/."""
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
+    copy_project(tmp_path)
     (tmp_path / "certs").mkdir()
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "certs" / "ca.pem"))
     ca.issue_cert("middleware-client").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "certs" /
                                                                                         "client.pem"))
     return tmp_path
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
-
-
-def line_of(path: Path, needle: str) -> int:
-    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
-
-
-def problems(project: Path, env: dict[str, str] | None = None) -> list[str]:
-    loaded, found = check_project(project, env or {})
-    assert (loaded is None) == bool(found)
-    return [str(p) for p in found]
 
 
 CDR = "connectors/clinical-data-repository.yaml"
