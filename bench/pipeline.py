@@ -22,6 +22,7 @@ minute. Deletes every queue and exchange it declared (random ``bench-`` prefix).
 Run: .venv/bin/python bench/pipeline.py [--messages 5000] [--repeat 3] [--latency] [--journal]
      .venv/bin/python bench/pipeline.py --messages 20000 --repeat 1 --flamegraph docs/images/flamegraph-engine.svg
      .venv/bin/python bench/pipeline.py --minutes 10 --rate 500
+     .venv/bin/python bench/pipeline.py --minutes 5 --rate 150 --tracemalloc /tmp/snaps   (then bench/memtrace.py diff)
 """
 
 from __future__ import annotations
@@ -401,6 +402,9 @@ async def main_async(args: argparse.Namespace) -> None:
     if args.uvloop:  # the same CLI on uvloop's event loop (pip install uvloop)
         launcher = [sys.executable, "-c", "import sys, uvloop; uvloop.install(); sys.argv[0] = 'middleware'; "
                     "from middleware.cli import main; main()"]
+    if args.tracemalloc:  # tracemalloc snapshots a minute apart (bench/memtrace.py diff compares them)
+        launcher = [sys.executable, str(Path(__file__).with_name("memtrace.py")), "record",
+                    "--interval", str(args.snapshot_interval), str(args.tracemalloc), "--"]
     engine = Target("engine", [*launcher, "run", "--project", str(folder), "--log-level", "WARNING"], env, inbound)
     await declare_bare(args.url, prefix)
     bare = Target("bare", [sys.executable, __file__, "--role", "bare", "--url", args.url, "--prefix", prefix,
@@ -510,6 +514,9 @@ def main() -> None:
                         "throughput run (pip install py-spy; start-up is in it, so use many --messages)")
     parser.add_argument("--minutes", type=int, default=0, help="memory run: every route, journal, console")
     parser.add_argument("--rate", type=float, default=500.0, help="memory run: publish rate")
+    parser.add_argument("--tracemalloc", type=Path, help="memory run: the engine under bench/memtrace.py, "
+                        "a tracemalloc snapshot into this folder every --snapshot-interval s (slows it 2-3x)")
+    parser.add_argument("--snapshot-interval", type=float, default=60.0)
     parser.add_argument("--sample", type=float, default=5.0, help="memory run: RSS sampling interval (s)")
     args = parser.parse_args()
     if args.role == "sink":
