@@ -30,8 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import cel
-
+from middleware.cel_core import cel
 from middleware.expression_functions import ARITY, FUNCTIONS, MAX_RESULT, FunctionError, lookup_function
 from middleware.expression_hoist import Call, hoist
 from middleware.formats import Format, PathAccessor
