@@ -25,6 +25,10 @@ import orjson
 from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from bench/: tests.local_http is found from the checkout
+
+from tests.local_http import LocalHttpServer  # noqa: E402
+
 ROUTE = "adt-inbound"
 SAMPLE = REPO / "samples" / "adt-inbound" / "a01-admit.hl7"
 
@@ -40,33 +44,20 @@ def adt_messages(count: int, tag: str) -> list[bytes]:
     return out
 
 
-class CountingSink:
+class CountingSink(LocalHttpServer):
     """A local HTTP server answering 200 to every CloudEvent; counts each event id and when it first came."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.seen: Counter[str] = Counter()
         self.first_at: dict[str, float] = {}
-        self.url = ""
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
-        async def handle(request: web.Request) -> web.Response:
-            event = orjson.loads(await request.read())
-            event_id = str(event.get("id"))
-            self.seen[event_id] += 1
-            self.first_at.setdefault(event_id, time.monotonic())
-            return web.Response(text="ok")
-
-        app = web.Application()
-        app.router.add_post("/events", handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/events"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    async def handle(self, request: web.Request) -> web.Response:
+        event = orjson.loads(await request.read())
+        event_id = str(event.get("id"))
+        self.seen[event_id] += 1
+        self.first_at.setdefault(event_id, time.monotonic())
+        return web.Response(text="ok")
 
     @property
     def unique(self) -> int:

@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from middleware.broker.base import Broker, OutgoingMessage
+from tests.local_http import LocalHttpServer
 
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -75,7 +76,7 @@ async def publish_visits(broker: Broker, queue: str, items: Iterable[tuple[str, 
                                              message_id=f"{mrn}-{seq}"), queue=queue)
 
 
-class OrderSink:
+class OrderSink(LocalHttpServer):
     """A local HTTP sink recording ``(mrn, seq)`` of each accepted event in arrival order.
 
     ``fail[(mrn, seq)] = n``: answer ``fail_status`` (503) to that event's first ``n`` requests;
@@ -84,6 +85,7 @@ class OrderSink:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.accepted: list[tuple[str, int]] = []
         self.requests = 0
         self.fail: dict[tuple[str, int], int] = {}
@@ -91,33 +93,19 @@ class OrderSink:
         self.fail_while: dict[tuple[str, int], Callable[[], bool]] = {}
         self.failed_at: dict[tuple[str, int], list[float]] = defaultdict(list)
         self.delay = 0.0
-        self.url = ""
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
-        async def handle(request: web.Request) -> web.Response:
-            data = orjson.loads(await request.read())["data"]
-            item = (data["patient"]["mrn"], int(data["seq"]))
-            self.requests += 1
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            if self.fail.get(item, 0) > 0 or (item in self.fail_while and self.fail_while[item]()):
-                self.fail[item] = max(self.fail.get(item, 0) - 1, 0)
-                self.failed_at[item].append(asyncio.get_running_loop().time())
-                return web.Response(status=self.fail_status, text="no")
-            self.accepted.append(item)
-            return web.Response(status=200, text="ok")
-
-        app = web.Application()
-        app.router.add_post("/events", handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/events"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    async def handle(self, request: web.Request) -> web.Response:
+        data = orjson.loads(await request.read())["data"]
+        item = (data["patient"]["mrn"], int(data["seq"]))
+        self.requests += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail.get(item, 0) > 0 or (item in self.fail_while and self.fail_while[item]()):
+            self.fail[item] = max(self.fail.get(item, 0) - 1, 0)
+            self.failed_at[item].append(asyncio.get_running_loop().time())
+            return web.Response(status=self.fail_status, text="no")
+        self.accepted.append(item)
+        return web.Response(status=200, text="ok")
 
     async def wait_for(self, items: Iterable[tuple[str, int]], timeout: float) -> None:
         """Until every item was accepted at least once (AssertionError after ``timeout`` seconds)."""
