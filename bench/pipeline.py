@@ -160,7 +160,9 @@ class Target:
         if self.profile is not None:
             self._profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
                                                str(self.process.pid), "--rate", "200", "--nonblocking",
-                                               "--output", str(self.profile)], stdout=subprocess.DEVNULL)
+                                               "--output", str(self.profile)]
+                                              + (["--format", "raw"] if self.profile.suffix == ".txt" else []),
+                                              stdout=subprocess.DEVNULL)
             self.profile = None
 
     def cpu(self) -> float:
@@ -410,19 +412,23 @@ async def main_async(args: argparse.Namespace) -> None:
     bare = Target("bare", [sys.executable, __file__, "--role", "bare", "--url", args.url, "--prefix", prefix,
                            "--sink", sink.url + "/events"], dict(os.environ), bare_names(prefix)[0])
     delivery = topology_.route("adt-inbound").deliveries.get("case-management", "")
+    variants = [Target(f"engine {v}", engine.command, {**env, **dict([v.split("=", 1)])}, inbound)
+                for v in args.variant]  # A/B: the same engine with one environment variable changed
     try:
         if full:
             await memory_run(args, engine, sink)
             return
         messages = make_messages(args.messages)
         queues = {"engine": [engine.inbound, delivery], "bare": [bare.inbound, bare_names(prefix)[2]]}
-        idle = {t.name: await startup_cpu(args.url, t, queues[t.name]) for t in (engine, bare)}
+        queues.update({v.name: queues["engine"] for v in variants})
+        targets = [engine, *variants, bare]
+        idle = {t.name: await startup_cpu(args.url, t, queues[t.name]) for t in targets}
         if args.flamegraph:
             engine.profile = args.flamegraph
-        rates: dict[str, list[float]] = {"engine": [], "bare": []}
-        cpu: dict[str, list[float]] = {"engine": [], "bare": []}
+        rates: dict[str, list[float]] = {t.name: [] for t in targets}
+        cpu: dict[str, list[float]] = {t.name: [] for t in targets}
         for _ in range(args.repeat):
-            for target in (engine, bare):
+            for target in targets:
                 rate, spent = await throughput(args.url, target, sink, messages)
                 rates[target.name].append(rate)
                 cpu[target.name].append((spent - idle[target.name]) / len(messages) * 1e6)
@@ -434,10 +440,16 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"{'':44} {'median msg/s':>12} {'CPU us/msg':>10}  runs (msg/s)")
         print(f"{'engine (middleware run, adt-inbound -> http)':44} {engine_rate:12.0f} {engine_cpu:10.0f}  "
               + " ".join(f"{r:.0f}" for r in rates["engine"]))
+        for variant in variants:
+            print(f"{variant.name:44} {statistics.median(rates[variant.name]):12.0f} "
+                  f"{statistics.median(cpu[variant.name]):10.0f}  " + " ".join(f"{r:.0f}" for r in rates[variant.name]))
         print(f"{'bare (aio-pika + aiohttp, same two hops)':44} {bare_rate:12.0f} {bare_cpu:10.0f}  "
               + " ".join(f"{r:.0f}" for r in rates["bare"]))
         print(f"engine / bare: {engine_rate / bare_rate:.2f}   (runs: "
               + " ".join(f"{e / b:.2f}" for e, b in zip(rates["engine"], rates["bare"], strict=True)) + ")")
+        for variant in variants:
+            print(f"{variant.name} / bare: {statistics.median(rates[variant.name]) / bare_rate:.2f}, CPU "
+                  f"{variant.name} / engine: {statistics.median(cpu[variant.name]) / engine_cpu:.2f}")
         print(f"engine peak RSS: {engine.peak_rss:.0f} MB")
         if args.latency:
             top = args.max_rate or engine_rate
@@ -506,12 +518,15 @@ def main() -> None:
                         "shipped config's)")
     parser.add_argument("--uvloop", action="store_true", help="run the engine on uvloop (pip install uvloop)")
     parser.add_argument("--latency", action="store_true", help="also the paced latency curve")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE", help="also run the "
+                        "engine with this environment variable set (A/B in the same run; repeatable)")
     parser.add_argument("--max-rate", type=float, default=0.0, help="latency rates as shares of this "
                         "(default: the engine's measured maximum)")
     parser.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 0.9])
     parser.add_argument("--seconds", type=float, default=5.0, help="paced publishing per latency rate")
     parser.add_argument("--flamegraph", type=Path, help="py-spy flame graph (SVG) of the engine's first "
-                        "throughput run (pip install py-spy; start-up is in it, so use many --messages)")
+                        "throughput run (pip install py-spy; start-up is in it, so use many --messages); "
+                        "a .txt path gets py-spy's collapsed stacks instead")
     parser.add_argument("--minutes", type=int, default=0, help="memory run: every route, journal, console")
     parser.add_argument("--rate", type=float, default=500.0, help="memory run: publish rate")
     parser.add_argument("--tracemalloc", type=Path, help="memory run: the engine under bench/memtrace.py, "
