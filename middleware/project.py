@@ -170,21 +170,13 @@ class _Loader:
                 consumed = ", ".join(queues)
                 self.problems.append(Problem(listener.file, listener.line, f"ingest.mllp {listener.name}: no route "
                                              f"consumes queue {listener.queue!r} (routes consume: {consumed})"))
-            key = (listener.host, listener.port)
-            if key in seen and listener.port != 0:
-                self.problems.append(Problem(listener.file, listener.line, f"ingest.mllp {listener.name}: port "
-                                             f"{listener.port} is already used by {seen[key].name}"))
-            seen[key] = listener
+            self._claim_port("mllp", listener, seen)
         for http in settings.http:
             for name in http.routes:
                 if routes and name not in routes:
                     self.problems.append(Problem(http.file, http.line, f"ingest.http {http.name}: routes: no route "
                                                  f"named {name!r} (routes: {', '.join(sorted(routes))})"))
-            key = (http.host, http.port)
-            if key in seen and http.port != 0:
-                self.problems.append(Problem(http.file, http.line, f"ingest.http {http.name}: port "
-                                             f"{http.port} is already used by {seen[key].name}"))
-            seen[key] = http
+            self._claim_port("http", http, seen)
         for folder in settings.ingest.get("folder", ()):
             routes_broken = any(p.file.startswith("routes") for p in self.problems)
             if not routes or routes_broken:
@@ -195,6 +187,15 @@ class _Loader:
             elif folder.queue and folder.queue not in queues:
                 self.problems.append(Problem(folder.file, folder.line, f"ingest.folder {folder.name}: no route "
                                              f"consumes queue {folder.queue!r} (routes consume: {', '.join(queues)})"))
+
+    def _claim_port(self, kind: str, listener: MllpListener | HttpListener,
+                    seen: dict[tuple[str, int], MllpListener | HttpListener]) -> None:
+        """Record ``listener``'s host and port in ``seen``; a problem if another listener has it (port 0: any)."""
+        key = (listener.host, listener.port)
+        if key in seen and listener.port != 0:
+            self.problems.append(Problem(listener.file, listener.line, f"ingest.{kind} {listener.name}: port "
+                                         f"{listener.port} is already used by {seen[key].name}"))
+        seen[key] = listener
 
     # -- files -----------------------------------------------------------------------------
 

@@ -229,6 +229,12 @@ def test_a_second_listener_on_the_same_port_is_a_problem(project: Path) -> None:
     assert any("ingest.http other: port 8080 is already used by rest" in p for p in problems(project))
 
 
+def test_an_http_listener_on_the_mllp_port_is_a_problem(project: Path) -> None:
+    config = project / "config" / "middleware.yaml"
+    config.write_text(config.read_text().replace("${MLLP_PORT:-2575}", "8080"))
+    assert any("ingest.http rest: port 8080 is already used by ehr-adt" in p for p in problems(project))
+
+
 def test_a_listener_without_auth_is_refused_by_the_schema(project: Path) -> None:
     config = project / "config" / "middleware.yaml"
     config.write_text(config.read_text().replace("  mllp:", "    - {name: open, port: 9999}\n  mllp:"))
