@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import pytest
 
 from middleware import topology
 from middleware.broker import make_broker
-from middleware.broker.base import Broker
+from middleware.broker.base import Broker, IncomingMessage
 from middleware.engine import Engine
 from middleware.project import Project, load_project
 from middleware.topology import Topology
 
 from ..conftest import Sink
+from ..project_copy import copy_project
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,3 +86,30 @@ def cli(rabbit_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess
         return result
 
     return invoke
+
+
+def adt_project(root: Path, env: Mapping[str, str], deliver: str,
+                connectors: Mapping[str, str] | None = None) -> Project:
+    """The shipped project copied under ``root`` with adt-inbound's ``deliver:`` block replaced by
+    ``deliver`` (and ``connectors``: file name -> YAML, written into connectors/), loaded with ``env``:
+    only that route, no gateways (the test publishes itself)."""
+    copy_project(root)
+    route = root / "routes" / "adt-inbound.yaml"
+    text = route.read_text()
+    route.write_text(text[:text.index("\ndeliver:")] + deliver)
+    for name, yaml in (connectors or {}).items():
+        (root / "connectors" / name).write_text(yaml)
+    loaded = load_project(root, env)
+    return dataclasses.replace(loaded, settings=dataclasses.replace(loaded.settings, ingest={}),
+                               routes={"adt-inbound": loaded.routes["adt-inbound"]})
+
+
+async def one_dead_letter(broker: Broker, queue: str, timeout: float = 20.0) -> IncomingMessage:
+    """The first message that arrives in dead-letter queue ``queue`` (unsettled: the test acks it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await broker.get(queue)
+        if message is not None:
+            return message
+        assert time.monotonic() < deadline, f"nothing dead-lettered into {queue}"
+        await asyncio.sleep(0.05)

@@ -6,23 +6,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from middleware import topology
-from middleware.broker import make_broker, naming
+from middleware.broker import naming
 from middleware.broker.base import Broker, OutgoingMessage
 from middleware.deadletter import DeadLetter
 from middleware.engine import Engine
-from middleware.project import Project, load_project
-from middleware.topology import Topology
+from middleware.project import Project
 
 from ..conftest import Sink
-from .conftest import REPO
+from .conftest import REPO, adt_project, one_dead_letter
 
 pytestmark = pytest.mark.rabbitmq
 SAMPLES = REPO / "samples" / "adt-inbound"
@@ -50,46 +46,22 @@ async def archive() -> AsyncIterator[Sink]:
 
 
 @pytest.fixture
-async def project(tmp_path: Path, amqp_url: str, queue_prefix: str, sink: Sink, archive: Sink) -> Project:
-    for folder in ("config", "routes", "connectors", "schemas"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    route = tmp_path / "routes" / "adt-inbound.yaml"
-    text = route.read_text()
-    route.write_text(text[:text.index("\ndeliver:")] + DELIVER)
-    env = {**os.environ, "MIDDLEWARE_BROKER_URL": amqp_url, "MIDDLEWARE_QUEUE_PREFIX": queue_prefix,
-           "CASE_MANAGEMENT_URL": sink.url, "CDR_URL": archive.url, "MLLP_PORT": "0", "METRICS_PORT": "0",
-           "HTTP_INGEST_PORT": "0", "HTTP_INGEST_TOKEN": "t", "AUDIT_LOG": str(tmp_path / "audit.log")}
-    loaded = load_project(tmp_path, env)
-    settings = dataclasses.replace(loaded.settings, ingest={})  # no gateways: the test publishes itself
-    return dataclasses.replace(loaded, settings=settings,
-                               routes={"adt-inbound": loaded.routes["adt-inbound"]})
+def rabbit_project(tmp_path: Path, rabbit_env: dict[str, str], archive: Sink) -> Project:
+    """adt-inbound alone, A01s mapped to the sink (case management), every event to the archive (CDR)."""
+    return adt_project(tmp_path, {**rabbit_env, "CDR_URL": archive.url}, DELIVER)
 
 
-@pytest.fixture
-async def broker(project: Project) -> AsyncIterator[Broker]:
-    client = make_broker(project.settings.broker_url)
-    await client.connect()
-    yield client
-    await topology.delete(client, Topology.of(project.routes.values(), project.settings.queue_prefix))
-    await client.close()
-
-
-async def test_a01s_go_mapped_to_one_sink_and_everything_to_the_other(project: Project, broker: Broker,
+async def test_a01s_go_mapped_to_one_sink_and_everything_to_the_other(rabbit_project: Project, broker: Broker,
                                                                       sink: Sink, archive: Sink) -> None:
-    engine = Engine(project)
+    engine = Engine(rabbit_project)
     await engine.start()
     try:
-        inbound = naming.inbound_queue("ehr.adt", project.settings.queue_prefix)
+        inbound = naming.inbound_queue("ehr.adt", rabbit_project.settings.queue_prefix)
         for name in ("a01-admit.hl7", "a08-update.hl7", "a03-discharge.hl7"):
             await broker.publish(OutgoingMessage(body=(SAMPLES / name).read_bytes()), queue=inbound)
         await archive.wait_for(3)
-        dlq = naming.dead_letter_queue("adt-inbound", project.settings.queue_prefix)
-        for _ in range(200):  # the A01's map needs a discharge time it does not have: a dead letter
-            if (await broker.queue_info(dlq)).messages:
-                break
-            await asyncio.sleep(0.05)
-        message = await broker.get(dlq)
-        assert message is not None
+        dlq = naming.dead_letter_queue("adt-inbound", rabbit_project.settings.queue_prefix)
+        message = await one_dead_letter(broker, dlq)  # the A01's map needs a discharge time it does not have
         letter = DeadLetter.from_message(message)
         await message.ack()
         assert (letter.stage, letter.connector, letter.error_class) == ("deliver", "case-management", "MappingError")
@@ -110,14 +82,14 @@ async def test_a01s_go_mapped_to_one_sink_and_everything_to_the_other(project: P
         assert skipped == 2  # the A08 and A03 events, acked without a request
 
         # the same route without the failing target: the A01 reaches the bed board in its own shape
-        rule = project.routes["adt-inbound"].deliver[0]
+        rule = rabbit_project.routes["adt-inbound"].deliver[0]
         assert rule.outbound is not None and rule.outbound.map is not None
         fixed = dataclasses.replace(rule.outbound.map, rules=rule.outbound.map.rules[:2])
-        engine_route = dataclasses.replace(project.routes["adt-inbound"], deliver=(
+        engine_route = dataclasses.replace(rabbit_project.routes["adt-inbound"], deliver=(
             dataclasses.replace(rule, outbound=dataclasses.replace(rule.outbound, map=fixed)),
-            project.routes["adt-inbound"].deliver[1]))
+            rabbit_project.routes["adt-inbound"].deliver[1]))
         await engine.stop()
-        engine = Engine(dataclasses.replace(project, routes={"adt-inbound": engine_route}))
+        engine = Engine(dataclasses.replace(rabbit_project, routes={"adt-inbound": engine_route}))
         await engine.start()
         await broker.publish(OutgoingMessage(body=(SAMPLES / "a01-admit.hl7").read_bytes()), queue=inbound)
         await sink.wait_for(1)

@@ -30,7 +30,7 @@ from middleware.project import Project, load_project
 from middleware.topology import Topology
 from middleware.workers import RouteWorker
 
-from .conftest import REPO
+from .conftest import REPO, one_dead_letter
 
 pytestmark = pytest.mark.rabbitmq
 A04 = (REPO / "samples" / "adt-inbound" / "a04-register.hl7").read_bytes()
@@ -303,7 +303,7 @@ async def test_failure_on_the_last_allowed_delivery_is_dead_lettered_with_its_re
     dlq = naming.dead_letter_queue(ROUTE, settings.queue_prefix)
     try:
         [published] = await publish_files(project, [REPO / "samples" / "adt-inbound" / "a04-register.hl7"], "ehr.adt")
-        letter = await _one_dead_letter(broker, dlq)
+        letter = await one_dead_letter(broker, dlq)
     finally:
         await engine.stop()
     headers = letter.headers
@@ -336,7 +336,7 @@ async def test_route_worker_failing_on_the_last_allowed_delivery_dead_letters_wi
     consumer = await broker.consume(inbound, handle, prefetch=1)
     try:
         await broker.publish(OutgoingMessage(A04, correlation_id="corr-route"), queue=inbound)
-        letter = await _one_dead_letter(broker, dlq)
+        letter = await one_dead_letter(broker, dlq)
     finally:
         await consumer.close()
     assert counts == [0, 1, 2]
@@ -345,16 +345,6 @@ async def test_route_worker_failing_on_the_last_allowed_delivery_dead_letters_wi
     assert headers["x-mw-attempts"] == 3 and headers["x-mw-replay-queue"] == inbound
     assert letter.body == A04 and "x-death" not in headers
     await letter.ack()
-
-
-async def _one_dead_letter(broker: Broker, queue: str, timeout: float = 20.0) -> IncomingMessage:
-    deadline = time.monotonic() + timeout
-    while True:
-        message = await broker.get(queue)
-        if message is not None:
-            return message
-        assert time.monotonic() < deadline, f"nothing dead-lettered into {queue}"
-        await asyncio.sleep(0.05)
 
 
 async def test_dlq_lists_a_message_rabbitmq_dead_lettered_at_the_delivery_limit(
@@ -374,7 +364,7 @@ async def test_dlq_lists_a_message_rabbitmq_dead_lettered_at_the_delivery_limit(
     await broker.publish(OutgoingMessage(A04, correlation_id="corr-raw", message_id="raw-1"), queue=inbound)
     for queue in (delivery, inbound):  # what a kill on every delivery amounts to: returned limit + 1 times
         for _ in range(limit + 1):
-            message = await _one_dead_letter(broker, queue)
+            message = await one_dead_letter(broker, queue)
             await message.reject(requeue=True)
 
     listed = json.loads(cli("dlq", "list", "--stage", "deliver", "--json").stdout)

@@ -3,7 +3,6 @@ target and the expression (never the value), and the route worker goes on with t
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 from pathlib import Path
@@ -18,7 +17,7 @@ from middleware.mapping import compile_field
 from middleware.project import Project
 
 from ..conftest import Sink
-from .conftest import REPO
+from .conftest import REPO, one_dead_letter
 
 pytestmark = pytest.mark.rabbitmq
 SAMPLES = REPO / "samples" / "adt-inbound"
@@ -51,12 +50,7 @@ async def test_a_failing_expression_dead_letters_at_map_and_the_worker_goes_on(
             await broker.publish(OutgoingMessage(body=(SAMPLES / name).read_bytes()), queue=inbound)
         await sink.wait_for(1)
         dlq = naming.dead_letter_queue("adt-inbound", project.settings.queue_prefix)
-        for _ in range(200):
-            if (await broker.queue_info(dlq)).messages:
-                break
-            await asyncio.sleep(0.05)
-        message = await broker.get(dlq)
-        assert message is not None
+        message = await one_dead_letter(broker, dlq)
         letter = DeadLetter.from_message(message)
         await message.ack()
         assert (letter.stage, letter.error_class) == ("map", "MappingError")
