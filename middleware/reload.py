@@ -41,7 +41,7 @@ log = logging.getLogger("middleware.reload")
 WATCHED = ("routes", "connectors", "schemas", "config/lookups")  # folders whose files a reload reads
 SETTINGS_FILE = "config/middleware.yaml"
 RESTART_SETTINGS = ("broker_url", "broker_tls", "queue_prefix", "ingest", "metrics_host", "metrics_port",
-                    "journal", "audit_path")  # what a running engine cannot change without a restart
+                    "journal", "audit_path", "tracing")  # what a running engine cannot change without a restart
 POLL_SECONDS = 1.0
 
 
