@@ -16,10 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
 from middleware.delivery.auth import DEFAULT_REFRESH_MARGIN
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -47,6 +43,11 @@ SPEC: dict[str, Any] = {  # a fhir connector's ``smart:`` block
 def load_key(block: Mapping[str, Any]) -> Any:
     """The private key of a ``smart:`` block (``private_key`` PEM text, else ``private_key_file``);
     raises ``ValueError`` saying what is wrong (never the key)."""
+    # imported here, like jwt below: PyJWT and cryptography cost 9 MB of every engine's memory,
+    # and only a fhir connector with a smart: block uses them
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     if block.get("private_key"):
         pem = str(block["private_key"]).encode()
     elif block.get("private_key_file"):
@@ -92,6 +93,8 @@ class SmartBackend:
 
     def assertion(self, now: float | None = None) -> str:
         """A fresh signed client assertion (single use: new ``jti`` every time)."""
+        import jwt
+
         issued = int(now if now is not None else time.time())
         claims = {"iss": self.client_id, "sub": self.client_id, "aud": self.token_url,
                   "exp": issued + ASSERTION_LIFETIME, "iat": issued, "jti": str(uuid.uuid4())}
