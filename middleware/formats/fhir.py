@@ -59,6 +59,7 @@ import orjson
 
 from middleware.errors import ParseError
 from middleware.formats import Record, SplitInfo, register
+from middleware.formats.fhir_types import RESOURCE_TYPES
 from middleware.formats.ndjson import CHUNK_BYTES, looks_like_ndjson, split_lines
 
 BUNDLE_TYPES = frozenset({"transaction", "batch", "collection", "message", "searchset"})  # split one per entry
@@ -83,7 +84,6 @@ TIMINGS: dict[str, tuple[tuple[str, ...], ...]] = {
     "Condition": (("recordedDate",),),
     "Bundle": (("timestamp",),),
 }
-_TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _NAME = re.compile(r"\$this|[A-Za-z_][A-Za-z0-9_]*")
 _STRING = r"'(?:[^'\\]|\\.)*'"
 _LITERAL = rf"{_STRING}|-?\d+(?:\.\d+)?|true|false"
@@ -99,19 +99,10 @@ _LITERAL_REFERENCE = re.compile(r"(?P<url>(?P<base>[A-Za-z][A-Za-z0-9+.-]*://\S*
                                 r"(?P<id>[A-Za-z0-9.-]{1,64}))(?:/_history/[A-Za-z0-9.-]{1,64})?")
 
 
-@functools.lru_cache(maxsize=1024)
 def is_resource_type(name: str) -> bool:
-    """Whether ``name`` is a FHIR resource type (per fhir.resources' R4B model registry)."""
-    if not _TYPE_NAME.fullmatch(name):
-        return False
-    from fhir.resources.R4B import get_fhir_model_class
-    from fhir.resources.R4B.resource import Resource
-
-    try:
-        model = get_fhir_model_class(name)
-    except (ValueError, AttributeError, ImportError):
-        return False
-    return isinstance(model, type) and issubclass(model, Resource)
+    """Whether ``name`` is a FHIR resource type (per fhir.resources' R4B model registry, kept as data in
+    :mod:`middleware.formats.fhir_types` so that only ``validation: strict`` imports the models)."""
+    return name in RESOURCE_TYPES
 
 
 # -- document ---------------------------------------------------------------------------------
