@@ -25,6 +25,7 @@ from middleware.journal.config import Sla
 from middleware.project import Project
 
 from ..conftest import Sink
+from .conftest import one_dead_letter
 from .test_journal_trace import adt
 
 pytestmark = pytest.mark.rabbitmq
@@ -60,14 +61,8 @@ async def post(engine: Engine, body: bytes) -> float:
 
 
 async def dead_letter(broker: Broker, project: Project) -> DeadLetter:
-    """The one dead letter of the route, read and given back."""
-    queue = naming.dead_letter_queue(ROUTE, project.settings.queue_prefix)
-    for _ in range(200):
-        if (await broker.queue_info(queue)).messages:
-            break
-        await asyncio.sleep(0.05)
-    message = await broker.get(queue)
-    assert message is not None, "no dead letter"
+    """The one dead letter of the route, read and given back (for the replay)."""
+    message = await one_dead_letter(broker, naming.dead_letter_queue(ROUTE, project.settings.queue_prefix))
     letter = DeadLetter.from_message(message)
     await message.reject(requeue=True)
     return letter
