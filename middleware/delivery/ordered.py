@@ -41,6 +41,8 @@ from middleware.errors import BrokerError, DeliveryError, EngineStopping
 from middleware.journal import hooks as journal_hooks
 from middleware.observe import Metrics
 from middleware.route import Route
+from middleware.tracecontext import TRACEPARENT
+from middleware.tracing import NULL_SPAN, Span
 from middleware.workers import DeliveryWorker, is_last_delivery
 
 log = logging.getLogger("middleware.worker")
@@ -96,16 +98,25 @@ class OrderedDeliveryWorker(DeliveryWorker):
 
     async def handle(self, message: IncomingMessage) -> None:
         """Deliver one event in place; a stopping engine returns it to the head of its partition."""
-        await in_place(self._deliver_in_place)(message)
+        span = self.tracing.start("deliver", message.headers.get(TRACEPARENT), route=self.route.name,
+                                  connector=self.connector.name, event_id=message.message_id,
+                                  correlation_id=message.correlation_id, partition=self.partition)
+        try:
+            await in_place(lambda m: self._deliver_in_place(m, span))(message)
+        except BaseException as exc:
+            span.end("failed", exc)
+            raise
+        span.end("returned")  # given back at the end of a hold window (any other outcome ended it already)
 
-    def _delivery(self, message: IncomingMessage) -> Delivery:
+    def _delivery(self, message: IncomingMessage, span: Span = NULL_SPAN) -> Delivery:
         return Delivery(body=message.body, event_id=message.message_id or "",
                         correlation_id=message.correlation_id or "", route=self.route.name,
-                        event_type=str(message.headers.get("x-mw-event-type", "")))
+                        event_type=str(message.headers.get("x-mw-event-type", "")),
+                        traceparent=span.traceparent or journal_hooks.next_traceparent(message.headers), span=span)
 
-    async def _deliver_in_place(self, message: IncomingMessage) -> None:
+    async def _deliver_in_place(self, message: IncomingMessage, span: Span = NULL_SPAN) -> None:
         labels = (self.route.name, self.connector.name)
-        delivery = self._delivery(message)
+        delivery = self._delivery(message, span)
         if self.outbound is not None:  # the deliver entry's when: / map:
             prepared = await self._prepare(message, delivery)
             if prepared is None:
@@ -145,6 +156,7 @@ class OrderedDeliveryWorker(DeliveryWorker):
         await message.ack()
         self.metrics.delivered.labels(*labels).inc()
         journal_hooks.delivered(self, message, delivery, attempt)
+        span.end("delivered", attempts=attempt)
         log.info("delivered", extra={"route": labels[0], "connector": labels[1],
                                      "correlation_id": delivery.correlation_id, "event_id": delivery.event_id,
                                      "attempts": attempt, "partition": self.partition})

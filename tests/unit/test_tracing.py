@@ -9,11 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from middleware import tracing
-from middleware.errors import ConfigError
+from middleware.delivery.base import Delivery
+from middleware.errors import ConfigError, DeliveryError
 from middleware.project import load_project
+from middleware.route import Route
 
+from .test_ordered_worker import Message as OrderedMessage
+from .test_ordered_worker import Recorder, Scripted
+from .test_ordered_worker import _worker as ordered_worker
+from .test_ordered_worker import route as ordered_route  # noqa: F401  (a fixture: the ordering kit's route)
 from .test_project_validation import edit, project  # noqa: F401  (project: a fixture, a copy of the shipped one)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,3 +97,31 @@ def test_opening_tracing_without_the_extra_is_a_typed_error(monkeypatch: pytest.
     with pytest.raises(tracing.TracingError) as raised:
         tracing.open_tracing(tracing.TracingSettings(enabled=True))
     assert "pip install 'middleware[otel]'" in str(raised.value)
+
+
+async def test_an_ordered_delivery_is_a_span_of_its_event_and_sends_its_traceparent(
+        ordered_route: Route) -> None:  # noqa: F811
+    """The ordered delivery worker (per-key order) traces like the others: a ``deliver`` span, child
+    of the event's traceparent, whose own traceparent the connector sends; retried in place, one span."""
+    exporter = InMemorySpanExporter()
+    connector = Scripted([DeliveryError("503", status=503, retryable=True)])
+    sent: list[str | None] = []
+    send = connector.send
+
+    async def recording(delivery: Delivery) -> None:
+        sent.append(delivery.traceparent)
+        await send(delivery)
+
+    connector.send = recording  # type: ignore[method-assign]
+    worker = ordered_worker(ordered_route, connector, Recorder())
+    worker.tracing = tracing.open_tracing(tracing.TracingSettings(), exporter)
+    message = OrderedMessage()
+    message.headers["traceparent"] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    await worker.handle(message)
+    [span] = exporter.get_finished_spans()
+    ctx = span.get_span_context()
+    assert message.outcome == "ack" and span.name == "deliver order-sink"
+    assert f"{ctx.trace_id:032x}" == "4bf92f3577b34da6a3ce929d0e0e4736" and span.parent is not None
+    assert f"{span.parent.span_id:016x}" == "00f067aa0ba902b7"
+    assert sent == [f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-01"] * 2  # the try and its retry
+    assert dict(span.attributes or {})["mw.outcome"] == "delivered" and span.attributes["mw.attempts"] == 2
