@@ -3,7 +3,11 @@
 - Work queues are quorum queues with ``x-delivery-limit``: a message redelivered that often (a
   poison message that crashes or stalls its consumer) is dead-lettered, at-least-once, into the
   route's dead-letter queue instead of looping forever.
-- Dead-letter queues are classic durable queues, so operators can browse them.
+- Dead-letter queues are classic durable queues on one node, so operators can browse them; when
+  ``broker.url`` lists several nodes (a cluster) they are quorum queues instead, replicated, so dead
+  letters survive a node stop (``x-delivery-limit`` set very high: browsing requeues, and RabbitMQ 4's
+  default limit of 20 would drop a browsed dead letter). A dead-letter queue that already exists with
+  the other type is used as it is (``dlq``, ``status``... may run with one node's URL).
 - Delay queues (a delivery parked during a sink outage) are quorum queues with a per-queue
   ``x-message-ttl`` (RabbitMQ 3.10+): messages expire at the head in publish order, and
   ``at-least-once`` dead-lettering (publisher confirms inside RabbitMQ) moves each back to its
@@ -11,8 +15,11 @@
 - Every publish waits for the broker's confirm; a publish to a queue is ``mandatory``, so a
   message to a queue that does not exist is an error, not a silent drop.
 - A publish that fails because the connection dropped waits for the robust connection to come
-  back and tries again (bounded); a lost confirm may therefore duplicate a message (at-least-once;
-  event ids are deterministic, so sinks dedupe).
+  back and tries again, and one the broker refuses (``basic.nack``: a quorum queue whose leader was
+  on a stopped node, until its new leader is elected) is sent again, for up to
+  ``PUBLISH_RETRY_SECONDS``; then :class:`BrokerUnavailable`, and a consumer hands the message it
+  was handling back uncounted (``hand_back``). A lost confirm may duplicate a message
+  (at-least-once; event ids are deterministic, so sinks dedupe).
 - Stopping drains: ``basic.cancel`` first while the consumer's channel stays open (handlers finish
   and ack), then the channel closes. Quorum queues count every return (``nack``/``reject`` with
   requeue, and unacked messages of a closed channel) toward ``x-delivery-limit``, so a message a
@@ -39,13 +46,15 @@ from yarl import URL
 from middleware.broker.acks import AckBatcher
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage, OutgoingMessage, QueueInfo
 from middleware.broker.failover import FailoverConnection, split_urls
-from middleware.errors import BrokerError, EngineStopping
+from middleware.errors import BrokerError, BrokerUnavailable, EngineStopping
 from middleware.observe import safe_url
 from middleware.tls import TlsOptions, client_context
 
 log = logging.getLogger("middleware.broker")
 
-PUBLISH_RETRY_SECONDS = 30.0
+PUBLISH_RETRY_SECONDS = 30.0  # a publish refused (nack) or cut off (connection lost) is sent again this long
+PUBLISH_RETRY_STEP = 0.5
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000  # a quorum dead-letter queue's: browsing (get, requeue) counts deliveries
 RECONNECT_SECONDS = 1.0
 STOP_STEP_SECONDS = 5.0  # bound on each step of stopping a consumer (cancel, hand back, close): a dead
 # connection must not hang a shutdown; whatever was not handed back returns when the connection goes
@@ -94,6 +103,8 @@ class AmqpIncoming(IncomingMessage):
             return
         self.settled = True
         raw = self._message
+        if raw.channel.is_closed:  # its connection is gone: the broker has put the original back already
+            return
         copy = aio_pika.Message(
             body=raw.body, headers={k: v for k, v in self.headers.items() if k != "x-delivery-count"} or None,
             content_type=raw.content_type, content_encoding=raw.content_encoding,
@@ -109,9 +120,17 @@ class AmqpIncoming(IncomingMessage):
             if self._acks is not None:
                 self._acks.settled(self._raw_channel, raw.delivery_tag)
         except Exception as exc:  # unroutable, refused, timed out, connection gone
-            # unacked, it returns when the channel closes (counted once by the quorum queue)
+            # counted once by the quorum queue either way: returned now if the channel is still open (held
+            # unacked, it would take a prefetch slot until the channel closes), else when it closed
             log.warning("hand back failed; the broker requeues the message", extra={
                 "queue": self._queue, "error": type(exc).__name__, "correlation_id": self.correlation_id})
+            if not raw.channel.is_closed:
+                try:
+                    await raw.reject(requeue=True)
+                    if self._acks is not None:
+                        self._acks.settled(self._raw_channel, raw.delivery_tag)
+                except Exception as failed:  # the channel went meanwhile: the broker returns it
+                    log.debug("requeue after a failed hand back failed", extra={"error": type(failed).__name__})
 
 
 class AmqpConsumer(Consumer):
@@ -167,6 +186,8 @@ class AmqpBroker(Broker):
     def __init__(self, url: str, *, tls: TlsOptions | None = None) -> None:
         self.url = url
         self.tls = tls  # broker.tls: CA bundle, client certificate, verify (amqps:// only)
+        # several node URLs: a cluster, whose dead letters must survive a node stop (module docstring)
+        self.dead_letter_queue_type = "quorum" if len(split_urls(url)) > 1 else "classic"
         # unique per connection, so operators (and tests) can tell connections apart in RabbitMQ
         self.connection_name = f"middleware {socket.gethostname()} pid {os.getpid()} #{next(_SERIAL)}"
         self._connection: AbstractRobustConnection | None = None
@@ -260,7 +281,8 @@ class AmqpBroker(Broker):
                             delivery_limit: int = 10, message_ttl: float | None = None) -> None:
         arguments: dict[str, Any]
         if kind == "dead-letter":
-            arguments = {"x-queue-type": "classic"}
+            arguments = ({"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}
+                         if self.dead_letter_queue_type == "quorum" else {"x-queue-type": "classic"})
         elif kind == "delay":  # a quorum queue, like the delivery queue it feeds (see the module docstring)
             if not dead_letter_to or message_ttl is None:
                 raise ValueError("a delay queue needs dead_letter_to and message_ttl")
@@ -283,6 +305,10 @@ class AmqpBroker(Broker):
             await self.channel.declare_queue(name, durable=True, arguments=arguments, robust=False)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             self._channel = await self._new_channel()
+            if kind == "dead-letter":  # classic or quorum, it holds dead letters all the same
+                log.info("dead-letter queue exists with another type; used as it is", extra={
+                    "queue": name, "wanted": self.dead_letter_queue_type})
+                return
             raise BrokerError(f"queue {name!r} exists with other settings: {exc}",
                               hint="delete the queue (after draining it) or use another broker.queue_prefix") from None
 
@@ -317,6 +343,7 @@ class AmqpBroker(Broker):
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         deadline = asyncio.get_running_loop().time() + PUBLISH_RETRY_SECONDS
+        refusals = 0
         while True:
             try:
                 if queue is not None:
@@ -330,15 +357,22 @@ class AmqpBroker(Broker):
                     f"no queue is bound to exchange {exchange!r} for {routing_key!r}"
                 raise BrokerError(f"{where}: the message was not accepted",
                                   hint="start the engine once (it declares every queue) or check the name") from None
-            except aio_pika.exceptions.DeliveryError as exc:
-                raise BrokerError(f"RabbitMQ refused the message ({exc.frame.name})",
-                                  hint="the queue may be full or unavailable; retry later") from None
+            except aio_pika.exceptions.DeliveryError as exc:  # a nack: e.g. a quorum queue without a leader
+                if asyncio.get_running_loop().time() > deadline:
+                    raise BrokerUnavailable(f"RabbitMQ refused the message ({exc.frame.name}) for "
+                                            f"{PUBLISH_RETRY_SECONDS:.0f} s",
+                                            hint="a queue may be full or without a majority of its nodes") from None
+                refusals += 1
+                if refusals == 1:  # once per publish: a failover nacks many at once
+                    log.warning("publish refused by the broker, sending it again", extra={
+                        "broker": self.node, "queue": queue, "exchange": exchange, "frame": exc.frame.name})
+                await asyncio.sleep(PUBLISH_RETRY_STEP)
             except _CONNECTION_ERRORS as exc:
                 if asyncio.get_running_loop().time() > deadline:
-                    raise BrokerError(f"publish failed, connection lost: {type(exc).__name__}",
-                                      hint="check that RabbitMQ is running") from None
+                    raise BrokerUnavailable(f"publish failed, connection lost: {type(exc).__name__}",
+                                            hint="check that RabbitMQ is running") from None
                 log.warning("publish interrupted, waiting for the connection", extra={"error": type(exc).__name__})
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(PUBLISH_RETRY_STEP)
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 10) -> Consumer:
         channel = await self._new_channel(prefetch)
@@ -357,7 +391,10 @@ class AmqpBroker(Broker):
                 subscription.running[task] = message
             try:
                 await handler(message)
-            except EngineStopping:  # not a failure of the message: it goes back uncounted
+            except (EngineStopping, BrokerUnavailable) as exc:  # not a failure of the message: back uncounted
+                if isinstance(exc, BrokerUnavailable):
+                    log.warning("broker unavailable while handling a message; handed back", extra={
+                        "queue": queue, "correlation_id": message.correlation_id, "error": str(exc)})
                 if not message.settled:
                     await message.hand_back()
             except Exception:  # the broker failed mid-way: give the message back for another try

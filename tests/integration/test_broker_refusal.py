@@ -152,3 +152,22 @@ class _SinkDown(Connector):
     async def send(self, delivery: Delivery) -> None:
         raise DeliveryError("sink down (simulated)", retryable=True, status=503)
 
+
+
+async def test_a_hand_back_the_broker_refuses_requeues_instead_of_holding_the_message(
+        rabbit_project: Project, broker: Broker) -> None:
+    """If the confirmed copy of a hand-back is refused, the original goes back at once (counted once)
+    rather than staying unacked on a channel that lives on, taking a prefetch slot."""
+    queue = naming.inbound_queue("refused-hand-back", rabbit_project.settings.queue_prefix)
+    await broker.declare_queue(queue, kind="work", delivery_limit=5)
+    try:
+        await broker.publish(OutgoingMessage(b"body", message_id="m-1"), queue=queue)
+        message = await broker.get(queue)
+        assert isinstance(message, amqp.AmqpIncoming)
+        message._queue = f"{queue}.missing"  # the copy is unroutable: the broker returns it (mandatory)
+        await message.hand_back()
+        again = await broker.get(queue)
+        assert again is not None and again.message_id == "m-1" and again.delivery_count == 1
+        await again.ack()
+    finally:
+        await broker.delete_queue(queue)
