@@ -12,8 +12,9 @@ events of its key overtake it), and blocks only its own partition:
 - RabbitMQ cancels a consumer that holds a message longer than its ``consumer_timeout`` (30 min by
   default), so after a hold window (:data:`middleware.ordering.HOLD_SECONDS`) the message is
   returned to its partition, whose head it stays (quorum queues deliver returned messages first)
-  and comes back at once. Each return counts as a delivery, so the partition queue's delivery
-  limit is sized for ``max_age`` (:func:`middleware.ordering.partition_delivery_limit`);
+  and comes back at once; a wait that outlasts the window (a long ``Retry-After``) goes on in the
+  next one. Each return counts as a delivery, so the partition queue's delivery limit is sized for
+  ``max_age`` (:func:`middleware.ordering.partition_delivery_limit`);
 - as for a parked delivery (:mod:`.parking`), only the delivery's ``max_age`` (counted from the
   first failure this process saw, across its hold windows; ``forever``: never) or a non-retryable
   outcome ends the wait: the event is dead-lettered with its attempts, first and last failure,
@@ -64,6 +65,8 @@ class _Failing:
     since: float  # time.monotonic() of the first failure
     first: dt.datetime  # the same, as the dead letter's first failure
     attempts: int
+    due: float = 0.0  # time.monotonic() when the next try is due (its backoff or Retry-After)
+    error: DeliveryError | None = None  # the last failure
 
 
 def in_place(handler: Handler) -> Handler:
@@ -128,12 +131,14 @@ class OrderedDeliveryWorker(DeliveryWorker):
         started = time.perf_counter()
         try:
             while True:
+                if await self._wait_until_due(message, delivery, key, held_since):
+                    return
                 attempt += 1
                 try:
                     await self.connector.send(delivery)
                     break
                 except DeliveryError as exc:
-                    if await self._after_failure(message, delivery, exc, key, attempt, held_since):
+                    if await self._after_failure(message, delivery, exc, key, attempt):
                         return
                 except (BrokerError, EngineStopping, asyncio.CancelledError):
                     raise
@@ -162,8 +167,9 @@ class OrderedDeliveryWorker(DeliveryWorker):
                                      "attempts": attempt, "partition": self.partition})
 
     async def _after_failure(self, message: IncomingMessage, delivery: Delivery, error: DeliveryError, key: str,
-                             attempt: int, held_since: float) -> bool:
-        """Wait before the next try; True when the message was settled instead (dead letter, returned)."""
+                             attempt: int) -> bool:
+        """Count the failure and set when the next try is due; True when the message was dead-lettered
+        instead (a non-retryable outcome, or ``max_age`` over)."""
         labels = (self.route.name, self.connector.name)
         failing = self._failing.get(key)
         if failing is None:  # earlier deliveries (another process's hold windows) made one send at least
@@ -179,7 +185,7 @@ class OrderedDeliveryWorker(DeliveryWorker):
             await self._finish_dead(message, delivery, parking.gave_up(error, failing.first, dt.datetime.now(dt.UTC),
                                                                        max_age), key)
             return True
-        wait = backoff(self.retry, attempt, error.retry_after)
+        failing.due, failing.error = time.monotonic() + backoff(self.retry, attempt, error.retry_after), error
         self.metrics.retries.labels(*labels).inc()
         journal_hooks.delivery_retry(self, delivery, attempt, error)
         log.info("delivery retry in place", extra={"route": labels[0], "connector": labels[1],
@@ -187,14 +193,27 @@ class OrderedDeliveryWorker(DeliveryWorker):
                                                    "correlation_id": delivery.correlation_id,
                                                    "event_id": delivery.event_id, "status": error.status,
                                                    "partition": self.partition})
-        if time.monotonic() + wait - held_since > self.hold_seconds:
-            if is_last_delivery(message, self.partition_limit):  # crashes or hand-overs used the returns up
-                await self._finish_dead(message, delivery, error, key)
-            else:  # back to the head of the partition, delivered again at once (RabbitMQ's consumer_timeout)
-                await message.reject(requeue=True)
-            return True
-        await asyncio.sleep(wait)
         return False
+
+    async def _wait_until_due(self, message: IncomingMessage, delivery: Delivery, key: str,
+                              held_since: float) -> bool:
+        """Sleep until a failing event's next try is due (this delivery's, or one an earlier hold window
+        left: a ``Retry-After`` may be longer than a window). True when the hold window ends first:
+        the message was returned to the head of its partition (dead-lettered on its last allowed
+        delivery), each window lasting ``hold_seconds`` in full."""
+        failing = self._failing.get(key)
+        if failing is None:
+            return False
+        window_end = held_since + self.hold_seconds
+        if failing.due <= window_end:
+            await asyncio.sleep(max(failing.due - time.monotonic(), 0.0))
+            return False
+        await asyncio.sleep(max(window_end - time.monotonic(), 0.0))
+        if is_last_delivery(message, self.partition_limit) and failing.error is not None:
+            await self._finish_dead(message, delivery, failing.error, key)  # crashes or hand-overs used the returns up
+        else:  # back to the head of the partition, delivered again at once (RabbitMQ's consumer_timeout)
+            await message.reject(requeue=True)
+        return True
 
     async def _finish_dead(self, message: IncomingMessage, delivery: Delivery, error: DeliveryError,
                            key: str) -> None:
