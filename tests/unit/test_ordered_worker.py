@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,29 @@ async def test_hold_windows_go_on_past_the_delivery_limit_until_max_age(route: R
     first = dt.datetime.fromisoformat(headers[f"{PREFIX}first-failure"])
     last = dt.datetime.fromisoformat(headers[f"{PREFIX}last-failure"])
     assert (last - first).total_seconds() >= 0.3
+
+
+async def test_a_retry_after_longer_than_a_hold_window_is_waited_across_windows(route: Route) -> None:
+    """The returned event is not sent again before the sink's Retry-After (0.12 s, windows of 0.05 s)."""
+    connector = Scripted([DeliveryError("429", retryable=True, status=429, retry_after=0.12)])
+    sent: list[float] = []
+    send = connector.send
+
+    async def timed(delivery: Delivery) -> None:
+        sent.append(time.monotonic())
+        await send(delivery)
+
+    connector.send = timed  # type: ignore[method-assign]
+    worker = _worker(route, connector, Recorder(), hold_seconds=0.05, delivery_limit=10)
+    outcomes = []
+    for count in range(20):
+        message = Message(delivery_count=count)
+        await worker.handle(message)
+        outcomes.append(message.outcome)
+        if message.outcome == "ack":
+            break
+    assert outcomes[-1] == "ack" and "reject requeue=True" in outcomes and connector.calls == 2
+    assert sent[1] - sent[0] >= 0.12
 
 
 async def test_max_age_ends_the_wait(route: Route) -> None:
