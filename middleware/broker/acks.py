@@ -14,6 +14,8 @@ import asyncio
 import weakref
 from typing import Any
 
+from middleware.broker.frames import COALESCE
+
 TRACK_LIMIT = 65536  # tags tracked per channel above the settled floor; past it, acks go one by one
 
 
@@ -91,7 +93,9 @@ class AckBatcher:
         sends += [([tag], tag, False) for tag in pending if tag > walk]
         for tags, tag, multiple in sends:
             try:
-                await state.channel.basic_ack(delivery_tag=tag, multiple=multiple)
+                # wait=False: queued for the connection's writer, not waited for until written (it leaves
+                # with the other frames of this turn, broker/frames.py); a closed channel still raises here
+                await state.channel.basic_ack(delivery_tag=tag, multiple=multiple, wait=not COALESCE)
             except BaseException as exc:  # channel closed, connection lost: each waiting ack raises it
                 for each in tags:
                     if not pending[each].done():

@@ -36,7 +36,7 @@ import os
 import socket
 import ssl
 import time
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -46,6 +46,7 @@ from yarl import URL
 from middleware.broker.acks import AckBatcher
 from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage, OutgoingMessage, QueueInfo
 from middleware.broker.failover import FailoverConnection, split_urls
+from middleware.broker.frames import COALESCE, CoalescingTransportFactory
 from middleware.errors import BrokerError, BrokerUnavailable, EngineStopping
 from middleware.observe import safe_url
 from middleware.tls import TlsOptions, client_context
@@ -190,6 +191,7 @@ class AmqpBroker(Broker):
         self.dead_letter_queue_type = "quorum" if len(split_urls(url)) > 1 else "classic"
         # unique per connection, so operators (and tests) can tell connections apart in RabbitMQ
         self.connection_name = f"middleware {socket.gethostname()} pid {os.getpid()} #{next(_SERIAL)}"
+        self.transport_factory = CoalescingTransportFactory() if COALESCE else None
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self.connection_losses = 0  # connections lost since connect() (logged, and seen by tests)
@@ -218,6 +220,8 @@ class AmqpBroker(Broker):
             connection = FailoverConnection(
                 URL(url), urls=urls, first=first, reconnect_interval=RECONNECT_SECONDS, ssl_context=ssl_context,
                 client_properties={"connection_name": self.connection_name})
+            if self.transport_factory is not None:  # one socket write per loop turn (broker/frames.py)
+                connection.kwargs["transport_factory"] = self.transport_factory  # at every reconnect too
             try:
                 await connection.connect()
                 return connection
@@ -337,20 +341,23 @@ class AmqpBroker(Broker):
         if (queue is None) == (exchange is None):
             raise ValueError("publish to exactly one of queue= or exchange=")
         must_route = (queue is not None) if mandatory is None else mandatory
-        amqp_message = aio_pika.Message(
-            body=message.body, headers=message.headers or None, correlation_id=message.correlation_id,
-            message_id=message.message_id, content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
+        properties = aiormq.spec.Basic.Properties(
+            headers=message.headers or None, correlation_id=message.correlation_id, message_id=message.message_id,
+            content_type=message.content_type, delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT))
+        target = ("", queue) if queue is not None else (str(exchange), routing_key)
         deadline = asyncio.get_running_loop().time() + PUBLISH_RETRY_SECONDS
         refusals = 0
         while True:
             try:
-                if queue is not None:
-                    await self.channel.default_exchange.publish(amqp_message, routing_key=queue, mandatory=must_route)
-                else:
-                    target = await self.channel.get_exchange(str(exchange), ensure=False)
-                    await target.publish(amqp_message, routing_key=routing_key, mandatory=must_route)
+                # aiormq's basic_publish below aio-pika's Exchange.publish (same frames, same confirm), with
+                # wait=False: the frame is queued for the connection's writer and the channel's lock released
+                # at once instead of after a write and drain of its own, so the publishes of one loop turn
+                # leave in one socket write (broker/frames.py); the confirm is still awaited before returning
+                channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+                if channel.is_closed:
+                    raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+                await channel.basic_publish(message.body, exchange=target[0], routing_key=target[1],
+                                            properties=properties, mandatory=must_route, wait=not COALESCE)
                 return
             except aio_pika.exceptions.PublishError:
                 where = f"queue {queue!r} does not exist" if queue is not None else \

@@ -16,7 +16,7 @@ class RecordingChannel:
         self.sent: list[tuple[int, bool]] = []
         self.fail = fail
 
-    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
         if self.fail:
             raise ConnectionError("channel closed")
         self.sent.append((delivery_tag, multiple))
