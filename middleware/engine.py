@@ -27,6 +27,7 @@ from middleware.tracing import Tracing, open_tracing
 from middleware.tracing import attach as attach_tracing
 from middleware.workers import DeliveryWorker, RouteWorker
 
+CANCEL_WAIT = 10.0  # seconds a consumer's cancel may take while stopping (the broker may be away)
 log = logging.getLogger("middleware.engine")
 
 
@@ -171,9 +172,8 @@ class Engine:
         message). Connectors and the broker connection close last.
         """
         consumers = await self.cancel_consumers()
-        for gateway in self.gateways:
-            await gateway.stop()
-        self.gateways.clear()
+        gateways, self.gateways = self.gateways, []
+        await asyncio.gather(*(gateway.stop() for gateway in gateways))  # together: their drains overlap
         await self.drain(consumers)
         await self.sla.stop()
         await self.journal.stop()  # writes what is still queued
@@ -185,7 +185,7 @@ class Engine:
         """Stop every consumer's new deliveries at once (channels stay open: handlers in flight finish
         and ack) and the breakers' probes; returns the consumers for :meth:`drain`."""
         consumers, self._consumers = self._consumers, []
-        await asyncio.gather(*(consumer.cancel() for consumer in consumers))
+        await asyncio.gather(*(_cancel(consumer) for consumer in consumers))
         for gate in self.gates.values():  # no more probes nor resumes
             await gate.stop()
         draining = self.in_flight
@@ -215,3 +215,12 @@ class Engine:
             if (await self.broker.queue_info(queue)).messages:
                 return False
         return self.in_flight == 0
+
+
+async def _cancel(consumer: Consumer) -> None:
+    """``consumer.cancel()``, bounded: on a broker that is away it would wait for the reconnect; the
+    consumer's close() then stops it (and its unsettled messages go back when the channel goes)."""
+    try:
+        await asyncio.wait_for(consumer.cancel(), CANCEL_WAIT)
+    except TimeoutError:
+        log.warning("consumer cancel timed out; closing stops it", extra={"cancel_wait": CANCEL_WAIT})

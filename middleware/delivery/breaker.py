@@ -30,6 +30,7 @@ CLOSED, OPEN = "closed", "open"
 IDLE_POLL = 0.05  # seconds between looks at a cancelled consumer's handlers before it is closed
 PARKED_REFRESH = 15.0  # seconds between reads of the delay queues' depths (the parked gauge)
 RESUME_RETRY = 1.0  # seconds between tries to subscribe again after the breaker closed
+STOP_WAIT = 5.0  # seconds stop() waits for its cancelled background tasks (a shutdown must not hang on one)
 Probe = Callable[[IncomingMessage], Awaitable[bool]]  # try one message once; True if the sink took it
 
 
@@ -146,6 +147,8 @@ class ConnectorGate:
         self._refresher: asyncio.Task[None] | None = None
         self._switch = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = False  # every loop below ends on it (stop() cancels only what did not end)
+        self._stopping = asyncio.Event()  # wakes the loops' pauses
         metrics.breaker_open.labels(connector).set(0)
 
     async def consume(self, queue: str, handler: Handler, prefetch: int, probe: Probe, *, route: str = "",
@@ -162,8 +165,10 @@ class ConnectorGate:
 
     async def _refresh_parked(self) -> None:
         """Keep ``middleware_parked_messages`` at the sum of each delivery's delay queue depths."""
-        while True:
+        while not self._stopped:
             for route, queues in list(self.delays):
+                if self._stopped:
+                    return
                 try:
                     depths = [(await self.broker.queue_info(queue)).messages for queue in queues]
                 except Exception as exc:  # broker away or queue gone: the next round reads again
@@ -171,7 +176,7 @@ class ConnectorGate:
                                                                        "error_class": type(exc).__name__})
                     continue
                 self.metrics.parked_messages.labels(route, self.connector).set(sum(depths))
-            await asyncio.sleep(self.refresh_every)
+            await self._pause(self.refresh_every)
 
     def _changed(self, state: str) -> None:
         opened = state == OPEN
@@ -185,13 +190,13 @@ class ConnectorGate:
             down = time.monotonic() - self.breaker.opened_at if self.breaker.opened_at is not None else None
             log.info("breaker closed: deliveries resumed", extra={
                 "connector": self.connector, "open_seconds": round(down, 3) if down is not None else None})
-        task = asyncio.get_running_loop().create_task(self._apply(opened))
+        task = asyncio.get_running_loop().create_task(self._apply(opened), name=f"breaker switch {self.connector}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _apply(self, opened: bool) -> None:
         async with self._switch:
-            if opened != self.breaker.is_open:  # changed again meanwhile: the next _apply acts
+            if opened != self.breaker.is_open or self._stopped:  # changed again meanwhile: the next _apply acts
                 return
             if opened:
                 await asyncio.gather(*(consumer.pause() for consumer in self.consumers))
@@ -203,7 +208,7 @@ class ConnectorGate:
     async def _resume(self) -> None:
         """Subscribe every paused consumer again; a broker that refuses now is tried again (the
         deliveries must not stay paused behind a closed breaker)."""
-        while not self.breaker.is_open:
+        while not self.breaker.is_open and not self._stopped:
             try:
                 for consumer in self.consumers:
                     await consumer.start()
@@ -211,14 +216,16 @@ class ConnectorGate:
             except Exception as exc:
                 log.warning("cannot resume deliveries yet; trying again", extra={
                     "connector": self.connector, "error_class": type(exc).__name__})
-                await asyncio.sleep(RESUME_RETRY)
+                await self._pause(RESUME_RETRY)
 
     async def _probe_loop(self) -> None:
         """While open: every ``probe_every``, try one message of the next delivery queue that has one."""
         turn = 0
-        while self.breaker.is_open:
+        while self.breaker.is_open and not self._stopped:
             wait = self.breaker.policy.probe_every - (self.breaker.clock() - (self.breaker.last_probe or 0.0))
-            await asyncio.sleep(max(wait, IDLE_POLL))
+            await self._pause(max(wait, IDLE_POLL))
+            if self._stopped:
+                return
             if not self.breaker.probe_due():
                 continue
             for offset in range(len(self.probes)):
@@ -256,10 +263,36 @@ class ConnectorGate:
                 with contextlib.suppress(Exception):
                     await message.reject(requeue=True)
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when stop() is called."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
     async def stop(self) -> None:
-        """Stop probing (the engine cancels and closes the consumers)."""
-        for task in [self._prober, self._refresher, *self._tasks]:
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Stop probing and refreshing (the engine cancels and closes the consumers).
+
+        The background loops are told to end and given ``STOP_WAIT`` to finish what they are doing:
+        cancelling a depth read or a probe's basic.get in the middle is what once made a SIGTERM hang
+        (aiormq turns a channel open cancelled mid-way into a connection error, CHANNEL_ERROR
+        "expected 'channel.open'", which closes the connection and reaches the caller instead of the
+        cancel, so the refresh loop took it for a broker hiccup and went on). What is still running
+        then is cancelled, waited for ``STOP_WAIT`` more, and logged if it is still there."""
+        self._stopped = True
+        self._stopping.set()
+        tasks = [task for task in (self._prober, self._refresher, *self._tasks) if task is not None and not task.done()]
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=STOP_WAIT)
+        for task in pending:
+            task.cancel()
+        if pending:
+            finished, pending = await asyncio.wait(pending, timeout=STOP_WAIT)
+            done |= finished
+        for task in done:  # retrieved: an error on the way out is no news
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("breaker task ended with an error while stopping", extra={
+                    "connector": self.connector, "task": task.get_name(),
+                    "error_class": type(task.exception()).__name__})
+        if pending:
+            log.warning("breaker tasks still running after stop; left to end on their own", extra={
+                "connector": self.connector, "tasks": sorted(task.get_name() for task in pending)})

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, web
 
 from middleware import topology
 from middleware.broker import make_broker, naming
@@ -30,6 +30,7 @@ from middleware.project import Project, load_project
 from middleware.topology import Topology
 from middleware.workers import RouteWorker
 
+from ..project_copy import copy_project
 from .conftest import REPO, one_dead_letter
 
 pytestmark = pytest.mark.rabbitmq
@@ -149,7 +150,12 @@ def _start(env: dict[str, str], tmp_path: Path, log_name: str = "run.log") -> su
 async def _sigterm(process: subprocess.Popen[bytes], timeout: float = DRAIN_TIMEOUT + 15) -> tuple[int, float]:
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    code = await asyncio.to_thread(process.wait, timeout)
+    try:
+        code = await asyncio.to_thread(process.wait, timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()  # not left running after the test
+        process.wait()
+        raise
     return code, time.monotonic() - started
 
 
@@ -378,3 +384,105 @@ async def test_dlq_lists_a_message_rabbitmq_dead_lettered_at_the_delivery_limit(
     assert (row["id"], row["route"], row["stage"], row["replay_queue"]) == ("raw-1", ROUTE, "parse", inbound)
     shown = cli("dlq", "show", "evt-1").stdout
     assert "DeliveryLimitExceeded" in shown and "without an ack" in shown
+
+
+# -- one SIGTERM, the whole project running ---------------------------------------------------------
+
+FOLDER = """  folder:
+    - name: drops
+      path: inbox
+      route: adt-inbound
+      pattern: "*.hl7"
+      min_age: 0.2
+      poll_interval: 0.1
+"""
+
+
+def _full_project(root: Path) -> Path:
+    """The shipped project with every gateway on: its HTTP and MLLP listeners and a watched folder."""
+    copy_project(root)
+    config = root / "config" / "middleware.yaml"
+    config.write_text(config.read_text().replace("  mllp:", FOLDER + "  mllp:", 1))
+    (root / "inbox").mkdir()
+    return root
+
+
+def _listening_port(log: Path, event: str, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if f'"event": "{event}"' in line:
+                return int(json.loads(line)["port"])
+        time.sleep(0.05)
+    raise AssertionError(f"no {event!r} in {log}: {log.read_text()[-2000:]}")
+
+
+async def _post_hl7(port: int, body: bytes) -> bool:
+    """One HL7 message over HTTP ingest; True when it was accepted (202: the broker confirmed it)."""
+    try:
+        async with ClientSession() as session, session.post(
+                f"http://127.0.0.1:{port}/v1/routes/{ROUTE}/messages", data=body,
+                headers={"Authorization": "Bearer integration-test-token",
+                         "Content-Type": "x-application/hl7-v2+er7"}) as response:
+            return response.status == 202
+    except (OSError, ClientError):  # the listener closed first: not accepted, the sender resends
+        return False
+
+
+async def _send_mllp(port: int, body: bytes) -> bool:
+    """One HL7 message over MLLP; True when it was acknowledged AA (after the broker's confirm)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x0b" + body.replace(b"\r\n", b"\r") + b"\x1c\r")
+        await writer.drain()
+        ack = await asyncio.wait_for(reader.readuntil(b"\x1c\r"), DRAIN_TIMEOUT)
+        writer.close()
+        return b"MSA|AA" in ack
+    except (OSError, asyncio.IncompleteReadError, TimeoutError):
+        return False
+
+
+async def test_one_sigterm_with_every_gateway_on_and_work_in_flight_exits_0_and_loses_nothing(
+        drain_env: dict[str, str], slow_sink: SlowSink, tmp_path: Path, cleanup: list[Project]) -> None:
+    """`middleware run` of the whole project (HTTP, MLLP and folder gateways, console, journal) is sent
+    one SIGTERM while deliveries wait on a slow sink and an HTTP post, an MLLP message and a folder file
+    arrive: it exits 0 within engine.drain_timeout, three times in a row; afterwards every accepted
+    message is delivered (none lost, none dead-lettered)."""
+    root = _full_project(tmp_path / "project")
+    env = {**drain_env, "CONSOLE_TOKEN": "console-token"}
+    project = load_project(root, env)
+    cleanup.append(project)
+    published = await publish_files(project, [_messages(tmp_path, 40)], "ehr.adt")
+    accepted = len(published)
+    for cycle in range(3):
+        log = tmp_path / f"run{cycle}.log"
+        log.touch()
+        before = len(slow_sink.received)
+        with log.open("ab") as stderr:
+            process = subprocess.Popen([sys.executable, "-m", "middleware", "run", "--project", str(root)],
+                                       env=env, stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp_path)
+        try:
+            http = await asyncio.to_thread(_listening_port, log, "http ingest listening")
+            mllp = await asyncio.to_thread(_listening_port, log, "mllp listening")
+            batch = _messages(tmp_path, 30, tag=f"FOLDER{cycle}").read_bytes()
+            (root / "inbox" / f"drop{cycle}.hl7").write_bytes(batch)
+            sends = [asyncio.create_task(_post_hl7(http, _messages(tmp_path, 1, tag=f"HTTP{cycle}").read_bytes())),
+                     asyncio.create_task(_send_mllp(mllp, _messages(tmp_path, 1, tag=f"MLLP{cycle}").read_bytes()))]
+            await slow_sink.wait_received(before + 1)  # deliveries in flight: the sink holds them 1-3 s
+        finally:
+            code, seconds = await _sigterm(process)
+        accepted += sum(await asyncio.gather(*sends))
+        assert code == 0, f"cycle {cycle}: exit {code} after {seconds:.1f} s: {log.read_text()[-3000:]}"
+        assert seconds < DRAIN_TIMEOUT, f"cycle {cycle}: {seconds:.1f} s"
+    accepted += 3 * 30  # the folder files: taken whole, or resumed at the next start
+    slow_sink.fixed = 0.0
+    log = tmp_path / "last.log"
+    with log.open("ab") as stderr:
+        last = subprocess.Popen([sys.executable, "-m", "middleware", "run", "--project", str(root)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp_path)
+    try:
+        await slow_sink.wait_distinct(accepted, timeout=120)
+    finally:
+        code, _ = await _sigterm(last)
+    assert code == 0, log.read_text()[-3000:]
+    assert await _depth(project, naming.dead_letter_queue(ROUTE, project.settings.queue_prefix)) == 0

@@ -184,3 +184,55 @@ async def test_deliveries_resume_even_if_the_broker_refuses_the_first_new_subscr
         await consumer.close()
         await broker.delete_queue("gate.work")
         await broker.close()
+
+
+class _LosingCancels(KombuBroker):
+    """The embedded broker whose depth reads turn a cancellation into a broker error, as aiormq does
+    (a channel open cancelled mid-way comes back as ConnectionChannelError, not as the cancel)."""
+
+    reads = 0
+
+    async def queue_info(self, queue: str):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        try:
+            await asyncio.sleep(0.01)  # the read in flight, where stop()'s cancel lands
+        except asyncio.CancelledError:
+            raise BrokerError("channel closed", hint="reopened") from None
+        return await super().queue_info(queue)
+
+
+@pytest.mark.timeout(60)  # the regression hangs rather than fails
+async def test_stop_returns_even_when_a_cancel_is_lost_in_the_depth_refresh(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM once waited forever on the parked-depth refresh loop (one SIGTERM was not enough):
+    its cancel came back as a broker error, which the loop took for a hiccup and went on. The loop now
+    ends on stop() by itself, and stop() waits for it only so long."""
+    monkeypatch.setattr(breaker_module, "STOP_WAIT", 0.5)
+    broker = _LosingCancels("memory://")
+    await broker.connect()
+    await broker.declare_queue("gate.work", kind="work")
+    await broker.declare_queue("gate.delay", kind="work")
+
+    async def handler(message: IncomingMessage) -> None:
+        await message.ack()
+
+    async def probe(message: IncomingMessage) -> bool:
+        return True
+
+    gate = ConnectorGate("sink", BreakerPolicy(failures=1, probe_every=60), broker, Metrics(), refresh_every=0.0)
+    consumer = await gate.consume("gate.work", handler, 10, probe, route="r", delay_queues=["gate.delay"])
+    try:
+        while broker.reads < 3:  # the refresh loop reads the delay queue's depth without pause
+            await asyncio.sleep(0.005)
+        await consumer.cancel()
+        stopping = asyncio.create_task(gate.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=5.0)
+        assert done, "gate.stop() did not return"  # before the fix: it never did
+        reads = broker.reads
+        await asyncio.sleep(0.1)
+        assert broker.reads <= reads + 1  # and the loop itself ended at its next turn
+    finally:
+        await consumer.close()
+        await broker.delete_queue("gate.work")
+        await broker.delete_queue("gate.delay")
+        await broker.close()
