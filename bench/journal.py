@@ -235,14 +235,20 @@ def proc_cpu(pid: int, tid: int | None = None) -> float:
 
 
 async def engine_run(pl: Any, url: str, target: Any, sink: Any, messages: list[bytes] | None,
-                     queues: list[str]) -> tuple[float, float, float]:
+                     queues: list[str], profile: Path | None = None) -> tuple[float, float, float]:
     """(msg/s at the sink, process CPU s, event-loop thread CPU s) while ``target`` drains the preloaded
-    ``messages``; with None, the CPU of starting up on empty queues (taken off the runs)."""
+    ``messages``; with None, the CPU of starting up on empty queues (taken off the runs). ``profile``:
+    py-spy's collapsed stacks of the run (samples holding the GIL only) into this file."""
     await sink.call("POST", "/reset")
     if messages:
         await pl.preload(url, target.inbound, messages)
     target.start()
     pid = target.process.pid
+    if profile is not None:
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--gil",
+                                "--rate", "200", "--nonblocking", "--format", "raw", "--output", str(profile)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target._profiler = spy  # Target.stop waits for it (py-spy writes when the process exits)
     if messages is None:
         await pl.wait_ready(url, target, queues)
         await asyncio.sleep(1)
@@ -262,7 +268,7 @@ async def engine_run(pl: Any, url: str, target: Any, sink: Any, messages: list[b
     return (stats["count"] - 1) / (stats["last"] - stats["first"]), *spent
 
 
-async def pipeline_async(count: int, url: str, postgres: str | None, repeat: int) -> str:
+async def pipeline_async(count: int, url: str, postgres: str | None, repeat: int, profile: Path | None) -> str:
     """``middleware run`` (bench/pipeline.py's project: adt-inbound -> http sink in its own process) with
     the journal off, SQLite (and PostgreSQL), alternating in one run on the same preloaded messages."""
     import pipeline as pl
@@ -302,9 +308,12 @@ async def pipeline_async(count: int, url: str, postgres: str | None, repeat: int
         idle = {t.name: await engine_run(pl, url, t, sink, None, queues) for t in targets}
         messages = make_messages(count)
         runs: dict[str, list[tuple[float, float, float]]] = {t.name: [] for t in targets}
-        for _ in range(repeat):
+        for n in range(repeat):
             for target in targets:
-                rate, cpu, loop = await engine_run(pl, url, target, sink, messages, queues)
+                spy = profile / f"{target.name.replace(' ', '-')}.txt" if profile and n == 0 else None
+                rate, cpu, loop = await engine_run(pl, url, target, sink, messages, queues, spy)
+                print(f"  ({target.name}: {rate:.0f} msg/s, {(cpu - idle[target.name][1]) / count * 1e6:.0f} us/msg)",
+                      file=sys.stderr, flush=True)
                 runs[target.name].append((rate, (cpu - idle[target.name][1]) / count * 1e6,
                                           (loop - idle[target.name][2]) / count * 1e6))
     finally:
@@ -332,8 +341,8 @@ async def pipeline_async(count: int, url: str, postgres: str | None, repeat: int
     return "\n".join(lines)
 
 
-def pipeline_part(count: int, url: str, postgres: str | None, repeat: int = 3) -> str:
-    return asyncio.run(pipeline_async(count, url, postgres, repeat))
+def pipeline_part(count: int, url: str, postgres: str | None, repeat: int = 3, profile: Path | None = None) -> str:
+    return asyncio.run(pipeline_async(count, url, postgres, repeat, profile))
 
 
 def main() -> None:
@@ -343,6 +352,8 @@ def main() -> None:
     parser.add_argument("--pipeline", type=int, default=0, help="messages for the pipeline on/off part (0: skip)")
     parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/", help="RabbitMQ for --pipeline")
     parser.add_argument("--repeat", type=int, default=3, help="pipeline runs per journal kind (median)")
+    parser.add_argument("--profile", type=Path, help="pipeline: py-spy --gil collapsed stacks of each kind's "
+                        "first run into this folder (pip install py-spy)")
     parser.add_argument("--skip-fill", action="store_true", help="only the hot-path and pipeline parts")
     args = parser.parse_args()
     from middleware.observe import configure_logging
@@ -355,7 +366,7 @@ def main() -> None:
             print(postgres_part(messages, args.postgres), flush=True)
     print(hot_path_part(), flush=True)
     if args.pipeline:
-        print(pipeline_part(args.pipeline, args.url, args.postgres, args.repeat), flush=True)
+        print(pipeline_part(args.pipeline, args.url, args.postgres, args.repeat, args.profile), flush=True)
 
 
 if __name__ == "__main__":
