@@ -15,7 +15,8 @@ can be counted after the stop), the publishes the broker refused (nack) and the 
 what the engines' logs say about refused publishes and messages handed back.
 
 The machine's own RabbitMQ (127.0.0.1:5672) is shared: if it is listening but does not answer an AMQP
-handshake within 10 s, no cluster is started; it is checked again after the cluster stopped.
+handshake within 10 s, no cluster is started; while the cluster runs it is probed every 10 s, and if it
+fails twice in a row the cluster is stopped at once (the run then fails); it is checked again at the end.
 
 Run as root: .venv/bin/python bench/cluster.py [--messages 3000] [--rate 150] [--engines 1] [--keep-cluster]
 """
@@ -28,6 +29,7 @@ import functools
 import logging
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -65,6 +67,25 @@ def local_broker() -> str:
         return "answers"
 
     return asyncio.run(probe())
+
+
+class Watchdog(threading.Thread):
+    """Stops the cluster if the machine's own RabbitMQ stops answering while it runs (see the docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.done = threading.Event()
+        self.tripped = False
+
+    def run(self) -> None:
+        failures = 0
+        while not self.done.wait(10):
+            failures = failures + 1 if local_broker() == "NOT ANSWERING" else 0
+            if failures >= 2:
+                self.tripped = True
+                print("the machine's RabbitMQ on 5672 stopped answering: stopping the cluster now", file=sys.stderr)
+                cluster("stop")
+                return
 
 
 class Refusals(logging.Handler):
@@ -120,7 +141,7 @@ async def dead_letters(publisher: Any, url: str) -> str:
         await broker.close()
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace, watchdog: Watchdog) -> int:
     url = cluster("urls")
     sink = CountingSink()
     await sink.start()
@@ -144,6 +165,8 @@ async def run(args: argparse.Namespace) -> int:
                     await publisher.publish(raw, source="bench")
                     break
                 except BrokerError:  # nacked while the queue elects a new leader: send it again, as a sender would
+                    if watchdog.tripped:
+                        raise SystemExit("the cluster was stopped (the machine's RabbitMQ stopped answering)") from None
                     refused += 1
                     await asyncio.sleep(0.2)
             if n == len(messages) // 3 and stopped_at is None:
@@ -196,12 +219,15 @@ def main() -> None:
     before = local_broker()
     if before == "NOT ANSWERING":
         raise SystemExit("the machine's RabbitMQ on 5672 does not answer: no cluster started beside it")
-    if not args.keep_cluster:
-        print(cluster("start").splitlines()[-1])
+    watchdog = Watchdog()
     try:
-        lost = asyncio.run(run(args))
-    finally:
         if not args.keep_cluster:
+            print(cluster("start").splitlines()[-1])
+        watchdog.start()
+        lost = asyncio.run(run(args, watchdog))
+    finally:
+        watchdog.done.set()
+        if not args.keep_cluster and not watchdog.tripped:
             print(cluster("stop"))
         print(f"the machine's RabbitMQ on 5672: before {before}, after {local_broker()}")
     if lost:
