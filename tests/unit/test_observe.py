@@ -112,7 +112,7 @@ def test_a_password_never_survives_safe_url_whatever_its_characters(
         scheme: str, user: str, password: str, host: str, port: str, path: str, query: str) -> None:
     url = f"{scheme}://{user}:{password}@{host}{port}{path}" + (f"?{query}" if query else "")
     rest = f"{scheme}://***@{host}{port}{path}?{query}"
-    assume(password not in rest)
+    assume(password not in f"error: POST {rest} failed")  # e.g. "fail": found in the text around the URL
     assert password not in safe_url(url)
     assert safe_url(url) == f"{scheme}://***@{host}{port}{path}" + (f"?{query}" if query else "")
     if not any(c.isspace() for c in password):  # in free text a URL ends at whitespace
