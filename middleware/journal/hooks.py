@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,12 @@ from middleware.journal.records import (
 RECEIVED_AT_HEADER = "x-mw-received-at"
 EVENT_TIME_HEADER = "x-mw-event-time"
 INGEST_HEADER = "x-mw-ingest"
+MAX_SOURCE_LABELS = 64
+"""Distinct ``source`` label values of ``middleware_source_last_received_timestamp_seconds`` per process.
+The header is ours (``publish``, ``mllp:<listener>``, ``http:<listener>``...), but any AMQP client may
+set it: past this many values, new ones are counted as ``other`` (a label set per value never shrinks)."""
+OTHER_SOURCE = "other"
+_source_labels: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
 def _seconds(value: object) -> float | None:
@@ -110,10 +117,22 @@ def route_received(worker: Any, message: Any) -> Arrival:
     metrics.last_received.labels(name).set(now)
     source = _text(message.headers.get(INGEST_HEADER))
     if source:
-        metrics.source_last_received.labels(source).set(now)
+        metrics.source_last_received.labels(source_label(metrics, source)).set(now)
     metrics.route_age.labels(name).observe(max(0.0, now - came_in))
     trace = tracecontext.parse(message.headers.get(tracecontext.TRACEPARENT))
     return Arrival(came_in, trace[0], trace[2]) if trace else Arrival(came_in, tracecontext.new_trace_id())
+
+
+def source_label(metrics: Any, source: str) -> str:
+    """``source`` as a label value of these ``metrics``: itself among the first :data:`MAX_SOURCE_LABELS`
+    distinct ones, then :data:`OTHER_SOURCE`."""
+    seen = _source_labels.setdefault(metrics, set())
+    if source in seen:
+        return source
+    if len(seen) >= MAX_SOURCE_LABELS:
+        return OTHER_SOURCE
+    seen.add(source)
+    return source
 
 
 def route_finished(worker: Any, message: Any, outcome: Any, arrival: Arrival) -> None:
