@@ -38,7 +38,7 @@ from middleware.broker import naming
 from middleware.broker.base import Broker, Handler, IncomingMessage
 from middleware.delivery import parking
 from middleware.delivery.base import Connector, Delivery, RetryPolicy
-from middleware.errors import BrokerError, DeliveryError, EngineStopping
+from middleware.errors import BrokerError, BrokerUnavailable, DeliveryError, EngineStopping
 from middleware.journal import hooks as journal_hooks
 from middleware.observe import Metrics
 from middleware.route import Route
@@ -70,13 +70,14 @@ class _Failing:
 
 
 def in_place(handler: Handler) -> Handler:
-    """``handler``, but a stopping engine returns its unsettled message to the head of its queue
-    (a hand-back would put it behind later messages): for the inbound queue of an ordered route."""
+    """``handler``, but a stopping engine, or a broker that refuses a publish for a while, returns its
+    unsettled message to the head of its queue (a hand-back would put it behind later messages): for the
+    inbound queue of an ordered route and the partition queues."""
 
     async def ordered(message: IncomingMessage) -> None:
         try:
             await handler(message)
-        except (EngineStopping, asyncio.CancelledError):
+        except (EngineStopping, BrokerUnavailable, asyncio.CancelledError):
             if not message.settled:
                 await message.reject(requeue=True)
             raise

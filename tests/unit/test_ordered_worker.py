@@ -17,8 +17,8 @@ import pytest
 from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
 from middleware.deadletter import PREFIX
 from middleware.delivery.base import Connector, ConnectorSpec, Delivery, RetryPolicy
-from middleware.delivery.ordered import OrderedDeliveryWorker, backoff
-from middleware.errors import DeliveryError
+from middleware.delivery.ordered import OrderedDeliveryWorker, backoff, in_place
+from middleware.errors import BrokerUnavailable, DeliveryError
 from middleware.observe import Metrics
 from middleware.project import load_project
 from middleware.route import Route
@@ -199,3 +199,16 @@ async def test_an_event_its_map_cannot_shape_is_dead_lettered_and_the_partition_
     [(letter, queue)] = broker.published
     assert message.outcome == "ack" and connector.calls == 0 and queue == "X.visits.dlq"
     assert letter.headers[f"{PREFIX}stage"] == "deliver" and "nhs" in letter.headers[f"{PREFIX}error"]
+
+
+async def test_a_broker_refusal_returns_the_event_to_the_head_of_its_partition() -> None:
+    """A broker that refuses publishes for a while (a cluster node's queues electing a leader) is not the
+    event's fault: it goes back to the head of its queue (reject with requeue), never behind later events."""
+
+    async def refused(message: IncomingMessage) -> None:
+        raise BrokerUnavailable("RabbitMQ refused the message (Basic.Nack)")
+
+    message = Message()
+    with pytest.raises(BrokerUnavailable):
+        await in_place(refused)(message)
+    assert message.outcome == "reject requeue=True"
