@@ -125,7 +125,7 @@ class RouteWorker:
             correlation_id=message.correlation_id,
             header_correlation_id=str(header_cid) if header_cid else None,
             message_id=message.message_id,
-            received_at=dt.datetime.now(dt.UTC),
+            received_at=dt.datetime.fromtimestamp(arrival.received_at, dt.UTC),  # the first receipt, also on replay
             batch_id=_header_text(message.headers.get("x-mw-batch-id")),
             batch_position=_header_text(message.headers.get("x-mw-batch-position")),
         )
