@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import middleware
 from middleware import tracing
 from middleware.delivery.base import Delivery
 from middleware.errors import ConfigError, DeliveryError
@@ -93,6 +94,7 @@ def test_a_bad_tracing_key_is_a_problem(project: Path) -> None:  # noqa: F811
 
 def test_opening_tracing_without_the_extra_is_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "middleware.tracing_otel", None)  # its import fails, as without the SDK
+    monkeypatch.delattr(middleware, "tracing_otel", raising=False)  # (an earlier test may have imported it)
     assert tracing.open_tracing(tracing.TracingSettings()) is tracing.NULL_TRACING  # off: never imported
     with pytest.raises(tracing.TracingError) as raised:
         tracing.open_tracing(tracing.TracingSettings(enabled=True))
