@@ -55,6 +55,9 @@ log = logging.getLogger("middleware.broker")
 
 PUBLISH_RETRY_SECONDS = 30.0  # a publish refused (nack) or cut off (connection lost) is sent again this long
 PUBLISH_RETRY_STEP = 0.5
+# one connection attempt (TCP, TLS and the AMQP handshake): a node that takes the connection but never
+# answers (seen on a cluster node while another node stopped) would otherwise hold a failover forever
+CONNECT_TIMEOUT_SECONDS = 10.0
 DEAD_LETTER_DELIVERY_LIMIT = 1_000_000  # a quorum dead-letter queue's: browsing (get, requeue) counts deliveries
 RECONNECT_SECONDS = 1.0
 STOP_STEP_SECONDS = 5.0  # bound on each step of stopping a consumer (cancel, hand back, close): a dead
@@ -223,7 +226,7 @@ class AmqpBroker(Broker):
             if self.transport_factory is not None:  # one socket write per loop turn (broker/frames.py)
                 connection.kwargs["transport_factory"] = self.transport_factory  # at every reconnect too
             try:
-                await connection.connect()
+                await connection.connect(timeout=CONNECT_TIMEOUT_SECONDS)  # bounds every reconnect attempt too
                 return connection
             except (TimeoutError, aiormq.exceptions.AMQPError, OSError, EOFError) as exc:
                 if first == len(urls) - 1:

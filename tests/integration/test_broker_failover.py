@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 from yarl import URL
 
-from middleware.broker import IncomingMessage, OutgoingMessage, make_broker
+from middleware.broker import IncomingMessage, OutgoingMessage, amqp, make_broker
 from middleware.broker.amqp import AmqpBroker
 from middleware.broker.failover import split_urls
 from middleware.errors import BrokerError
@@ -98,6 +98,31 @@ async def test_a_dead_node_first_in_the_list_is_skipped(amqp_url: str, queue_pre
     finally:
         await broker.delete_queue(queue)
         await broker.close()
+
+
+async def test_a_node_that_takes_the_connection_but_never_answers_is_skipped(
+        amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster node was seen to accept TCP and never answer the AMQP handshake while another node
+    stopped: each connection attempt is bounded, so the adapter moves on to the next node."""
+    monkeypatch.setattr(amqp, "CONNECT_TIMEOUT_SECONDS", 0.5)
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # keeps the connection open, says nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    broker = make_broker(f"{via(amqp_url, port)},{amqp_url}")
+    try:
+        await asyncio.wait_for(broker.connect(), 10)
+        assert isinstance(broker, AmqpBroker) and broker.connected and held
+        assert broker.node.endswith(f":{URL(amqp_url).port or 5672}/")
+    finally:
+        await broker.close()
+        for writer in held:
+            writer.transport.abort()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_every_node_dead_is_a_broker_error_naming_the_check(amqp_url: str) -> None:
