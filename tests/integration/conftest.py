@@ -15,7 +15,7 @@ import pytest
 
 from middleware import topology
 from middleware.broker import make_broker
-from middleware.broker.base import Broker, IncomingMessage
+from middleware.broker.base import Broker, Consumer, Handler, IncomingMessage
 from middleware.engine import Engine
 from middleware.project import Project, load_project
 from middleware.topology import Topology
@@ -113,3 +113,15 @@ async def one_dead_letter(broker: Broker, queue: str, timeout: float = 20.0) -> 
             return message
         assert time.monotonic() < deadline, f"nothing dead-lettered into {queue}"
         await asyncio.sleep(0.05)
+
+
+async def counting_consumer(broker: Broker, queue: str, handler: Handler) -> tuple[Consumer, list[int]]:
+    """Consume ``queue`` one message at a time through ``handler`` (a worker's ``handle``), recording each
+    delivery's ``delivery_count``: how often the broker counted a message returned (handed back: 0)."""
+    counts: list[int] = []
+
+    async def handle(message: IncomingMessage) -> None:
+        counts.append(message.delivery_count)
+        await handler(message)
+
+    return await broker.consume(queue, handle, prefetch=1), counts

@@ -15,7 +15,7 @@ import pytest
 
 from middleware.broker import amqp, naming
 from middleware.broker.amqp import AmqpBroker
-from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
+from middleware.broker.base import Broker, OutgoingMessage
 from middleware.delivery import Connector, Delivery
 from middleware.delivery.base import ConnectorSpec, RetryPolicy
 from middleware.errors import DeliveryError
@@ -23,7 +23,7 @@ from middleware.observe import Metrics
 from middleware.project import Project
 from middleware.workers import DeliveryWorker, RouteWorker
 
-from .conftest import REPO
+from .conftest import REPO, counting_consumer
 
 pytestmark = pytest.mark.rabbitmq
 A04 = (REPO / "samples" / "adt-inbound" / "a04-register.hl7").read_bytes()
@@ -83,13 +83,7 @@ async def test_route_worker_refused_event_publishes_hand_the_message_back_uncoun
     await refusing_queue(broker, blocker)
     await broker.bind(blocker, exchange, f"{ROUTE}.#")  # every event publish of the route is nacked
     worker = RouteWorker(route, broker, Metrics(), prefix=prefix, delivery_limit=LIMIT)
-    counts: list[int] = []
-
-    async def handle(message: IncomingMessage) -> None:
-        counts.append(message.delivery_count)
-        await worker.handle(message)
-
-    consumer = await broker.consume(inbound, handle, prefetch=1)
+    consumer, counts = await counting_consumer(broker, inbound, worker.handle)
     try:
         await broker.publish(OutgoingMessage(A04, correlation_id="corr-refused"), queue=inbound)
         await until(lambda: len(counts) >= 3, "the refused message was not handed back and redelivered")
@@ -118,13 +112,7 @@ async def test_delivery_worker_refused_park_hands_the_message_back_uncounted(
     retry = RetryPolicy(attempts=1, delays=(5,))
     worker = DeliveryWorker(route, _SinkDown(ConnectorSpec("case-management", "sink-down", {}, retry=retry)),
                             broker, Metrics(), prefix=prefix, delivery_limit=LIMIT)
-    counts: list[int] = []
-
-    async def handle(message: IncomingMessage) -> None:
-        counts.append(message.delivery_count)
-        await worker.handle(message)
-
-    consumer = await broker.consume(delivery, handle, prefetch=1)
+    consumer, counts = await counting_consumer(broker, delivery, worker.handle)
     try:
         event = OutgoingMessage(b'{"id": "evt-1"}', {"x-mw-route": ROUTE, "x-mw-event-type": "patient.registered"},
                                 "corr-evt", "evt-1", "application/cloudevents+json")

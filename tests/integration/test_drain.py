@@ -19,7 +19,7 @@ from aiohttp import ClientError, ClientSession, web
 
 from middleware import topology
 from middleware.broker import make_broker, naming
-from middleware.broker.base import Broker, IncomingMessage, OutgoingMessage
+from middleware.broker.base import Broker, OutgoingMessage
 from middleware.cli.publish import publish_files
 from middleware.delivery import Connector, Delivery
 from middleware.delivery.base import ConnectorSpec
@@ -31,7 +31,7 @@ from middleware.topology import Topology
 from middleware.workers import RouteWorker
 
 from ..project_copy import copy_project
-from .conftest import REPO, one_dead_letter
+from .conftest import REPO, counting_consumer, one_dead_letter
 
 pytestmark = pytest.mark.rabbitmq
 A04 = (REPO / "samples" / "adt-inbound" / "a04-register.hl7").read_bytes()
@@ -333,13 +333,7 @@ async def test_route_worker_failing_on_the_last_allowed_delivery_dead_letters_wi
     await broker.declare_queue(inbound, kind="work", dead_letter_to=dlq, delivery_limit=2)
     await broker.declare_exchange(naming.events_exchange(prefix))  # no delivery queue bound to it
     worker = RouteWorker(route, broker, Metrics(), prefix=prefix, delivery_limit=2)
-    counts: list[int] = []
-
-    async def handle(message: IncomingMessage) -> None:
-        counts.append(message.delivery_count)
-        await worker.handle(message)
-
-    consumer = await broker.consume(inbound, handle, prefetch=1)
+    consumer, counts = await counting_consumer(broker, inbound, worker.handle)
     try:
         await broker.publish(OutgoingMessage(A04, correlation_id="corr-route"), queue=inbound)
         letter = await one_dead_letter(broker, dlq)
